@@ -1,0 +1,80 @@
+"""The ``salient`` command. Light subcommands live here; heavy ones (``run``, ``demo``, ...) are
+plugins from the ``salient.commands`` entry point group, imported only when invoked, so ``--help``
+and the light commands never pay for torch."""
+
+from __future__ import annotations
+
+import sys
+from importlib.metadata import entry_points
+from pathlib import Path
+
+import click
+
+from storage.settings import Settings
+
+from .results import write_results
+
+# Shown in --help without importing the plugin.
+HEAVY_HELP = {
+    "run": "Explain images in-process (no servers): maps, overlays and metadata into --out.",
+    "demo": "Explain scikit-image's sample images with the default model and show where the overlays are.",
+}
+
+
+class SalientGroup(click.Group):
+    def _plugins(self):
+        return {ep.name: ep for ep in entry_points(group="salient.commands")}
+
+    def list_commands(self, ctx):
+        return sorted(set(super().list_commands(ctx)) | set(self._plugins()))
+
+    def get_command(self, ctx, name):
+        command = super().get_command(ctx, name)
+        if command is not None:
+            return command
+        ep = self._plugins().get(name)
+        if ep is None:
+            return None
+        try:
+            return ep.load()
+        except ImportError as exc:
+            return _missing_worker_extra(name, exc)
+
+    def format_commands(self, ctx, formatter):
+        rows = []
+        for name in self.list_commands(ctx):
+            command = super().get_command(ctx, name)
+            rows.append((name, command.get_short_help_str(60) if command else HEAVY_HELP.get(name, "")))
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
+
+
+def _missing_worker_extra(name: str, exc: ImportError) -> click.Command:
+    @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
+    def unavailable():
+        raise click.ClickException(
+            f"'salient {name}' needs the worker extra ({exc.name or exc} is not installed): "
+            "pip install 'salient[worker]'"
+        )
+
+    return unavailable
+
+
+@click.group(cls=SalientGroup, context_settings={"help_option_names": ["-h", "--help"]})
+def main():
+    """salient: saliency maps for image classifiers, as a reliable bulk job.
+
+    Explain a folder in-process with `salient run`; read what was made with `salient results`.
+    Settings come from SALIENT_* environment variables (see README).
+    """
+
+
+@main.command()
+@click.option("--out", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Data folder of an embedded run (default ./salient-data or SALIENT_DATA_DIR).")
+@click.option("--job", "job_id", default=None, help="Job id (default: the latest job).")
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
+def results(data_dir, job_id, fmt):
+    """Print one record per explanation (and per failed image) of a job."""
+    settings = Settings().with_data_dir(data_dir)
+    write_results(settings, job_id, fmt, sys.stdout)

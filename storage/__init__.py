@@ -1,0 +1,1 @@
+"""Ground floor of salient: settings, metadata database, object stores and URI readers."""

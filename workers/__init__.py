@@ -1,0 +1,1 @@
+"""The heavy side of salient: models, explanation methods and the engine that runs them."""

@@ -1,0 +1,161 @@
+"""Heavy subcommands of ``salient`` (registered as ``salient.commands`` entry points)."""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from pathlib import Path
+
+import click
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+from storage.database import add_items, close_listing, connect, create_job
+from storage.objects import open_store
+from storage.settings import Settings
+from storage.sources import SourceError, iter_uris
+
+
+def _int_list(value: str | None) -> tuple[int, ...]:
+    if not value:
+        return ()
+    try:
+        return tuple(int(v) for v in value.split(","))
+    except ValueError:
+        raise click.BadParameter("give class ids separated by commas, e.g. 281,285") from None
+
+
+def job_options(f):
+    options = [
+        click.option("--model", default="efficientnet_lite0", show_default=True,
+                     help="efficientnet_lite0 (bundled ImageNet weights) or a torchvision classifier name."),
+        click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="State-dict file for --model (loaded with weights_only=True)."),
+        click.option("--layer", help="Target layer as a dotted module path (default: last spatial feature map)."),
+        click.option("--methods", default="gradcam,saliency", show_default=True,
+                     help="Comma-separated explanation methods, or 'all'."),
+        click.option("--topk", type=click.IntRange(1, 1000), default=3, show_default=True,
+                     help="Explain the K most probable classes."),
+        click.option("--classes", help="Explain these class ids instead of the top-k, e.g. 281,285."),
+        click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
+        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
+        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
+        click.option("--out", "data_dir", type=click.Path(path_type=Path), default=None,
+                     help="Data folder (default ./salient-data or SALIENT_DATA_DIR)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+def explain_sources(sources, *, model, weights, layer, methods, topk, classes, batch_size, device, precision,
+                    data_dir, show_progress=True) -> tuple[str, Counter, float, Settings]:
+    """Create a job for the sources and explain it in-process; returns (job id, status counts, seconds, settings)."""
+    import torch
+
+    from .engine import Explainer, Targets
+    from .methods import MethodError, build_methods
+    from .models import ModelError, load_model, resolve_layer
+    from .process import ItemProcessor, pending_items, record_digest
+
+    settings = Settings().with_data_dir(data_dir)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        method_list = build_methods([m.strip() for m in methods.split(",") if m.strip()])
+        loaded = load_model(model, weights)
+        layer_name = resolve_layer(loaded, layer)
+        targets = Targets(topk=None, classes=_int_list(classes)) if classes else Targets(topk=topk)
+        explainer = Explainer(loaded, layer_name, method_list, targets, device=device, precision=precision)
+    except (ModelError, MethodError, ValueError, RuntimeError) as exc:
+        raise click.ClickException(str(exc)) from None
+
+    db = connect(settings.resolved_database_url)
+    store = open_store(settings.resolved_object_store_url)
+    job_settings = {"model": model, "weights": str(weights) if weights else None, "layer": layer_name,
+                    "methods": [m.name for m in method_list], "targets": targets.describe(),
+                    "precision": precision, "sources": [str(s) for s in sources]}
+    job_id = create_job(db, job_settings)
+    try:
+        add_items(db, job_id, iter_uris([str(s) for s in sources]))
+    except SourceError as exc:
+        raise click.ClickException(str(exc)) from None
+    close_listing(db, job_id)
+    processor = ItemProcessor(settings, db, store, explainer, batch_size=batch_size)
+    record_digest(db, job_id, processor.digest)
+
+    from sqlalchemy import select
+
+    from storage.database import Job
+
+    with db.connect() as conn:
+        total = conn.execute(select(Job.total).where(Job.id == job_id)).scalar_one()
+    counts: Counter = Counter()
+    start = time.perf_counter()
+    with Progress(
+        TextColumn("[bold]explaining"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[rate]:.1f} img/s"), TextColumn("{task.fields[tally]}"), TimeElapsedColumn(),
+        disable=not show_progress, transient=False,
+    ) as progress:
+        task = progress.add_task("explain", total=total, rate=0.0, tally="")
+
+        def on_item(status: str) -> None:
+            counts[status] += 1
+            done = sum(counts.values())
+            elapsed = time.perf_counter() - start
+            progress.update(task, completed=done, rate=done / elapsed if elapsed else 0.0,
+                            tally=f"done {counts['done']} failed {counts['failed']} skipped {counts['skipped']}")
+
+        processor.run(pending_items(db, job_id), on_item=on_item)
+    return job_id, counts, time.perf_counter() - start, settings
+
+
+def _summary(job_id: str, counts: Counter, seconds: float, settings: Settings) -> str:
+    done = counts["done"]
+    rate = f", {done / seconds:.2f} img/s" if done and seconds else ""
+    return (f"job {job_id}: done {done}, failed {counts['failed']}, skipped {counts['skipped']} "
+            f"in {seconds:.1f}s{rate}; data in {settings.data_dir}")
+
+
+@click.command()
+@click.argument("sources", nargs=-1, required=True)
+@job_options
+def run(sources, **options):
+    """Explain every image in SOURCES (files, folders, file:// URIs) in-process, no servers needed.
+
+    Writes maps (.npy) and overlays (.png) under OUT/objects and metadata to OUT/salient.db.
+    Unreadable images become failed records; the run goes on and exits 0.
+    """
+    job_id, counts, seconds, settings = explain_sources(sources, **options)
+    click.echo(_summary(job_id, counts, seconds, settings))
+
+
+@click.command()
+@click.option("--out", "data_dir", type=click.Path(path_type=Path), default=Path("salient-demo"), show_default=True)
+@click.option("--methods", default="gradcam,saliency", show_default=True)
+@click.option("--device", default="auto", show_default=True)
+def demo(data_dir: Path, methods: str, device: str):
+    """Export scikit-image's sample photos to OUT/images and explain them with the bundled model."""
+    images = export_sample_images(data_dir / "images")
+    job_id, counts, seconds, settings = explain_sources(
+        [images], model="efficientnet_lite0", weights=None, layer=None, methods=methods, topk=3, classes=None,
+        batch_size=8, device=device, precision="fp32", data_dir=data_dir)
+    click.echo(_summary(job_id, counts, seconds, settings))
+    click.echo(f"overlays: {(settings.data_dir / 'objects' / 'overlays').resolve()}")
+    click.echo(f"records:  salient results --out {data_dir} --format csv")
+
+
+SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "camera", "retina", "hubble_deep_field")
+
+
+def export_sample_images(folder: Path) -> Path:
+    import cv2
+    import skimage.data
+
+    folder.mkdir(parents=True, exist_ok=True)
+    for name in SAMPLE_IMAGES:
+        path = folder / f"{name}.png"
+        if not path.exists():
+            pixels = getattr(skimage.data, name)()
+            if pixels.ndim == 3:
+                pixels = cv2.cvtColor(pixels, cv2.COLOR_RGB2BGR)
+            cv2.imwrite(str(path), pixels)
+    return folder

@@ -1,0 +1,105 @@
+"""Batch of model inputs in, per-method maps for each image's target classes out."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .methods import Method, MethodOutput
+from .methods.base import ForwardPass
+from .models import LoadedModel
+
+PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+@dataclass(frozen=True)
+class Targets:
+    """Which classes to explain: the ``topk`` most probable, or fixed ``classes``."""
+
+    topk: int | None = 3
+    classes: tuple[int, ...] = ()
+
+    def select(self, probs: Tensor) -> Tensor:
+        if self.classes:
+            return torch.tensor(self.classes, device=probs.device).expand(probs.shape[0], -1)
+        return probs.topk(self.topk, dim=1).indices
+
+    def describe(self) -> dict:
+        return {"classes": list(self.classes)} if self.classes else {"topk": self.topk}
+
+
+@dataclass
+class BatchResult:
+    probs: Tensor  # B×N float32, softmax of the clean image
+    targets: Tensor  # B×K
+    outputs: dict[str, MethodOutput]
+    seconds: dict[str, float]  # per method, for the whole batch (forward shared out evenly)
+
+
+class Explainer:
+    def __init__(self, model: LoadedModel, layer: str, methods: list[Method], targets: Targets,
+                 device: str = "auto", precision: str = "fp32"):
+        if precision not in PRECISIONS:
+            raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
+        self.model = model
+        self.layer_name = layer
+        self.layer = model.module.get_submodule(layer)
+        self.methods = methods
+        self.targets = targets
+        self.device = resolve_device(device)
+        self.precision = precision
+        self.module = model.module.to(self.device)
+        n = len(model.class_names)
+        bad = [c for c in targets.classes if not 0 <= c < n]
+        if bad:
+            raise ValueError(f"class ids {bad} outside 0..{n - 1}")
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        dtype = PRECISIONS[self.precision]
+        if dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=dtype)
+
+    def _forward(self, x: Tensor) -> ForwardPass:
+        captured: list[Tensor] = []
+
+        def keep(_mod, _inp, out):
+            captured.append(out)
+            # The network goes on with a copy, so a later in-place op (DenseNet's relu_) cannot
+            # overwrite the activations the methods read.
+            return out.clone()
+
+        x = x.to(self.device, non_blocking=True).requires_grad_(any("input" in m.needs for m in self.methods))
+        needs_graph = any(m.needs for m in self.methods)
+        handle = self.layer.register_forward_hook(keep)
+        try:
+            with torch.set_grad_enabled(needs_graph), self.autocast():
+                logits = self.module(x)
+        finally:
+            handle.remove()
+        probs = logits.detach().float().softmax(dim=1)
+        return ForwardPass(
+            model=self.module, layer=self.layer, x=x, logits=logits, activations=captured[-1],
+            targets=self.targets.select(probs), autocast=self.autocast,
+        ), probs
+
+    def explain(self, x: Tensor) -> BatchResult:
+        t0 = time.perf_counter()
+        fp, probs = self._forward(x)
+        shared = (time.perf_counter() - t0) / max(len(self.methods), 1)
+        outputs, seconds = {}, {}
+        for method in self.methods:
+            t = time.perf_counter()
+            outputs[method.name] = method.explain(fp)
+            seconds[method.name] = shared + time.perf_counter() - t
+        return BatchResult(probs=probs, targets=fp.targets, outputs=outputs, seconds=seconds)

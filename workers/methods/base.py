@@ -1,0 +1,89 @@
+"""The one interface every explanation method implements, and the forward pass they share."""
+
+from __future__ import annotations
+
+import contextlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Callable, ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+@dataclass
+class ForwardPass:
+    """One forward of a batch, shared by all methods and all target classes of each image.
+
+    Shapes: ``x`` B×3×H×W, ``logits`` B×N, ``activations`` B×C×h×w (the target layer's output, still
+    in the graph), ``targets`` B×K class ids.
+    """
+
+    model: nn.Module
+    layer: nn.Module
+    x: Tensor
+    logits: Tensor
+    activations: Tensor
+    targets: Tensor
+    autocast: Callable[[], contextlib.AbstractContextManager]
+    _grads: dict[str, Tensor] = field(default_factory=dict)
+
+    @property
+    def input_size(self) -> tuple[int, int]:
+        return self.x.shape[-2], self.x.shape[-1]
+
+    def gradients(self, wrt: str) -> Tensor:
+        """d logit[target] / d (``"layer"`` activations or ``"input"``), B×K×(shape of that tensor).
+
+        One backward per target column reuses this forward; images in a batch are independent
+        (eval mode), so the gradient of the batch sum is each image's own gradient.
+        """
+        if wrt not in self._grads:
+            tensor = {"layer": self.activations, "input": self.x}[wrt]
+            scores = self.logits.gather(1, self.targets).float()
+            grads = [
+                torch.autograd.grad(scores[:, k].sum(), tensor, retain_graph=True)[0]
+                for k in range(self.targets.shape[1])
+            ]
+            self._grads[wrt] = torch.stack(grads, dim=1).float()
+        return self._grads[wrt]
+
+
+@dataclass
+class MethodOutput:
+    """``maps``: B×K×H×W in [0, 1] at the model's input size (rendered as the overlay).
+    ``arrays``: further named B×K×... tensors stored beside the map (e.g. the raw gradient)."""
+
+    maps: Tensor
+    arrays: dict[str, Tensor] = field(default_factory=dict)
+
+
+class Method(ABC):
+    name: ClassVar[str]
+    # Which gradients of the shared forward pass the method reads: a subset of {"layer", "input"}.
+    needs: ClassVar[frozenset[str]] = frozenset()
+
+    def params(self) -> dict:
+        """Settings that change the result; they become part of the result's identity."""
+        return {}
+
+    @abstractmethod
+    def explain(self, fp: ForwardPass) -> MethodOutput: ...
+
+
+def scale_to_unit(maps: Tensor) -> Tensor:
+    """Min-max each map (over its last two dims) to [0, 1]; a constant map becomes zeros, never NaN."""
+    flat = maps.flatten(-2)
+    lo = flat.min(-1, keepdim=True).values
+    span = flat.max(-1, keepdim=True).values - lo
+    scaled = torch.where(span > 0, (flat - lo) / span.clamp_min(torch.finfo(flat.dtype).tiny), 0.0)
+    return scaled.view_as(maps)
+
+
+def cam_to_maps(cam: Tensor, size: tuple[int, int]) -> Tensor:
+    """B×K×h×w class activation map -> ReLU, scaled to [0, 1], bilinearly upsampled to ``size``."""
+    cam = scale_to_unit(F.relu(cam.float()))
+    b, k = cam.shape[:2]
+    up = F.interpolate(cam.reshape(b * k, 1, *cam.shape[-2:]), size=size, mode="bilinear", align_corners=False)
+    return up.view(b, k, *size).clamp_(0, 1)

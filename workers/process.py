@@ -1,0 +1,216 @@
+"""Pending items in, maps + overlays in the object store and rows in the database out.
+
+Both the embedded ``salient run`` and the queue workers drive this one loop.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from sqlalchemy import select, update
+from sqlalchemy.engine import Engine
+
+from storage.database import Explanation, Image, Item, Job, already_explained, finish_item, insert_ignore
+from storage.objects import ObjectStore
+from storage.settings import Settings
+from storage.sources import SourceError, read_uri
+
+from .engine import BatchResult, Explainer
+from .images import decode_image, to_input
+from .overlays import fit_long_side, overlay_png
+
+
+@dataclass
+class PendingItem:
+    id: int
+    job_id: str
+    uri: str
+
+
+@dataclass
+class Prepared:
+    item: PendingItem
+    sha256: str | None = None
+    rgb: np.ndarray | None = None
+    x: torch.Tensor | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def settings_digest(explainer: Explainer) -> str:
+    """Identity of everything that changes a result; a rerun with the same digest is skipped."""
+    spec = {
+        "model": explainer.model.tag,
+        "layer": explainer.layer_name,
+        "methods": {m.name: m.params() for m in explainer.methods},
+        "targets": explainer.targets.describe(),
+        "precision": explainer.precision,
+        "input_size": explainer.model.input_size,
+    }
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def method_id(method) -> str:
+    params = method.params()
+    if not params:
+        return method.name
+    return f"{method.name}-{hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]}"
+
+
+def _npy(array: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, array.astype(np.float16), allow_pickle=False)
+    return buf.getvalue()
+
+
+class ItemProcessor:
+    def __init__(self, settings: Settings, db: Engine, store: ObjectStore, explainer: Explainer, batch_size: int = 16):
+        self.settings = settings
+        self.db = db
+        self.store = store
+        self.explainer = explainer
+        self.batch_size = batch_size
+        self.digest = settings_digest(explainer)
+
+    def _prepare(self, item: PendingItem) -> Prepared:
+        t = time.perf_counter()
+        prepared = Prepared(item)
+        try:
+            data = read_uri(item.uri, self.settings.max_image_bytes)
+            prepared.sha256 = hashlib.sha256(data).hexdigest()
+            prepared.rgb = decode_image(data, self.settings.max_image_pixels)
+            m = self.explainer.model
+            prepared.x = to_input(prepared.rgb, m.input_size, m.mean, m.std)
+        except SourceError as exc:
+            prepared.error = str(exc)
+        prepared.seconds = time.perf_counter() - t
+        return prepared
+
+    def _prefetched(self, items: Iterable[PendingItem]) -> Iterator[list[Prepared]]:
+        """Batches of prepared items; reading and decoding run in threads ahead of the model."""
+        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="salient-decode") as pool:
+            window: list = []
+            batch: list[Prepared] = []
+            for item in items:
+                window.append(pool.submit(self._prepare, item))
+                if len(window) < 2 * self.batch_size:
+                    continue
+                batch.append(window.pop(0).result())
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            for fut in window:
+                batch.append(fut.result())
+                if len(batch) == self.batch_size:
+                    yield batch
+                    batch = []
+            if batch:
+                yield batch
+
+    def run(self, items: Iterable[PendingItem], on_item: Callable[[str], None] | None = None) -> None:
+        for batch in self._prefetched(items):
+            for status in self.process_batch(batch):
+                if on_item:
+                    on_item(status)
+
+    def process_batch(self, batch: list[Prepared]) -> list[str]:
+        statuses = []
+        todo: list[Prepared] = []
+        with self.db.begin() as conn:
+            for p in batch:
+                if p.error is not None:
+                    finish_item(conn, p.item.id, p.item.job_id, "failed", sha256=p.sha256, error=p.error, seconds=p.seconds)
+                    statuses.append("failed")
+                elif already_explained(conn, p.sha256, self.digest):
+                    finish_item(conn, p.item.id, p.item.job_id, "skipped", sha256=p.sha256, seconds=p.seconds)
+                    statuses.append("skipped")
+                else:
+                    todo.append(p)
+        if not todo:
+            return statuses
+        t = time.perf_counter()
+        try:
+            result = self.explainer.explain(torch.stack([p.x for p in todo]))
+        except Exception as exc:  # one bad batch must not end the job: every item gets the reason
+            with self.db.begin() as conn:
+                for p in todo:
+                    finish_item(conn, p.item.id, p.item.job_id, "failed", sha256=p.sha256,
+                                error=f"explanation failed: {type(exc).__name__}: {exc}")
+                    statuses.append("failed")
+            return statuses
+        per_image = (time.perf_counter() - t) / len(todo)
+        for i, p in enumerate(todo):
+            self._store_image(i, p, result, per_image)
+            statuses.append("done")
+        return statuses
+
+    def _store_image(self, i: int, p: Prepared, result: BatchResult, seconds: float) -> None:
+        ex = self.explainer
+        model = ex.model
+        base = f"{p.sha256[:2]}/{p.sha256}/{model.tag}/{ex.layer_name}"
+        picture = fit_long_side(p.rgb, self.settings.overlay_max_side)
+        ranks = result.probs[i].argsort(descending=True).argsort()
+        n_methods = len(ex.methods)
+        rows = []
+        for method in ex.methods:
+            out = result.outputs[method.name]
+            mid = method_id(method)
+            for k, class_id in enumerate(result.targets[i].tolist()):
+                stem = f"{base}/{mid}/{class_id}"
+                heat = out.maps[i, k].cpu().numpy()
+                map_key = f"maps/{stem}.npy"
+                self._put(map_key, lambda: _npy(heat), "application/octet-stream")
+                overlay_key = f"overlays/{stem}.png"
+                self._put(overlay_key, lambda: overlay_png(picture, heat), "image/png")
+                arrays = {}
+                for name, tensor in out.arrays.items():
+                    key = f"maps/{stem}.{name}.npy"
+                    self._put(key, lambda: _npy(tensor[i, k].cpu().numpy()), "application/octet-stream")
+                    arrays[name] = key
+                rows.append({
+                    "sha256": p.sha256, "settings_digest": self.digest, "model": model.tag, "method": mid,
+                    "layer": ex.layer_name, "class_id": class_id, "class_name": model.class_names[class_id],
+                    "score": float(result.probs[i, class_id]), "rank": int(ranks[class_id]) + 1,
+                    "map_key": map_key, "overlay_key": overlay_key,
+                    "extra": {"params": method.params(), "arrays": arrays},
+                    "seconds": result.seconds[method.name] / len(result.targets) / result.targets.shape[1],
+                })
+        with self.db.begin() as conn:
+            conn.execute(insert_ignore(self.db, Image.__table__, [
+                {"sha256": p.sha256, "width": p.rgb.shape[1], "height": p.rgb.shape[0]}]))
+            conn.execute(insert_ignore(self.db, Explanation.__table__, rows))
+            finish_item(conn, p.item.id, p.item.job_id, "done", sha256=p.sha256, seconds=p.seconds + seconds)
+
+    def _put(self, key: str, render: Callable[[], bytes], content_type: str) -> None:
+        # Content-addressed keys: an existing object is already the right one.
+        if not self.store.exists(key):
+            self.store.put(key, render(), content_type)
+
+
+def pending_items(db: Engine, job_id: str) -> Iterator[PendingItem]:
+    last = 0
+    while True:  # keyset pages: a million items never sit in memory at once
+        with db.connect() as conn:
+            rows = conn.execute(
+                select(Item.id, Item.job_id, Item.uri)
+                .where(Item.job_id == job_id, Item.status == "pending", Item.id > last)
+                .order_by(Item.id).limit(500)
+            ).all()
+        if not rows:
+            return
+        for row in rows:
+            yield PendingItem(*row)
+        last = rows[-1][0]
+
+
+def record_digest(db: Engine, job_id: str, digest: str) -> None:
+    with db.begin() as conn:
+        conn.execute(update(Job).where(Job.id == job_id).values(settings_digest=digest))
