@@ -36,6 +36,19 @@ def job_options(f):
         click.option("--topk", type=click.IntRange(1, 1000), default=3, show_default=True,
                      help="Explain the K most probable classes."),
         click.option("--classes", help="Explain these class ids instead of the top-k, e.g. 281,285."),
+        click.option("--score", type=click.Choice(["logit", "probability"]), default=None,
+                     help="Class score that gradient methods differentiate (default logit)."),
+        click.option("--scorecam-weights", type=click.Choice(["probability", "logit-softmax", "cic-softmax"]),
+                     default=None, help="Score-CAM channel weights definition (default probability)."),
+        click.option("--max-channels", type=click.IntRange(1), default=None,
+                     help="Score-CAM: keep only the N channels of largest activation variance."),
+        click.option("--smooth", type=click.IntRange(0), default=None,
+                     help="SmoothGrad: average gradient methods over N noisy copies."),
+        click.option("--noise", type=click.FloatRange(0), default=None,
+                     help="SmoothGrad noise level as a fraction of the input range (e.g. 0.15)."),
+        click.option("--steps", type=click.IntRange(1), default=None, help="Integrated Gradients steps."),
+        click.option("--baseline", type=click.Choice(["black", "blurred"]), default=None,
+                     help="Integrated Gradients baseline."),
         click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
         click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
         click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
@@ -47,8 +60,11 @@ def job_options(f):
     return f
 
 
+METHOD_OPTIONS = ("score", "scorecam_weights", "max_channels", "smooth", "noise", "steps", "baseline")
+
+
 def explain_sources(sources, *, model, weights, layer, methods, topk, classes, batch_size, device, precision,
-                    data_dir, show_progress=True) -> tuple[str, Counter, float, Settings]:
+                    data_dir, show_progress=True, **method_options) -> tuple[str, Counter, float, Settings]:
     """Create a job for the sources and explain it in-process; returns (job id, status counts, seconds, settings)."""
     import torch
 
@@ -60,7 +76,10 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
     settings = Settings().with_data_dir(data_dir)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
-        method_list = build_methods([m.strip() for m in methods.split(",") if m.strip()])
+        unknown = set(method_options) - set(METHOD_OPTIONS)
+        if unknown:
+            raise TypeError(f"unknown method options {sorted(unknown)}")
+        method_list = build_methods([m.strip() for m in methods.split(",") if m.strip()], method_options)
         loaded = load_model(model, weights)
         layer_name = resolve_layer(loaded, layer)
         targets = Targets(topk=None, classes=_int_list(classes)) if classes else Targets(topk=topk)

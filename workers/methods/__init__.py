@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import importlib
+import inspect
 import pkgutil
 
 from .base import ForwardPass, Method, MethodOutput
@@ -30,13 +31,21 @@ class MethodError(ValueError):
     pass
 
 
-def build_methods(names: list[str]) -> list[Method]:
+def build_methods(names: list[str], options: dict | None = None) -> list[Method]:
+    """Instantiate methods by name; each gets the ``options`` its constructor accepts
+    (e.g. ``score``, ``definition``, ``steps``), so one set of CLI flags serves every method."""
     if names == ["all"]:
         names = list(METHODS)
     unknown = [n for n in names if n not in METHODS]
     if unknown:
         raise MethodError(f"unknown method(s) {', '.join(unknown)}; choose from: {', '.join(METHODS)} or all")
-    return [METHODS[n]() for n in dict.fromkeys(names)]
+    options = {k: v for k, v in (options or {}).items() if v is not None}
+    methods = []
+    for name in dict.fromkeys(names):
+        cls = METHODS[name]
+        accepted = inspect.signature(cls.__init__).parameters
+        methods.append(cls(**{k: v for k, v in options.items() if k in accepted}))
+    return methods
 
 
 __all__ = ["ForwardPass", "Method", "MethodOutput", "METHODS", "MethodError", "build_methods"]

@@ -27,27 +27,35 @@ class ForwardPass:
     activations: Tensor
     targets: Tensor
     autocast: Callable[[], contextlib.AbstractContextManager]
-    _grads: dict[str, Tensor] = field(default_factory=dict)
+    _grads: dict[tuple[str, str], Tensor] = field(default_factory=dict)
 
     @property
     def input_size(self) -> tuple[int, int]:
         return self.x.shape[-2], self.x.shape[-1]
 
-    def gradients(self, wrt: str) -> Tensor:
-        """d logit[target] / d (``"layer"`` activations or ``"input"``), B×K×(shape of that tensor).
+    def class_scores(self, score: str = "logit") -> Tensor:
+        """B×K score of each target class: its pre-softmax logit, or its softmax probability."""
+        if score == "probability":
+            return self.logits.float().softmax(dim=1).gather(1, self.targets)
+        if score == "logit":
+            return self.logits.gather(1, self.targets).float()
+        raise ValueError(f"score must be 'logit' or 'probability', not {score!r}")
+
+    def gradients(self, wrt: str, score: str = "logit") -> Tensor:
+        """d score[target] / d (``"layer"`` activations or ``"input"``), B×K×(shape of that tensor).
 
         One backward per target column reuses this forward; images in a batch are independent
         (eval mode), so the gradient of the batch sum is each image's own gradient.
         """
-        if wrt not in self._grads:
+        if (wrt, score) not in self._grads:
             tensor = {"layer": self.activations, "input": self.x}[wrt]
-            scores = self.logits.gather(1, self.targets).float()
+            scores = self.class_scores(score)
             grads = [
                 torch.autograd.grad(scores[:, k].sum(), tensor, retain_graph=True)[0]
                 for k in range(self.targets.shape[1])
             ]
-            self._grads[wrt] = torch.stack(grads, dim=1).float()
-        return self._grads[wrt]
+            self._grads[(wrt, score)] = torch.stack(grads, dim=1).float()
+        return self._grads[(wrt, score)]
 
 
 @dataclass

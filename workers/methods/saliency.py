@@ -10,7 +10,13 @@ class Saliency(Method):
     name = "saliency"
     needs = frozenset({"input"})
 
+    def __init__(self, score: str = "logit"):
+        self.score = score
+
+    def params(self) -> dict:
+        return {"score": self.score}
+
     def explain(self, fp: ForwardPass) -> MethodOutput:
-        grads = fp.gradients("input")  # B×K×3×H×W
+        grads = fp.gradients("input", self.score)  # B×K×3×H×W
         simonyan = grads.abs().amax(dim=2)
         return MethodOutput(maps=scale_to_unit(simonyan), arrays={"gradient": grads})
