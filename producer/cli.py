@@ -12,7 +12,7 @@ import click
 
 from storage.settings import Settings
 
-from .results import write_results
+from storage.results import write_results
 
 # Shown in --help without importing the plugin.
 HEAVY_HELP = {
@@ -77,4 +77,7 @@ def main():
 def results(data_dir, job_id, fmt):
     """Print one record per explanation (and per failed image) of a job."""
     settings = Settings().with_data_dir(data_dir)
-    write_results(settings, job_id, fmt, sys.stdout)
+    try:
+        write_results(settings, job_id, fmt, sys.stdout)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None

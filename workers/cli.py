@@ -11,6 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from storage.database import add_items, close_listing, connect, create_job
 from storage.objects import open_store
+from storage.results import iter_results, write_results
 from storage.settings import Settings
 from storage.sources import SourceError, iter_uris
 
@@ -158,8 +159,16 @@ def demo(data_dir: Path, methods: str, device: str):
         [images], model="efficientnet_lite0", weights=None, layer=None, methods=methods, topk=3, classes=None,
         batch_size=8, device=device, precision="fp32", data_dir=data_dir)
     click.echo(_summary(job_id, counts, seconds, settings))
+
+    summary = data_dir / "results.csv"
+    with open(summary, "w", newline="") as f:
+        write_results(settings, job_id, "csv", f)
+    for row in iter_results(settings, job_id):
+        if row["rank"] == 1 and row["method"] == "gradcam":
+            click.echo(f"  {Path(row['uri']).name:24} {row['class_name']} ({row['score']:.2f})  "
+                       f"{settings.data_dir / 'objects' / row['overlay_key']}")
     click.echo(f"overlays: {(settings.data_dir / 'objects' / 'overlays').resolve()}")
-    click.echo(f"records:  salient results --out {data_dir} --format csv")
+    click.echo(f"records:  {summary} (or: salient results --out {data_dir} --format csv)")
 
 
 SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "camera", "retina", "hubble_deep_field")

@@ -6,7 +6,6 @@ import csv
 import json
 from typing import IO, Iterator
 
-import click
 from sqlalchemy import and_, select
 
 from storage.database import Explanation, Item, Job, connect
@@ -22,10 +21,10 @@ def iter_results(settings: Settings, job_id: str | None) -> Iterator[dict]:
         if job_id is None:
             job_id = conn.execute(select(Job.id).order_by(Job.created_at.desc()).limit(1)).scalar()
             if job_id is None:
-                raise click.ClickException(f"no jobs in {settings.resolved_database_url}")
+                raise LookupError("no jobs yet in this database")
         job = conn.execute(select(Job).where(Job.id == job_id)).first()
         if job is None:
-            raise click.ClickException(f"no job {job_id}")
+            raise LookupError(f"no job {job_id}")
         query = (
             select(Item.uri, Item.sha256, Item.status, Item.error, Item.seconds, Explanation.model,
                    Explanation.method, Explanation.layer, Explanation.class_id, Explanation.class_name,
