@@ -28,6 +28,7 @@ class ForwardPass:
     targets: Tensor
     autocast: Callable[[], contextlib.AbstractContextManager]
     _grads: dict[tuple[str, str], Tensor] = field(default_factory=dict)
+    _memo: dict[tuple, Tensor] = field(default_factory=dict)
 
     @property
     def input_size(self) -> tuple[int, int]:
@@ -56,6 +57,13 @@ class ForwardPass:
             ]
             self._grads[(wrt, score)] = torch.stack(grads, dim=1).float()
         return self._grads[(wrt, score)]
+
+    def memo(self, key: tuple, compute: Callable[[], Tensor]) -> Tensor:
+        """``compute()`` once per forward pass, shared by every method asking with the same ``key``
+        (e.g. guided-backprop gradients, read by Guided Backprop and Guided Grad-CAM)."""
+        if key not in self._memo:
+            self._memo[key] = compute()
+        return self._memo[key]
 
 
 @dataclass
