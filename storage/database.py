@@ -1,27 +1,37 @@
 """Metadata schema and the few writes every part of salient shares.
 
 Idempotency lives here: unique constraints plus insert-or-ignore make a rerun or a redelivered
-message a no-op instead of a duplicate row.
+message a no-op instead of a duplicate row. Job counters are only ever changed by single UPDATE
+statements (``done = done + 1``) while the job row is locked, so many workers writing at once on
+PostgreSQL lose no update. The schema is versioned with Alembic (``storage/migrations``).
 """
 
 from __future__ import annotations
 
 import uuid
 from datetime import datetime, timezone
-from typing import Any, Iterable
+from typing import Any, Iterable, Iterator
 
 from sqlalchemy import (
     JSON,
+    Column,
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
+    MetaData,
     String,
+    Table,
     Text,
     UniqueConstraint,
+    case,
     create_engine,
     event,
+    func,
+    inspect,
     select,
+    text,
     update,
 )
 from sqlalchemy.dialects import postgresql, sqlite
@@ -41,7 +51,8 @@ class Job(Base):
     __tablename__ = "jobs"
     id: Mapped[str] = mapped_column(String(36), primary_key=True)
     name: Mapped[str | None] = mapped_column(String(200))
-    # listing (items still being added) -> running -> finished | cancelled
+    # listing (items still being added) -> running -> finished; cancelled at any point (finished_at set
+    # once its last item has ended)
     status: Mapped[str] = mapped_column(String(16), default="listing")
     settings: Mapped[dict] = mapped_column(JSON)
     # Set by the worker side once it has resolved the model and layer; explanations carry the same digest.
@@ -58,7 +69,7 @@ class Item(Base):
     """One submitted image URI of one job; ends exactly once as done, failed or skipped."""
 
     __tablename__ = "items"
-    __table_args__ = (UniqueConstraint("job_id", "uri"),)
+    __table_args__ = (UniqueConstraint("job_id", "uri"), Index("ix_items_job_status", "job_id", "status"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
     uri: Mapped[str] = mapped_column(Text)
@@ -66,6 +77,8 @@ class Item(Base):
     status: Mapped[str] = mapped_column(String(16), default="pending")  # pending|done|failed|skipped
     error: Mapped[str | None] = mapped_column(Text)
     seconds: Mapped[float | None] = mapped_column(Float)
+    # Times a worker started explaining it; an image that keeps killing workers fails past a limit.
+    deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -105,8 +118,24 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cur.close()
 
 
+# The newest revision in storage/migrations/versions; a new database is built from the models and
+# stamped with it (tests/test_migrations.py checks that the migrations build the same schema).
+SCHEMA_REVISION = "0002"
+_SCHEMA_LOCK_ID = 0x5A11E47  # PostgreSQL advisory lock: one process at a time creates or migrates
+_alembic_version = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
+
+
+def normalize_url(url: str) -> str:
+    """``postgres://`` and ``postgresql://`` use psycopg 3 (the driver salient installs)."""
+    for prefix in ("postgres://", "postgresql://"):
+        if url.startswith(prefix):
+            return "postgresql+psycopg://" + url.removeprefix(prefix)
+    return url
+
+
 def connect(url: str) -> Engine:
-    """Engine with the schema created; SQLite gets WAL so readers never block the writer."""
+    """Engine with the schema at ``SCHEMA_REVISION``; SQLite gets WAL so readers never block the writer."""
+    url = normalize_url(url)
     if url.startswith("sqlite:///"):
         from pathlib import Path
 
@@ -114,8 +143,38 @@ def connect(url: str) -> Engine:
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    Base.metadata.create_all(engine)
+    ensure_schema(engine)
     return engine
+
+
+def schema_revision(conn) -> str | None:
+    if not inspect(conn).has_table("alembic_version"):
+        return None
+    return conn.execute(select(_alembic_version.c.version_num)).scalar()
+
+
+def ensure_schema(engine: Engine) -> str:
+    """Create a new database at the newest revision or migrate an older one; returns the revision.
+
+    Runs at every ``connect``; when the schema is current it costs one catalog query and one select,
+    and Alembic is imported only when there is something to migrate.
+    """
+    with engine.begin() as conn:
+        if engine.dialect.name == "postgresql":  # many workers may start at once
+            conn.execute(text("SELECT pg_advisory_xact_lock(:id)"), {"id": _SCHEMA_LOCK_ID})
+        current = schema_revision(conn)
+        if current == SCHEMA_REVISION:
+            return current
+        if current is None and not inspect(conn).has_table("jobs"):
+            Base.metadata.create_all(conn)
+            _alembic_version.create(conn)
+            conn.execute(_alembic_version.insert().values(version_num=SCHEMA_REVISION))
+            return SCHEMA_REVISION
+        from .migrations import upgrade
+
+        # A database made before migrations existed holds the first revision's tables.
+        upgrade(conn, stamp_first=current is None)
+        return SCHEMA_REVISION
 
 
 def insert_ignore(engine: Engine, table, rows: list[dict[str, Any]]):
@@ -176,10 +235,12 @@ def finish_item(
 
 
 def _finish_job_if_complete(conn, job_id: str) -> None:
+    # A cancelled job keeps its status and gets its finished_at once the items in flight have ended.
     conn.execute(
         update(Job)
-        .where(Job.id == job_id, Job.status == "running", Job.done + Job.failed + Job.skipped >= Job.total)
-        .values(status="finished", finished_at=utcnow())
+        .where(Job.id == job_id, Job.status.in_(("running", "cancelled")), Job.finished_at.is_(None),
+               Job.done + Job.failed + Job.skipped >= Job.total)
+        .values(status=case((Job.status == "running", "finished"), else_=Job.status), finished_at=utcnow())
     )
 
 
@@ -194,3 +255,95 @@ def already_explained(conn, sha256: str, settings_digest: str) -> bool:
     return conn.execute(
         select(Explanation.id).where(Explanation.sha256 == sha256, Explanation.settings_digest == settings_digest).limit(1)
     ).first() is not None
+
+
+def record_items(engine: Engine, job_id: str, uris: Iterable[str], page: int = 1000) -> Iterator[list[tuple[int, str]]]:
+    """Record URIs as pending items, a page at a time, yielding each page's *new* ``(item id, uri)`` rows.
+
+    Duplicates (within the job) come back from the database as ignored rows, so the caller never
+    keeps a set of seen URIs: memory stays flat for any number of URIs.
+    """
+    batch: list[dict] = []
+
+    def flush() -> list[tuple[int, str]]:
+        stmt = insert_ignore(engine, Item.__table__, batch).returning(Item.id, Item.uri)
+        with engine.begin() as conn:
+            new = [(row.id, row.uri) for row in conn.execute(stmt)]
+            conn.execute(update(Job).where(Job.id == job_id).values(total=Job.total + len(new)))
+        batch.clear()
+        return new
+
+    for uri in uris:
+        batch.append({"job_id": job_id, "uri": uri, "status": "pending", "updated_at": utcnow()})
+        if len(batch) >= page:
+            yield flush()
+    if batch:
+        yield flush()
+
+
+def claim_items(conn, job_id: str, item_ids: list[int]) -> dict[int, int]:
+    """Count one more delivery of each still-pending item; returns ``{item id: deliveries}``.
+
+    Items that have already ended are left out: a redelivered message does not redo them.
+    Commit before explaining, so the count survives a worker killed mid-batch.
+    """
+    rows = conn.execute(
+        update(Item)
+        .where(Item.job_id == job_id, Item.id.in_(item_ids), Item.status == "pending")
+        .values(deliveries=Item.deliveries + 1, updated_at=utcnow())
+        .returning(Item.id, Item.deliveries)
+    )
+    return {row.id: row.deliveries for row in rows}
+
+
+def cancel_job(engine: Engine, job_id: str) -> int | None:
+    """Cancel a job: items no worker has started are skipped now; started ones finish. Returns the
+    number skipped, or None when there is no such job."""
+    with engine.begin() as conn:
+        # Lock the job row first: a worker finishing an item waits, so the counters stay exact.
+        status = conn.execute(select(Job.status).where(Job.id == job_id).with_for_update()).scalar()
+        if status is None:
+            return None
+        skipped = conn.execute(
+            update(Item)
+            .where(Item.job_id == job_id, Item.status == "pending", Item.deliveries == 0)
+            .values(status="skipped", error="job cancelled", updated_at=utcnow())
+        ).rowcount
+        values = {"skipped": Job.skipped + skipped}
+        if status in ("listing", "running"):
+            values["status"] = "cancelled"
+        conn.execute(update(Job).where(Job.id == job_id).values(values))
+        _finish_job_if_complete(conn, job_id)
+    return skipped
+
+
+def job_is_cancelled(conn, job_id: str) -> bool:
+    return conn.execute(select(Job.status).where(Job.id == job_id)).scalar() == "cancelled"
+
+
+def reconcile_jobs(engine: Engine) -> int:
+    """Recount every unfinished job's counters from its items and finish the complete ones; returns
+    how many jobs had drifted. A safety net: counters only drift if a write was lost outside salient."""
+    with engine.connect() as conn:
+        open_jobs = conn.execute(
+            select(Job.id).where(Job.status.in_(("running", "cancelled")), Job.finished_at.is_(None))
+        ).scalars().all()
+    drifted = 0
+    for job_id in open_jobs:
+        with engine.begin() as conn:
+            # Lock first, then count: the count's snapshot is taken after every finisher before us committed,
+            # and finishers after us wait for the lock and add to the corrected counters.
+            job = conn.execute(select(Job.done, Job.failed, Job.skipped, Job.total)
+                               .where(Job.id == job_id).with_for_update()).one()
+            counts = dict(conn.execute(
+                select(Item.status, func.count()).where(Item.job_id == job_id).group_by(Item.status)).all())
+            actual = {"done": counts.get("done", 0), "failed": counts.get("failed", 0),
+                      "skipped": counts.get("skipped", 0), "total": sum(counts.values())}
+            seen = dict(job._mapping)
+            if actual != seen:
+                # Compare-and-set as well: SQLite ignores FOR UPDATE, and there a finisher that commits
+                # between our reads makes this a no-op instead of a lost update.
+                unchanged = [getattr(Job, name) == value for name, value in seen.items()]
+                drifted += conn.execute(update(Job).where(Job.id == job_id, *unchanged).values(actual)).rowcount
+            _finish_job_if_complete(conn, job_id)
+    return drifted

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import os
 import tempfile
 from pathlib import Path
 from typing import Protocol
 from urllib.parse import urlparse
+
+from .s3 import s3_client, split_s3_url
+from .settings import Settings
 
 
 class ObjectStore(Protocol):
@@ -51,8 +55,56 @@ class LocalObjectStore:
         return self._path(key).is_file()
 
 
-def open_store(url: str) -> ObjectStore:
+class S3ObjectStore:
+    """A bucket and key prefix on any S3 API (AWS, MinIO, Ceph, SeaweedFS).
+
+    Transient errors (5xx, throttling, dropped connections) are retried by botocore's standard retry
+    mode with exponential backoff; objects over ``multipart_threshold`` go up in parallel parts.
+    """
+
+    def __init__(self, url: str, settings: Settings):
+        self.url = url.rstrip("/")
+        self.bucket, prefix = split_s3_url(self.url)
+        self.prefix = f"{prefix.strip('/')}/" if prefix.strip("/") else ""
+        self.client = s3_client(settings)
+        self.multipart_threshold = settings.s3_multipart_threshold
+
+    def _key(self, key: str) -> str:
+        if key.startswith("/") or ".." in key.split("/"):
+            raise ValueError(f"object key escapes the store: {key!r}")
+        return self.prefix + key
+
+    def put(self, key: str, data: bytes, content_type: str) -> None:
+        if len(data) <= self.multipart_threshold:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type)
+            return
+        from boto3.s3.transfer import TransferConfig
+
+        transfer = TransferConfig(multipart_threshold=self.multipart_threshold,
+                                  multipart_chunksize=self.multipart_threshold)
+        self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key),
+                                   ExtraArgs={"ContentType": content_type}, Config=transfer)
+
+    def get(self, key: str) -> bytes:
+        return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()
+
+    def exists(self, key: str) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            self.client.head_object(Bucket=self.bucket, Key=self._key(key))
+        except ClientError as exc:
+            if exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode") == 404:
+                return False
+            raise
+        return True
+
+
+def open_store(url: str, settings: Settings | None = None) -> ObjectStore:
+    """``file:///path`` -> LocalObjectStore, ``s3://bucket/prefix`` -> S3ObjectStore (endpoint from settings)."""
     parsed = urlparse(url)
     if parsed.scheme == "file":
         return LocalObjectStore(Path(parsed.path))
+    if parsed.scheme == "s3":
+        return S3ObjectStore(url, settings or Settings())
     raise ValueError(f"unsupported object store URL scheme {parsed.scheme!r} (use file:// or s3://)")

@@ -1,11 +1,26 @@
-"""The one settings object for the whole system (env vars ``SALIENT_*``)."""
+"""The one settings object for the whole system: env vars ``SALIENT_*`` over an optional TOML file
+(``SALIENT_CONFIG_FILE``) over defaults.
+
+Credentials never live here: S3 keys come from the standard AWS variables or an IAM role (boto3 reads
+them itself), and a password inside a URL is masked whenever the settings are printed.
+"""
 
 from __future__ import annotations
 
+import os
+import re
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+
+_URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
+
+
+def mask_url(url: str | None) -> str | None:
+    """``redis://user:secret@host`` -> ``redis://user:***@host``; for logs and reprs."""
+    return None if url is None else _URL_PASSWORD.sub(r"\1***@", url)
 
 
 class Settings(BaseSettings):
@@ -18,6 +33,43 @@ class Settings(BaseSettings):
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 64 * 1024 * 1024
     overlay_max_side: int = 1024
+
+    # Queue (producer and workers)
+    broker_url: str = Field("redis://127.0.0.1:6379/0", description="Celery broker (Redis)")
+    queue: str = Field("salient", description="queue the producer publishes to and workers consume")
+    chunk_size: int = Field(32, ge=1, description="image URIs per message")
+    visibility_timeout: int = Field(
+        3600, ge=1, description="seconds before an unacknowledged message is handed to another worker; "
+                                "keep a chunk's work far below it")
+    unacked_restore_interval: float = Field(
+        30, gt=0, description="seconds between a worker's sweeps for messages of dead workers")
+    max_deliveries: int = Field(3, ge=1, description="an image started this many times without finishing fails")
+    transient_retries: int = Field(5, ge=0, description="retries with backoff of a storage or database error")
+    reconcile_interval: float = Field(60, gt=0, description="seconds between a worker's job-counter reconciliations")
+
+    # S3 (any S3 API: AWS, MinIO, Ceph, SeaweedFS)
+    s3_endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:8333; None = AWS")
+    s3_region: str | None = None
+    s3_addressing_style: Literal["auto", "path", "virtual"] = Field(
+        "auto", description="auto = path-style with a custom endpoint, virtual-hosted on AWS")
+    s3_multipart_threshold: int = Field(8 * 1024 * 1024, ge=5 * 1024 * 1024)
+    s3_max_attempts: int = Field(5, ge=1, description="botocore attempts per request (standard retry mode)")
+
+    @classmethod
+    def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   file_secret_settings: PydanticBaseSettingsSource):
+        sources = [init_settings, env_settings]
+        config_file = os.environ.get("SALIENT_CONFIG_FILE")
+        if config_file:
+            if not Path(config_file).is_file():
+                raise FileNotFoundError(f"SALIENT_CONFIG_FILE={config_file} is not a file")
+            sources.append(TomlConfigSettingsSource(settings_cls, toml_file=config_file))
+        return tuple(sources)
+
+    def __repr_args__(self):
+        for name, value in super().__repr_args__():
+            yield name, mask_url(value) if name.endswith("_url") else value
 
     def with_data_dir(self, data_dir: Path | str | None) -> "Settings":
         if data_dir is None:

@@ -1,0 +1,109 @@
+"""The message contract between producers and workers: a Celery task called by name with JSON kwargs.
+
+Any service, in any language, can publish these to Redis directly (Celery's message protocol 2,
+``content-type: application/json``) on queue ``salient`` with task name ``salient.explain``.
+Items must exist in the database first (a producer creates the job and item rows, then publishes),
+because a worker records each image's end against its item id.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+TASK_NAME = "salient.explain"
+MESSAGE_VERSION = 1
+
+# JSON Schema (draft 2020-12) of the task's kwargs, for publishers in other languages.
+MESSAGE_SCHEMA: dict[str, Any] = {
+    "$schema": "https://json-schema.org/draft/2020-12/schema",
+    "title": "salient.explain kwargs",
+    "type": "object",
+    "required": ["version", "job_id", "items", "spec"],
+    "properties": {
+        "version": {"const": MESSAGE_VERSION},
+        "job_id": {"type": "string", "description": "jobs.id of an existing job"},
+        "items": {
+            "type": "array", "minItems": 1,
+            "items": {"type": "object", "required": ["id", "uri"], "properties": {
+                "id": {"type": "integer", "description": "items.id of a pending item of this job"},
+                "uri": {"type": "string", "description": "file://, s3:// or http(s):// URI of the image"},
+            }},
+        },
+        "spec": {
+            "type": "object", "required": ["model", "methods", "targets"],
+            "properties": {
+                "model": {"type": "string", "description": "efficientnet_lite0 or a torchvision classifier name"},
+                "weights": {"type": ["string", "null"], "description": "state-dict path or URI the workers can read"},
+                "weights_sha256": {"type": ["string", "null"]},
+                "layer": {"type": ["string", "null"], "description": "dotted module path; null = last spatial layer"},
+                "methods": {"type": "array", "items": {"type": "string"}, "minItems": 1},
+                "method_options": {"type": "object", "description": "e.g. {\"score\": \"logit\", \"steps\": 32}"},
+                "targets": {"oneOf": [
+                    {"type": "object", "required": ["topk"], "properties": {"topk": {"type": "integer", "minimum": 1}}},
+                    {"type": "object", "required": ["classes"],
+                     "properties": {"classes": {"type": "array", "items": {"type": "integer"}, "minItems": 1}}},
+                ]},
+                "precision": {"enum": ["fp32", "bf16", "fp16"], "default": "fp32"},
+                "batch_size": {"type": "integer", "minimum": 1, "default": 16},
+            },
+        },
+    },
+}
+
+SPEC_DEFAULTS = {"weights": None, "weights_sha256": None, "layer": None, "method_options": {},
+                 "precision": "fp32", "batch_size": 16}
+
+
+class MessageError(ValueError):
+    """A message that does not follow the contract."""
+
+
+@dataclass(frozen=True)
+class Chunk:
+    job_id: str
+    items: list[tuple[int, str]]  # (item id, uri)
+    spec: dict[str, Any]
+
+
+def chunk_message(job_id: str, items: list[tuple[int, str]], spec: dict[str, Any]) -> dict[str, Any]:
+    """The task kwargs for ``items`` of ``job_id``."""
+    return {"version": MESSAGE_VERSION, "job_id": job_id,
+            "items": [{"id": item_id, "uri": uri} for item_id, uri in items], "spec": spec}
+
+
+def parse_chunk(kwargs: dict[str, Any]) -> Chunk:
+    """Validate task kwargs against the contract; the spec comes back with defaults filled in."""
+    if kwargs.get("version") != MESSAGE_VERSION:
+        raise MessageError(f"message version {kwargs.get('version')!r}, this worker reads {MESSAGE_VERSION}")
+    job_id, items, spec = kwargs.get("job_id"), kwargs.get("items"), kwargs.get("spec")
+    if not isinstance(job_id, str) or not job_id:
+        raise MessageError("job_id must be a non-empty string")
+    if not isinstance(items, list) or not items:
+        raise MessageError("items must be a non-empty list")
+    pairs = []
+    for item in items:
+        if not (isinstance(item, dict) and isinstance(item.get("id"), int) and isinstance(item.get("uri"), str)):
+            raise MessageError(f"an item must be {{'id': int, 'uri': str}}, got {item!r}")
+        pairs.append((item["id"], item["uri"]))
+    if not isinstance(spec, dict):
+        raise MessageError("spec must be an object")
+    spec = {**SPEC_DEFAULTS, **spec}
+    if not isinstance(spec.get("model"), str):
+        raise MessageError("spec.model must be a string")
+    methods = spec.get("methods")
+    if not (isinstance(methods, list) and methods and all(isinstance(m, str) for m in methods)):
+        raise MessageError("spec.methods must be a non-empty list of method names")
+    targets = spec.get("targets")
+    topk_ok = isinstance(targets, dict) and isinstance(targets.get("topk"), int) and targets["topk"] >= 1
+    classes = targets.get("classes") if isinstance(targets, dict) else None
+    classes_ok = isinstance(classes, list) and bool(classes) and all(isinstance(c, int) for c in classes)
+    if not (topk_ok or classes_ok):
+        raise MessageError("spec.targets must be {'topk': K} or {'classes': [ids]}")
+    if not isinstance(spec["method_options"], dict):
+        raise MessageError("spec.method_options must be an object")
+    if spec["precision"] not in ("fp32", "bf16", "fp16"):
+        raise MessageError("spec.precision must be fp32, bf16 or fp16")
+    if not isinstance(spec["batch_size"], int) or spec["batch_size"] < 1:
+        raise MessageError("spec.batch_size must be a positive integer")
+    return Chunk(job_id=job_id, items=pairs, spec=spec)
