@@ -64,6 +64,65 @@ def job_options(f):
 METHOD_OPTIONS = ("score", "scorecam_weights", "max_channels", "smooth", "noise", "steps", "baseline")
 
 
+def output_options(f):
+    """Faithfulness metrics and overlay rendering (the Vertex AI / pytorch-grad-cam vocabulary)."""
+    options = [
+        click.option("--metrics", default=None,
+                     help="Faithfulness metrics per explanation, comma-separated: deletion,insertion,drop. "
+                          "Cost per image and class: steps+1 forwards per curve, 1 for drop."),
+        click.option("--metric-steps", type=click.IntRange(1), default=None,
+                     help="Deletion/insertion steps (default 16)."),
+        click.option("--metric-baseline", type=click.Choice(["black", "blurred"]), default=None,
+                     help="Baseline for both curves (default: black for deletion, blurred for insertion)."),
+        click.option("--colormap", default=None, help="Overlay colour map: any OpenCV name (jet, viridis, turbo, ...)."),
+        click.option("--alpha", type=click.FloatRange(0, 1), default=None, help="Overlay opacity (default 0.4)."),
+        click.option("--polarity", type=click.Choice(["positive", "negative", "both"]), default=None,
+                     help="Render the signed attribution (e.g. saliency's gradient) instead of the map."),
+        click.option("--clip-upper", type=click.FloatRange(0, 100), default=None,
+                     help="Percentile above which attributions saturate (default 99.9)."),
+        click.option("--clip-lower", type=click.FloatRange(0, 100), default=None,
+                     help="Percentile below which attributions count as zero (default 0)."),
+        click.option("--overlay", type=click.Choice(["original", "grayscale", "mask-black", "none"]), default=None,
+                     help="What the map is drawn on (default original)."),
+    ]
+    for option in reversed(options):
+        f = option(f)
+    return f
+
+
+METRIC_OPTIONS = ("metrics", "metric_steps", "metric_baseline")
+OVERLAY_OPTIONS = ("colormap", "alpha", "polarity", "clip_upper", "clip_lower", "overlay")
+
+
+def _output_settings(options: dict):
+    """(Faithfulness or None, OverlayStyle) from the ``output_options`` values, removed from ``options``."""
+    from .metrics import Faithfulness
+    from .overlays import OverlayStyle
+
+    metric_values = {name: options.pop(name, None) for name in METRIC_OPTIONS}
+    style = OverlayStyle(**{name: value for name in OVERLAY_OPTIONS if (value := options.pop(name, None)) is not None})
+    if not metric_values["metrics"]:
+        return None, style
+    metrics = Faithfulness(
+        metrics=tuple(m.strip() for m in metric_values["metrics"].split(",") if m.strip()),
+        **{key: value for key, value in (("steps", metric_values["metric_steps"]),
+                                         ("baseline", metric_values["metric_baseline"])) if value is not None},
+    )
+    return metrics, style
+
+
+def _versions() -> dict[str, str]:
+    from importlib.metadata import PackageNotFoundError, version
+
+    found = {}
+    for package in ("salient", "torch", "torchvision", "timm", "opencv-python-headless"):
+        try:
+            found[package] = version(package)
+        except PackageNotFoundError:
+            pass
+    return found
+
+
 def explain_sources(sources, *, model, weights, layer, methods, topk, classes, batch_size, device, precision,
                     data_dir, show_progress=True, **method_options) -> tuple[str, Counter, float, Settings]:
     """Create a job for the sources and explain it in-process; returns (job id, status counts, seconds, settings)."""
@@ -77,6 +136,7 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
     settings = Settings().with_data_dir(data_dir)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
+        metrics, overlay_style = _output_settings(method_options)
         unknown = set(method_options) - set(METHOD_OPTIONS)
         if unknown:
             raise TypeError(f"unknown method options {sorted(unknown)}")
@@ -92,14 +152,19 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
     store = open_store(settings.resolved_object_store_url)
     job_settings = {"model": model, "weights": str(weights) if weights else None, "layer": layer_name,
                     "methods": [m.name for m in method_list], "targets": targets.describe(),
-                    "precision": precision, "sources": [str(s) for s in sources]}
+                    "precision": precision, "sources": [str(s) for s in sources],
+                    "method_options": {k: v for k, v in method_options.items() if v is not None},
+                    "method_definitions": {m.name: " ".join((type(m).__doc__ or "").split()) for m in method_list},
+                    "metrics": metrics.params() if metrics else None, "overlay": overlay_style.params(),
+                    "versions": _versions()}
     job_id = create_job(db, job_settings)
     try:
         add_items(db, job_id, iter_uris([str(s) for s in sources]))
     except SourceError as exc:
         raise click.ClickException(str(exc)) from None
     close_listing(db, job_id)
-    processor = ItemProcessor(settings, db, store, explainer, batch_size=batch_size)
+    processor = ItemProcessor(settings, db, store, explainer, batch_size=batch_size, metrics=metrics,
+                              overlay_style=overlay_style)
     record_digest(db, job_id, processor.digest)
 
     from sqlalchemy import select
@@ -138,6 +203,7 @@ def _summary(job_id: str, counts: Counter, seconds: float, settings: Settings) -
 @click.command()
 @click.argument("sources", nargs=-1, required=True)
 @job_options
+@output_options
 def run(sources, **options):
     """Explain every image in SOURCES (files, folders, file:// URIs) in-process, no servers needed.
 

@@ -1,9 +1,63 @@
-"""Maps rendered on top of the original image."""
+"""Maps rendered on top of the original image, with the visualisation knobs users know from Vertex AI
+and pytorch-grad-cam: colour map, alpha, polarity, clip percentiles and overlay type."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+from dataclasses import asdict, dataclass
+
 import cv2
 import numpy as np
+
+POLARITIES = ("positive", "negative", "both")
+OVERLAY_TYPES = ("original", "grayscale", "mask-black", "none")
+
+
+def colormap_names() -> list[str]:
+    """Every OpenCV colour map, by the lower-case name after ``COLORMAP_`` (jet, viridis, turbo, ...)."""
+    return sorted(name.removeprefix("COLORMAP_").lower() for name in dir(cv2) if name.startswith("COLORMAP_"))
+
+
+@dataclass(frozen=True)
+class OverlayStyle:
+    """How a map becomes an overlay PNG.
+
+    ``polarity`` None renders the method's map (already in [0, 1]); positive/negative/both render the
+    method's signed attribution array instead when it keeps one (saliency's raw gradient): its
+    positive part, its negative part, or both signs (zero at the colour map's middle).
+    ``clip_lower``/``clip_upper`` are percentiles of the attribution magnitude: values below the lower
+    one count as zero, values above the upper one saturate. ``overlay``: original (blend onto the
+    picture), grayscale (blend onto a grey copy), mask-black (the picture dimmed by the attribution,
+    no colours) or none (the coloured map alone).
+    """
+
+    colormap: str = "jet"
+    alpha: float = 0.4
+    polarity: str | None = None
+    clip_lower: float = 0.0
+    clip_upper: float = 99.9
+    overlay: str = "original"
+
+    def __post_init__(self) -> None:
+        if not hasattr(cv2, f"COLORMAP_{self.colormap.upper()}"):
+            raise ValueError(f"unknown colormap {self.colormap!r}; choose from: {', '.join(colormap_names())}")
+        if not 0 <= self.alpha <= 1:
+            raise ValueError(f"alpha must be in [0, 1], not {self.alpha}")
+        if self.polarity is not None and self.polarity not in POLARITIES:
+            raise ValueError(f"polarity must be one of {', '.join(POLARITIES)}, not {self.polarity!r}")
+        if not 0 <= self.clip_lower < self.clip_upper <= 100:
+            raise ValueError(f"need 0 <= clip lower ({self.clip_lower}) < clip upper ({self.clip_upper}) <= 100")
+        if self.overlay not in OVERLAY_TYPES:
+            raise ValueError(f"overlay must be one of {', '.join(OVERLAY_TYPES)}, not {self.overlay!r}")
+
+    def params(self) -> dict:
+        return asdict(self)
+
+    @property
+    def key(self) -> str:
+        """Short digest of the settings; part of the overlay's object key so different styles never collide."""
+        return hashlib.sha256(json.dumps(self.params(), sort_keys=True).encode()).hexdigest()[:10]
 
 
 def fit_long_side(rgb: np.ndarray, max_side: int) -> np.ndarray:
@@ -14,13 +68,49 @@ def fit_long_side(rgb: np.ndarray, max_side: int) -> np.ndarray:
     return cv2.resize(rgb, (max(1, round(w * scale)), max(1, round(h * scale))), interpolation=cv2.INTER_AREA)
 
 
-def overlay_png(rgb: np.ndarray, heat: np.ndarray, alpha: float = 0.4, colormap: int = cv2.COLORMAP_JET) -> bytes:
-    """PNG bytes of ``heat`` (H×W in [0, 1], any size) coloured and blended onto ``rgb``."""
+def attribution_to_unit(values: np.ndarray, style: OverlayStyle) -> np.ndarray:
+    """H×W (or C×H×W, summed over channels as Vertex AI does) attributions -> H×W float32 in [0, 1].
+
+    positive/negative (and None): magnitude of that sign scaled between the clip percentiles.
+    both: 0.5 + 0.5 · sign · scaled magnitude, so zero sits at the middle of the colour map.
+    """
+    values = values.astype(np.float32)
+    if values.ndim == 3:
+        values = values.sum(axis=0)
+    if style.polarity == "negative":
+        values = np.maximum(-values, 0)
+    elif style.polarity != "both":
+        values = np.maximum(values, 0)
+    magnitude = np.abs(values)
+    lo, hi = np.percentile(magnitude, (style.clip_lower, style.clip_upper))
+    if hi <= lo:  # constant map: nothing stands out
+        scaled = np.zeros_like(magnitude)
+    else:
+        scaled = np.clip((magnitude - lo) / (hi - lo), 0, 1)
+    if style.polarity == "both":
+        return 0.5 + 0.5 * np.sign(values) * scaled
+    return scaled
+
+
+def overlay_png(rgb: np.ndarray, values: np.ndarray, style: OverlayStyle = OverlayStyle()) -> bytes:
+    """PNG bytes of ``values`` (H×W map in [0, 1] or signed C×H×W / H×W attributions, any size) rendered
+    with ``style`` onto ``rgb`` (H×W×3 uint8)."""
     h, w = rgb.shape[:2]
-    heat = cv2.resize(heat.astype(np.float32), (w, h), interpolation=cv2.INTER_LINEAR)
-    colored = cv2.applyColorMap(np.clip(heat * 255, 0, 255).astype(np.uint8), colormap)  # BGR
-    blended = cv2.addWeighted(cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), 1 - alpha, colored, alpha, 0)
-    ok, png = cv2.imencode(".png", blended)
+    heat = cv2.resize(attribution_to_unit(values, style), (w, h), interpolation=cv2.INTER_LINEAR)
+    bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
+    if style.overlay == "mask-black":
+        strength = np.abs(2 * heat - 1) if style.polarity == "both" else heat
+        out = (bgr.astype(np.float32) * strength[..., None]).round().astype(np.uint8)
+    else:
+        colormap = getattr(cv2, f"COLORMAP_{style.colormap.upper()}")
+        colored = cv2.applyColorMap(np.clip(heat * 255, 0, 255).round().astype(np.uint8), colormap)
+        if style.overlay == "none":
+            out = colored
+        else:
+            if style.overlay == "grayscale":
+                bgr = cv2.cvtColor(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+            out = cv2.addWeighted(bgr, 1 - style.alpha, colored, style.alpha, 0)
+    ok, png = cv2.imencode(".png", out)
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return png.tobytes()

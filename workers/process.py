@@ -13,6 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
+import cv2
 import numpy as np
 import torch
 from sqlalchemy import select, update
@@ -25,7 +26,8 @@ from storage.sources import SourceError, read_uri
 
 from .engine import BatchResult, Explainer
 from .images import decode_image, to_input
-from .overlays import fit_long_side, overlay_png
+from .metrics import Faithfulness
+from .overlays import OverlayStyle, fit_long_side, overlay_png
 
 
 @dataclass
@@ -45,7 +47,8 @@ class Prepared:
     seconds: float = 0.0
 
 
-def settings_digest(explainer: Explainer) -> str:
+def settings_digest(explainer: Explainer, metrics: Faithfulness | None = None,
+                    overlay_style: OverlayStyle | None = None) -> str:
     """Identity of everything that changes a result; a rerun with the same digest is skipped."""
     spec = {
         "model": explainer.model.tag,
@@ -55,6 +58,11 @@ def settings_digest(explainer: Explainer) -> str:
         "precision": explainer.precision,
         "input_size": explainer.model.input_size,
     }
+    # Added only when used, so results made without them keep their identity.
+    if metrics is not None:
+        spec["metrics"] = metrics.params()
+    if overlay_style is not None and overlay_style != OverlayStyle():
+        spec["overlay"] = overlay_style.params()
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -72,13 +80,16 @@ def _npy(array: np.ndarray) -> bytes:
 
 
 class ItemProcessor:
-    def __init__(self, settings: Settings, db: Engine, store: ObjectStore, explainer: Explainer, batch_size: int = 16):
+    def __init__(self, settings: Settings, db: Engine, store: ObjectStore, explainer: Explainer, batch_size: int = 16,
+                 metrics: Faithfulness | None = None, overlay_style: OverlayStyle = OverlayStyle()):
         self.settings = settings
         self.db = db
         self.store = store
         self.explainer = explainer
         self.batch_size = batch_size
-        self.digest = settings_digest(explainer)
+        self.metrics = metrics
+        self.overlay_style = overlay_style
+        self.digest = settings_digest(explainer, metrics, overlay_style)
 
     def _prepare(self, item: PendingItem) -> Prepared:
         t = time.perf_counter()
@@ -138,7 +149,9 @@ class ItemProcessor:
             return statuses
         t = time.perf_counter()
         try:
-            result = self.explainer.explain(torch.stack([p.x for p in todo]))
+            x = torch.stack([p.x for p in todo])
+            result = self.explainer.explain(x)
+            scores = self._faithfulness(x, result)
         except Exception as exc:  # one bad batch must not end the job: every item gets the reason
             with self.db.begin() as conn:
                 for p in todo:
@@ -148,15 +161,31 @@ class ItemProcessor:
             return statuses
         per_image = (time.perf_counter() - t) / len(todo)
         for i, p in enumerate(todo):
-            self._store_image(i, p, result, per_image)
+            self._store_image(i, p, result, per_image, scores)
             statuses.append("done")
         return statuses
 
-    def _store_image(self, i: int, p: Prepared, result: BatchResult, seconds: float) -> None:
+    def _faithfulness(self, x: torch.Tensor, result: BatchResult) -> dict[str, dict[str, list]]:
+        """Per method, the metrics of every map as host lists indexed [image][target] (one copy per batch)."""
+        if self.metrics is None:
+            return {}
+        ex = self.explainer
+        x = x.to(ex.device)
+        scores = {}
+        for method in ex.methods:
+            values = self.metrics.evaluate(ex.module, x, result.outputs[method.name].maps, result.targets,
+                                           ex.model.mean, ex.model.std, ex.autocast)
+            scores[method.name] = {name: tensor.cpu().tolist() for name, tensor in values.items()}
+        return scores
+
+    def _store_image(self, i: int, p: Prepared, result: BatchResult, seconds: float,
+                     scores: dict[str, dict[str, list]]) -> None:
         ex = self.explainer
         model = ex.model
         base = f"{p.sha256[:2]}/{p.sha256}/{model.tag}/{ex.layer_name}"
         picture = fit_long_side(p.rgb, self.settings.overlay_max_side)
+        self._put(thumbnail_key(p.sha256), lambda: _jpeg(fit_long_side(p.rgb, THUMBNAIL_SIDE)), "image/jpeg")
+        style = self.overlay_style
         ranks = result.probs[i].argsort(descending=True).argsort()
         n_methods = len(ex.methods)
         rows = []
@@ -168,8 +197,9 @@ class ItemProcessor:
                 heat = out.maps[i, k].cpu().numpy()
                 map_key = f"maps/{stem}.npy"
                 self._put(map_key, lambda: _npy(heat), "application/octet-stream")
-                overlay_key = f"overlays/{stem}.png"
-                self._put(overlay_key, lambda: overlay_png(picture, heat), "image/png")
+                overlay_key = f"overlays/{stem}.{style.key}.png"
+                shown = _overlay_source(out, i, k, style)
+                self._put(overlay_key, lambda: overlay_png(picture, shown, style), "image/png")
                 arrays = {}
                 for name, tensor in out.arrays.items():
                     key = f"maps/{stem}.{name}.npy"
@@ -180,7 +210,8 @@ class ItemProcessor:
                     "layer": ex.layer_name, "class_id": class_id, "class_name": model.class_names[class_id],
                     "score": float(result.probs[i, class_id]), "rank": int(ranks[class_id]) + 1,
                     "map_key": map_key, "overlay_key": overlay_key,
-                    "extra": {"params": method.params(), "arrays": arrays},
+                    "extra": {"params": method.params(), "arrays": arrays, "overlay": style.params(),
+                              **_metrics_extra(self.metrics, scores.get(method.name), i, k)},
                     "seconds": result.seconds[method.name] / len(result.targets) / result.targets.shape[1],
                 })
         with self.db.begin() as conn:
@@ -193,6 +224,36 @@ class ItemProcessor:
         # Content-addressed keys: an existing object is already the right one.
         if not self.store.exists(key):
             self.store.put(key, render(), content_type)
+
+
+THUMBNAIL_SIDE = 256
+
+
+def thumbnail_key(sha256: str) -> str:
+    return f"thumbnails/{sha256[:2]}/{sha256}.{THUMBNAIL_SIDE}.jpg"
+
+
+def _jpeg(rgb: np.ndarray) -> bytes:
+    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
+    if not ok:
+        raise RuntimeError("JPEG encoding failed")
+    return data.tobytes()
+
+
+def _overlay_source(out, i: int, k: int, style: OverlayStyle) -> np.ndarray:
+    """What the overlay shows: with a polarity, the method's signed attribution (its first stored array
+    with colour channels, B×K×3×H×W, e.g. saliency's raw gradient) when it keeps one; else the map."""
+    if style.polarity is not None:
+        for tensor in out.arrays.values():
+            if tensor.dim() == 5 and tensor.shape[2] == 3:
+                return tensor[i, k].float().cpu().numpy()
+    return out.maps[i, k].float().cpu().numpy()
+
+
+def _metrics_extra(metrics: Faithfulness | None, scores: dict[str, list] | None, i: int, k: int) -> dict:
+    if metrics is None or scores is None:
+        return {}
+    return {"metrics": {name: values[i][k] for name, values in scores.items()}, "metric_settings": metrics.params()}
 
 
 def pending_items(db: Engine, job_id: str) -> Iterator[PendingItem]:
