@@ -12,6 +12,7 @@ from torch import Tensor
 from .methods import Method, MethodOutput
 from .methods.base import ForwardPass
 from .models import LoadedModel
+from .targets import Targets
 
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -20,22 +21,6 @@ def resolve_device(device: str) -> torch.device:
     if device == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(device)
-
-
-@dataclass(frozen=True)
-class Targets:
-    """Which classes to explain: the ``topk`` most probable, or fixed ``classes``."""
-
-    topk: int | None = 3
-    classes: tuple[int, ...] = ()
-
-    def select(self, probs: Tensor) -> Tensor:
-        if self.classes:
-            return torch.tensor(self.classes, device=probs.device).expand(probs.shape[0], -1)
-        return probs.topk(self.topk, dim=1).indices
-
-    def describe(self) -> dict:
-        return {"classes": list(self.classes)} if self.classes else {"topk": self.topk}
 
 
 @dataclass
@@ -47,13 +32,14 @@ class BatchResult:
 
 
 class Explainer:
-    def __init__(self, model: LoadedModel, layer: str, methods: list[Method], targets: Targets,
+    def __init__(self, model: LoadedModel, layer: str | None, methods: list[Method], targets: Targets,
                  device: str = "auto", precision: str = "fp32"):
+        """``layer`` None: no layer is hooked (only input-gradient methods can run, e.g. on TorchScript)."""
         if precision not in PRECISIONS:
             raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}")
         self.model = model
-        self.layer_name = layer
-        self.layer = model.module.get_submodule(layer)
+        self.layer_name = layer or "input"
+        self.layer = model.module.get_submodule(layer) if layer else None
         self.methods = methods
         self.targets = targets
         self.device = resolve_device(device)
@@ -63,6 +49,8 @@ class Explainer:
         bad = [c for c in targets.classes if not 0 <= c < n]
         if bad:
             raise ValueError(f"class ids {bad} outside 0..{n - 1}")
+        if targets.topk and not targets.classes and targets.topk > n:
+            raise ValueError(f"--topk {targets.topk} but the model has {n} classes")
 
     def autocast(self) -> contextlib.AbstractContextManager:
         dtype = PRECISIONS[self.precision]
@@ -74,6 +62,9 @@ class Explainer:
         captured: list[Tensor] = []
 
         def keep(_mod, _inp, out):
+            if torch.is_grad_enabled() and not out.requires_grad:
+                # Frozen weights and an input without gradient leave the layer out of the graph: start it here.
+                out.requires_grad_(True)
             captured.append(out)
             # The network goes on with a copy, so a later in-place op (DenseNet's relu_) cannot
             # overwrite the activations the methods read.
@@ -81,16 +72,18 @@ class Explainer:
 
         x = x.to(self.device, non_blocking=True).requires_grad_(any("input" in m.needs for m in self.methods))
         needs_graph = any(m.needs for m in self.methods)
-        handle = self.layer.register_forward_hook(keep)
+        handle = self.layer.register_forward_hook(keep) if self.layer is not None else None
         try:
             with torch.set_grad_enabled(needs_graph), self.autocast():
                 logits = self.module(x)
         finally:
-            handle.remove()
+            if handle is not None:
+                handle.remove()
         probs = logits.detach().float().softmax(dim=1)
         return ForwardPass(
-            model=self.module, layer=self.layer, x=x, logits=logits, activations=captured[-1],
-            targets=self.targets.select(probs), autocast=self.autocast,
+            model=self.module, layer=self.layer, x=x, logits=logits,
+            activations=captured[-1] if self.layer is not None else None, targets=self.targets.select(probs),
+            autocast=self.autocast, mean=self.model.mean, std=self.model.std,
         ), probs
 
     def explain(self, x: Tensor) -> BatchResult:

@@ -17,18 +17,21 @@ class ForwardPass:
     """One forward of a batch, shared by all methods and all target classes of each image.
 
     Shapes: ``x`` B×3×H×W, ``logits`` B×N, ``activations`` B×C×h×w (the target layer's output, still
-    in the graph), ``targets`` B×K class ids.
+    in the graph; ``layer`` and ``activations`` are None when no layer is hooked, e.g. a TorchScript
+    model), ``targets`` B×K class ids. ``x`` = (pixels in [0, 1] − ``mean``) / ``std`` per channel.
     """
 
     model: nn.Module
-    layer: nn.Module
+    layer: nn.Module | None
     x: Tensor
     logits: Tensor
-    activations: Tensor
+    activations: Tensor | None
     targets: Tensor
     autocast: Callable[[], contextlib.AbstractContextManager]
     _grads: dict[tuple[str, str], Tensor] = field(default_factory=dict)
     _memo: dict[tuple, Tensor] = field(default_factory=dict)
+    mean: tuple[float, float, float] = (0.0, 0.0, 0.0)
+    std: tuple[float, float, float] = (1.0, 1.0, 1.0)
 
     @property
     def input_size(self) -> tuple[int, int]:
