@@ -18,6 +18,7 @@ from storage.results import write_results
 HEAVY_HELP = {
     "run": "Explain images in-process (no servers): maps, overlays and metadata into --out.",
     "demo": "Explain scikit-image's sample images with the default model and show where the overlays are.",
+    "worker": "Explain queued images (Celery worker for the salient queue; one process per GPU).",
 }
 
 
@@ -81,3 +82,10 @@ def results(data_dir, job_id, fmt):
         write_results(settings, job_id, fmt, sys.stdout)
     except LookupError as exc:
         raise click.ClickException(str(exc)) from None
+
+
+# Queue-side commands (submit, status, jobs, cancel, db) live in their own module.
+from .job_commands import COMMANDS  # noqa: E402
+
+for _command in COMMANDS:
+    main.add_command(_command)

@@ -1,0 +1,90 @@
+"""Submit a job to the queue: list the sources as a stream, record one item per distinct URI, and
+publish the new items in chunks of N as ``salient.explain`` messages.
+
+Memory stays flat for any number of URIs: the database dedupes (insert-or-ignore returning the new
+rows), so nothing here keeps a set of seen URIs, and at most one page of items waits to be sent.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+from typing import IO, Any, Iterable
+from urllib.parse import urlparse
+
+from storage.database import cancel_job, close_listing, connect, create_job, record_items
+from storage.messages import SPEC_DEFAULTS, chunk_message
+from storage.settings import Settings
+from storage.sources import iter_uris
+
+from .queue import Publisher
+
+
+def build_spec(*, model: str = "efficientnet_lite0", weights: str | Path | None = None, layer: str | None = None,
+               methods: str | list[str] = "gradcam,saliency", topk: int = 3, classes: Iterable[int] | None = None,
+               precision: str = "fp32", batch_size: int = 16, **options: Any) -> dict[str, Any]:
+    """The ``spec`` of every message of a job (what to explain and how), with the same names as ``salient run``;
+    ``options`` are run's method, metric and overlay options (``score``, ``steps``, ``metrics``, ``colormap``, ...).
+
+    A local ``weights`` file is named by its absolute path plus its sha256; workers must be able to
+    read that path (shared filesystem or the same image), or give an ``s3://``/``http(s)://`` URI.
+    """
+    if isinstance(methods, str):
+        methods = [m.strip() for m in methods.split(",") if m.strip()]
+    classes = list(classes or ())
+    spec = dict(SPEC_DEFAULTS)
+    spec.update(model=model, layer=layer, methods=list(methods), precision=precision, batch_size=batch_size,
+                targets={"classes": classes} if classes else {"topk": topk},
+                options={k: v for k, v in options.items() if v is not None})
+    if weights is not None:
+        weights = str(weights)
+        if urlparse(weights).scheme in ("s3", "http", "https"):
+            spec["weights"] = weights
+        else:
+            path = Path(urlparse(weights).path if weights.startswith("file://") else weights).resolve()
+            spec["weights"] = str(path)
+            spec["weights_sha256"] = _file_sha256(path)
+    return spec
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def submit(sources: Iterable[str | Path], spec: dict[str, Any] | None = None, *, name: str | None = None,
+           chunk: int | None = None, settings: Settings | None = None, stdin: IO[str] | None = None,
+           **spec_options: Any) -> str:
+    """Create a job for the images in ``sources`` and queue them; returns the job id at once (workers do the rest).
+
+    ``spec`` from ``build_spec``, or its keyword arguments here: ``submit(["s3://b/photos"], model="resnet50",
+    methods="gradcam", topk=1)``. If listing or publishing fails, the job is cancelled (items already queued
+    are skipped) and the error is raised.
+    """
+    settings = settings or Settings()
+    if spec is None:
+        spec = build_spec(**spec_options)
+    elif spec_options:
+        raise TypeError("give either spec or its keyword arguments, not both")
+    chunk = chunk or settings.chunk_size
+    sources = [str(s) for s in sources]
+    db = connect(settings.resolved_database_url)
+    job_id = create_job(db, {**spec, "sources": sources, "chunk": chunk}, name=name)
+    try:
+        with Publisher(settings) as publisher:
+            waiting: list[tuple[int, str]] = []
+            for new_items in record_items(db, job_id, iter_uris(sources, settings, stdin)):
+                waiting.extend(new_items)
+                while len(waiting) >= chunk:
+                    publisher.publish(chunk_message(job_id, waiting[:chunk], spec))
+                    del waiting[:chunk]
+            if waiting:
+                publisher.publish(chunk_message(job_id, waiting, spec))
+    except BaseException:
+        cancel_job(db, job_id)
+        raise
+    close_listing(db, job_id)
+    return job_id

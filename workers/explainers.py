@@ -1,0 +1,111 @@
+"""Message spec -> ready ItemProcessor, cached: a worker loads each (model, weights digest, layer,
+methods, options, targets, precision) once and reuses it for every later message with that spec."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from sqlalchemy.engine import Engine
+
+from storage.objects import ObjectStore
+from storage.settings import Settings
+from storage.sources import read_uri
+
+from .process import ItemProcessor
+
+MAX_WEIGHTS_BYTES = 8 << 30
+
+
+class SpecError(ValueError):
+    """The spec cannot be explained by this worker (unknown model, method or option, bad weights);
+    every item of the message fails with this reason."""
+
+
+def spec_key(spec: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
+
+
+def _weights_file(spec: dict[str, Any], settings: Settings) -> Path | None:
+    """A local file holding the spec's weights: a path as is, an s3:// or http(s):// URI downloaded once
+    into DATA_DIR/weights/ (named by its sha256)."""
+    weights = spec.get("weights")
+    if weights is None:
+        return None
+    scheme = urlparse(weights).scheme
+    if scheme not in ("s3", "http", "https"):
+        return Path(urlparse(weights).path if scheme == "file" else weights)
+    cache = settings.data_dir / "weights"
+    expected = spec.get("weights_sha256")
+    if expected and (cache / expected).is_file():
+        return cache / expected
+    data = read_uri(weights, MAX_WEIGHTS_BYTES, settings)
+    digest = hashlib.sha256(data).hexdigest()
+    cache.mkdir(parents=True, exist_ok=True)
+    path = cache / digest
+    if not path.is_file():
+        tmp = path.with_suffix(".part")
+        tmp.write_bytes(data)
+        tmp.replace(path)
+    return path
+
+
+def build_processor(spec: dict[str, Any], settings: Settings, db: Engine, store: ObjectStore,
+                    device: str) -> ItemProcessor:
+    """The same construction as ``salient run`` (workers/cli.py), from a message spec."""
+    from storage.sources import SourceError
+
+    # The run command's own option parsing, so a worker reads the options exactly as `run` does.
+    from .cli import METHOD_OPTIONS, _output_settings
+    from .engine import Explainer
+    from .methods import MethodError, build_methods
+    from .models import ModelError, _file_digest, load_model, resolve_layer
+    from .targets import Targets
+
+    options = dict(spec.get("options") or {})
+    try:
+        metrics, overlay_style = _output_settings(options)
+        unknown = set(options) - set(METHOD_OPTIONS)
+        if unknown:
+            raise SpecError(f"unknown options {sorted(unknown)}")
+        methods = build_methods(spec["methods"], options)
+        weights = _weights_file(spec, settings)
+        expected = spec.get("weights_sha256")
+        if weights is not None and expected and _file_digest(weights) != expected:
+            raise SpecError(f"weights {spec['weights']} differ from the file that was submitted (sha256 {expected})")
+        loaded = load_model(spec["model"], weights)
+        layer = resolve_layer(loaded, spec.get("layer"))
+        targets = spec["targets"]
+        targets = Targets(topk=None, classes=tuple(targets["classes"])) if targets.get("classes") \
+            else Targets(topk=targets["topk"])
+        explainer = Explainer(loaded, layer, methods, targets, device=device, precision=spec["precision"])
+    except (ModelError, MethodError, SourceError, FileNotFoundError, TypeError, ValueError) as exc:
+        raise SpecError(str(exc)) from None
+    return ItemProcessor(settings, db, store, explainer, batch_size=spec["batch_size"], metrics=metrics,
+                         overlay_style=overlay_style)
+
+
+class ProcessorCache:
+    """The last few processors by spec; building one (loading a model) happens under a lock, once."""
+
+    def __init__(self, settings: Settings, db: Engine, store: ObjectStore, device: str, size: int = 2):
+        self.settings, self.db, self.store, self.device, self.size = settings, db, store, device, size
+        self._lock = threading.Lock()
+        self._processors: OrderedDict[str, ItemProcessor] = OrderedDict()
+
+    def get(self, spec: dict[str, Any]) -> ItemProcessor:
+        key = spec_key(spec)
+        with self._lock:
+            processor = self._processors.get(key)
+            if processor is None:
+                processor = build_processor(spec, self.settings, self.db, self.store, self.device)
+                self._processors[key] = processor
+                while len(self._processors) > self.size:
+                    self._processors.popitem(last=False)
+            self._processors.move_to_end(key)
+            return processor

@@ -1,0 +1,146 @@
+"""The ``salient.explain`` task: one message = one chunk of items of one job.
+
+Each item ends exactly once (``finish_item``'s conditional update): items that already ended (a
+redelivered message) are passed over, items of a cancelled job are skipped, a spec this worker cannot
+run fails its items with the reason, and the rest go to the device loop, which batches them with the
+images of the other messages in hand. Transient storage/DB errors retry the message with backoff.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+
+from sqlalchemy import select
+
+from storage.database import Item, connect, finish_item, job_is_cancelled, reconcile_jobs
+from storage.messages import TASK_NAME, Chunk, MessageError, parse_chunk
+from storage.objects import open_store
+from storage.retry import backoff_delay, is_transient, with_backoff
+from storage.settings import Settings
+
+from .batching import DeviceLoop, Ticket
+from .celery_app import app
+from .explainers import ProcessorCache, SpecError
+from .process import PendingItem, record_digest
+
+log = logging.getLogger(__name__)
+MAX_TASK_RETRIES = 10
+
+
+@dataclass
+class WorkerOptions:
+    """Set by ``salient worker`` before the pool starts."""
+
+    device: str = "auto"
+    decode_threads: int = 4
+
+
+options = WorkerOptions()
+
+
+@dataclass
+class Runtime:
+    """What a worker process builds once, at its first message."""
+
+    settings: Settings
+    cache: ProcessorCache
+    loop: DeviceLoop
+    digests_recorded: set[tuple[str, str]] = field(default_factory=set)
+
+    @classmethod
+    def create(cls) -> "Runtime":
+        settings = Settings()
+        db = connect(settings.resolved_database_url)
+        store = open_store(settings.resolved_object_store_url, settings)
+        runtime = cls(settings, ProcessorCache(settings, db, store, options.device),
+                      DeviceLoop(db, settings.max_deliveries, settings.transient_retries, options.decode_threads))
+        threading.Thread(target=runtime._reconcile_forever, name="salient-reconciler", daemon=True).start()
+        return runtime
+
+    @property
+    def db(self):
+        return self.cache.db
+
+    def _reconcile_forever(self) -> None:
+        while True:
+            time.sleep(self.settings.reconcile_interval)
+            try:
+                if drifted := reconcile_jobs(self.db):
+                    log.warning("reconciler corrected the counters of %d job(s)", drifted)
+            except Exception as exc:  # the next round tries again
+                log.warning("reconciler: %s: %s", type(exc).__name__, exc)
+
+
+_runtime: Runtime | None = None
+_runtime_lock = threading.Lock()
+
+
+def runtime() -> Runtime:
+    global _runtime
+    with _runtime_lock:
+        if _runtime is None:
+            _runtime = Runtime.create()
+        return _runtime
+
+
+def run_chunk(chunk: Chunk, rt: Runtime) -> dict[str, int]:
+    """Bring every item of the chunk to its end; returns counts of what this delivery did."""
+    ids = [item_id for item_id, _ in chunk.items]
+
+    def read_state():
+        with rt.db.connect() as conn:
+            rows = conn.execute(select(Item.id, Item.status, Item.deliveries)
+                                .where(Item.job_id == chunk.job_id, Item.id.in_(ids))).all()
+            return {row.id: row for row in rows}, job_is_cancelled(conn, chunk.job_id)
+
+    state, cancelled = with_backoff(read_state, rt.settings.transient_retries, "reading items")
+    pending = [(item_id, uri) for item_id, uri in chunk.items
+               if item_id in state and state[item_id].status == "pending"]
+    counts = {"already_ended": len(chunk.items) - len(pending)}
+    if not pending:
+        return counts
+    if cancelled:
+        _end_all(rt, chunk.job_id, pending, "skipped", "job cancelled")
+        return {**counts, "skipped": len(pending)}
+    try:
+        processor = rt.cache.get(chunk.spec)
+    except SpecError as exc:
+        _end_all(rt, chunk.job_id, pending, "failed", f"cannot explain with this spec: {exc}")
+        return {**counts, "failed": len(pending)}
+    if (chunk.job_id, processor.digest) not in rt.digests_recorded:
+        with_backoff(lambda: record_digest(rt.db, chunk.job_id, processor.digest), rt.settings.transient_retries,
+                     "recording the settings digest")
+        rt.digests_recorded.add((chunk.job_id, processor.digest))
+    tickets = [Ticket(processor, PendingItem(item_id, chunk.job_id, uri), suspect=state[item_id].deliveries > 0)
+               for item_id, uri in pending]
+    rt.loop.explain(tickets)
+    return {**counts, "explained": len(tickets)}
+
+
+def _end_all(rt: Runtime, job_id: str, items: list[tuple[int, str]], status: str, reason: str) -> None:
+    def write() -> None:
+        with rt.db.begin() as conn:
+            for item_id, _ in items:
+                finish_item(conn, item_id, job_id, status, error=reason)
+
+    with_backoff(write, rt.settings.transient_retries, f"marking items {status}")
+
+
+@app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
+def explain(self, **kwargs) -> dict[str, int]:
+    try:
+        chunk = parse_chunk(kwargs)
+    except MessageError as exc:  # nothing to retry: say why and let the message go
+        log.error("dropping a message that breaks the contract: %s", exc)
+        return {"invalid": 1}
+    try:
+        return run_chunk(chunk, runtime())
+    except Exception as exc:
+        if not is_transient(exc) or self.request.retries >= MAX_TASK_RETRIES:
+            raise
+        # A new message with the same items: the ones that ended meanwhile are passed over.
+        raise self.retry(exc=exc, countdown=backoff_delay(self.request.retries, base=2.0, cap=300.0),
+                         max_retries=MAX_TASK_RETRIES)
