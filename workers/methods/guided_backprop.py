@@ -1,0 +1,115 @@
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+from torch.overrides import TorchFunctionMode
+
+from .base import ForwardPass, Method, MethodOutput, scale_to_unit
+
+
+class _GuidedRectifier(torch.autograd.Function):
+    """max(0, x), or min(max(0, x), upper), whose backward passes a gradient only where the input was
+    inside the open interval (0, upper) *and* the incoming gradient is positive (Springenberg et al.)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, upper: float | None, inplace: bool) -> Tensor:
+        passing = x > 0 if upper is None else (x > 0) & (x < upper)
+        ctx.save_for_backward(passing)
+        if inplace:
+            # The network may hold on to x and ignore the returned tensor (``x.relu_(); return x``).
+            ctx.mark_dirty(x)
+            return x.clamp_(0, upper)
+        return x.clamp(0, upper)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None, None]:
+        (passing,) = ctx.saved_tensors
+        return grad.clamp_min(0) * passing, None, None
+
+
+_RELU = {F.relu, torch.relu, Tensor.relu}
+_RELU_INPLACE = {torch.relu_, Tensor.relu_}
+_HARDTANH = {F.hardtanh, F.hardtanh_}
+
+
+def _as_rectifier(func, args: tuple, kwargs: dict) -> tuple[float | None, bool] | None:
+    """``(upper clip, in place)`` when ``func(*args, **kwargs)`` computes max(0, x) or
+    min(max(0, x), upper) (ReLU, ReLU6, Hardtanh with a lower bound of 0), else None."""
+    if not args or not isinstance(args[0], Tensor):
+        return None
+    if func in _RELU:
+        return None, bool(kwargs.get("inplace", False))
+    if func in _RELU_INPLACE:
+        return None, True
+    if func is F.relu6:
+        return 6.0, bool(kwargs.get("inplace", False))
+    if func in _HARDTANH:
+        bound = {"min_val": -1.0, "max_val": 1.0, "inplace": func is F.hardtanh_}
+        bound.update(zip(("min_val", "max_val", "inplace"), args[1:]))
+        bound.update(kwargs)
+        if bound["min_val"] == 0:
+            return float(bound["max_val"]), bool(bound["inplace"])
+    return None
+
+
+class _GuidedMode(TorchFunctionMode):
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        rectifier = _as_rectifier(func, args, kwargs)
+        if rectifier is None:
+            return func(*args, **kwargs)
+        return _GuidedRectifier.apply(args[0], *rectifier)
+
+
+@contextlib.contextmanager
+def guided_rectifiers() -> Iterator[None]:
+    """Within this context, every ReLU / ReLU6 / Hardtanh(0, u) evaluated on this thread backpropagates
+    by the guided rule, however the network calls it: ``nn.ReLU``/``nn.ReLU6`` modules (reused or
+    in place), ``F.relu``, ``torch.relu``, ``x.relu_()``, ``F.relu6``, ``F.hardtanh``.
+
+    A torch-function mode intercepts the calls, so no module or library attribute is patched and
+    nothing needs restoring besides the mode itself, which Python pops on exit even after an error.
+    Other activations (SiLU, Hardswish, GELU, ...) keep their plain gradient.
+    """
+    with _GuidedMode():
+        yield
+
+
+def guided_gradients(fp: ForwardPass, score: str = "logit") -> Tensor:
+    """B×K×3×H×W guided-backpropagation gradient of each target's score w.r.t. the input.
+
+    Runs its own forward (the shared one's graph uses plain ReLU gradients) and one backward per
+    target column; computed once per forward pass and shared between the methods that use it.
+    """
+
+    def compute() -> Tensor:
+        x = fp.x.detach().requires_grad_(True)
+        with torch.enable_grad(), guided_rectifiers(), fp.autocast():
+            logits = fp.model(x)
+        # Same images and targets, new graph; only its input gradient is read.
+        guided = dataclasses.replace(fp, x=x, logits=logits, _grads={}, _memo={})
+        return guided.gradients("input", score)
+
+    return fp.memo(("guided", score), compute)
+
+
+class GuidedBackprop(Method):
+    """Guided Backpropagation (Springenberg et al. 2015): the input gradient with every rectifier's
+    backward replaced by the guided rule; the map is max over colour channels of its magnitude."""
+
+    name = "guided_backprop"
+
+    def __init__(self, score: str = "logit"):
+        self.score = score
+
+    def params(self) -> dict:
+        return {"score": self.score}
+
+    def explain(self, fp: ForwardPass) -> MethodOutput:
+        grads = guided_gradients(fp, self.score)  # B×K×3×H×W
+        return MethodOutput(maps=scale_to_unit(grads.abs().amax(dim=2)), arrays={"gradient": grads})

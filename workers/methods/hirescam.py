@@ -1,0 +1,16 @@
+from __future__ import annotations
+
+from .base import ForwardPass, Method, MethodOutput, cam_to_maps
+
+
+class HiResCAM(Method):
+    """HiResCAM (Draelos & Carin 2020): gradient x activation summed over channels, pixel by pixel
+    (no spatial averaging of the gradient, so the map reflects the locations the score used)."""
+
+    name = "hirescam"
+    needs = frozenset({"layer"})
+
+    def explain(self, fp: ForwardPass) -> MethodOutput:
+        grads = fp.gradients("layer")  # B×K×C×h×w
+        cam = (grads * fp.activations.detach().float().unsqueeze(1)).sum(dim=2)
+        return MethodOutput(maps=cam_to_maps(cam, fp.input_size))

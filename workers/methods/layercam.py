@@ -1,0 +1,15 @@
+from __future__ import annotations
+
+from .base import ForwardPass, Method, MethodOutput, cam_to_maps
+
+
+class LayerCAM(Method):
+    """Layer-CAM (Jiang et al. 2021): ReLU(gradient) x activation summed over channels, pixel by pixel."""
+
+    name = "layercam"
+    needs = frozenset({"layer"})
+
+    def explain(self, fp: ForwardPass) -> MethodOutput:
+        grads = fp.gradients("layer")  # B×K×C×h×w
+        cam = (grads.clamp_min(0) * fp.activations.detach().float().unsqueeze(1)).sum(dim=2)
+        return MethodOutput(maps=cam_to_maps(cam, fp.input_size))
