@@ -16,19 +16,11 @@ from storage.settings import Settings
 from storage.sources import SourceError, iter_uris
 
 
-def _int_list(value: str | None) -> tuple[int, ...]:
-    if not value:
-        return ()
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter("give class ids separated by commas, e.g. 281,285") from None
-
-
 def job_options(f):
     options = [
         click.option("--model", default="efficientnet_lite0", show_default=True,
-                     help="efficientnet_lite0 (bundled ImageNet weights) or a torchvision classifier name."),
+                     help="efficientnet_lite0 (bundled ImageNet weights), a torchvision classifier name, or a "
+                          "TorchScript file (scripted or traced; input-gradient methods only)."),
         click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
                      help="State-dict file for --model (loaded with weights_only=True)."),
         click.option("--layer", help="Target layer as a dotted module path (default: last spatial feature map)."),
@@ -36,7 +28,12 @@ def job_options(f):
                      help="Comma-separated explanation methods, or 'all'."),
         click.option("--topk", type=click.IntRange(1, 1000), default=3, show_default=True,
                      help="Explain the K most probable classes."),
-        click.option("--classes", help="Explain these class ids instead of the top-k, e.g. 281,285."),
+        click.option("--classes", help="Explain these classes instead of the top-k: ids or names (any case), "
+                                       "comma-separated, e.g. '281,Egyptian cat'; a name with a comma: use its id."),
+        click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+                     help="Class names for a custom model: JSON list, or CSV rows id,name (count must match)."),
+        click.option("--localize", is_flag=True, default=False,
+                     help="GrabCut each map into a bounding box + mask (Simonyan 2014), stored in each record."),
         click.option("--score", type=click.Choice(["logit", "probability"]), default=None,
                      help="Class score that gradient methods differentiate (default logit)."),
         click.option("--scorecam-weights", type=click.Choice(["probability", "logit-softmax", "cic-softmax"]),
@@ -124,13 +121,15 @@ def _versions() -> dict[str, str]:
 
 
 def explain_sources(sources, *, model, weights, layer, methods, topk, classes, batch_size, device, precision,
-                    data_dir, show_progress=True, **method_options) -> tuple[str, Counter, float, Settings]:
+                    data_dir, show_progress=True, labels=None, localize=False,
+                    **method_options) -> tuple[str, Counter, float, Settings]:
     """Create a job for the sources and explain it in-process; returns (job id, status counts, seconds, settings)."""
     import torch
 
-    from .engine import Explainer, Targets
+    from .engine import Explainer
     from .methods import MethodError, build_methods
     from .models import ModelError, load_model, resolve_layer
+    from .targets import Targets, parse_classes
     from .process import ItemProcessor, pending_items, record_digest
 
     settings = Settings().with_data_dir(data_dir)
@@ -141,9 +140,10 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
         if unknown:
             raise TypeError(f"unknown method options {sorted(unknown)}")
         method_list = build_methods([m.strip() for m in methods.split(",") if m.strip()], method_options)
-        loaded = load_model(model, weights)
-        layer_name = resolve_layer(loaded, layer)
-        targets = Targets(topk=None, classes=_int_list(classes)) if classes else Targets(topk=topk)
+        loaded = load_model(model, weights, labels)
+        layer_name = resolve_layer(loaded, layer, needed=any("layer" in m.needs for m in method_list))
+        targets = Targets(topk=None, classes=parse_classes(classes, loaded.class_names)) if classes \
+            else Targets(topk=topk)
         explainer = Explainer(loaded, layer_name, method_list, targets, device=device, precision=precision)
     except (ModelError, MethodError, ValueError, RuntimeError) as exc:
         raise click.ClickException(str(exc)) from None
@@ -156,6 +156,7 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
                     "method_options": {k: v for k, v in method_options.items() if v is not None},
                     "method_definitions": {m.name: " ".join((type(m).__doc__ or "").split()) for m in method_list},
                     "metrics": metrics.params() if metrics else None, "overlay": overlay_style.params(),
+                    "labels": str(labels) if labels else None, "localize": localize,
                     "versions": _versions()}
     job_id = create_job(db, job_settings)
     try:
@@ -164,7 +165,7 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
         raise click.ClickException(str(exc)) from None
     close_listing(db, job_id)
     processor = ItemProcessor(settings, db, store, explainer, batch_size=batch_size, metrics=metrics,
-                              overlay_style=overlay_style)
+                              overlay_style=overlay_style, localize=localize)
     record_digest(db, job_id, processor.digest)
 
     from sqlalchemy import select

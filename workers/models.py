@@ -2,7 +2,12 @@
 
 from __future__ import annotations
 
+import csv
 import hashlib
+import io
+import json
+import re
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +40,8 @@ class LoadedModel:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     layer_candidates: list[str] = field(default_factory=list)
+    # A TorchScript module: forward hooks do not run inside it, so no layer can be read.
+    scripted: bool = False
 
     @property
     def tag(self) -> str:
@@ -95,8 +102,75 @@ def _load_state_dict(module: nn.Module, path: Path) -> None:
         )
 
 
-def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) -> LoadedModel:
-    if name == DEFAULT_MODEL:
+def _load_torchscript(path: Path) -> nn.Module:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated but still loads
+            return torch.jit.load(str(path), map_location="cpu")
+    except Exception as exc:
+        raise ModelError(
+            f"{path} is not a TorchScript file ({str(exc).splitlines()[0]}); save one with "
+            "torch.jit.script(model).save(path) or torch.jit.trace, or give a state dict with --model ARCH --weights FILE"
+        ) from None
+
+
+def load_labels(path: str | Path) -> list[str]:
+    """Class names, index = class id, from a JSON list of strings or a CSV of ``id,name`` rows (an
+    optional header row; ids 0..N-1 each exactly once; an unquoted comma stays part of the name)."""
+    path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except OSError as exc:
+        raise ModelError(f"cannot read labels {path}: {exc}") from None
+    if text.lstrip().startswith("["):
+        try:
+            names = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise ModelError(f"labels {path}: invalid JSON ({exc})") from None
+        if not all(isinstance(n, str) for n in names):
+            raise ModelError(f"labels {path}: the JSON list must hold only strings")
+    else:
+        rows = [r for r in csv.reader(io.StringIO(text)) if any(c.strip() for c in r)]
+        if rows and not rows[0][0].strip().isdigit():
+            rows = rows[1:]
+        by_id: dict[int, str] = {}
+        for row in rows:
+            if len(row) < 2 or not row[0].strip().isdigit():
+                raise ModelError(f"labels {path}: rows must be id,name, not {','.join(row)!r}")
+            class_id = int(row[0])
+            if class_id in by_id:
+                raise ModelError(f"labels {path}: class id {class_id} appears twice")
+            by_id[class_id] = ",".join(row[1:])
+        if sorted(by_id) != list(range(len(by_id))):
+            raise ModelError(f"labels {path}: ids must be 0..{len(by_id) - 1}, each once")
+        names = [by_id[i] for i in range(len(by_id))]
+    names = [n.strip() for n in names]
+    if not names or not all(names):
+        raise ModelError(f"labels {path}: no names, or an empty name")
+    return names
+
+
+def output_count(module: nn.Module, input_size: int) -> int:
+    """N, the number of class scores the model returns for one image (it must return B×N logits)."""
+    with torch.no_grad():
+        out = module(torch.zeros(1, 3, input_size, input_size))
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ModelError(f"the model returns {shape}; salient needs B×N class scores (logits)")
+    return out.shape[1]
+
+
+def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
+               labels: str | Path | None = None) -> LoadedModel:
+    """A classifier by name, or a TorchScript file by path, in eval mode with frozen weights.
+    ``labels`` (see ``load_labels``) replaces ImageNet's class names; their count must be the model's N."""
+    scripted = name not in (DEFAULT_MODEL, *TORCHVISION_MODELS) and Path(name).is_file()
+    if scripted:
+        if weights is not None:
+            raise ModelError("--weights is for architectures by name; a TorchScript file carries its weights")
+        module, digest = _load_torchscript(Path(name)), _file_digest(Path(name))
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).stem)
+    elif name == DEFAULT_MODEL:
         module, digest = _bundled_efficientnet_lite0()
     elif name in TORCHVISION_MODELS:
         # A fixed seed makes random-init models reproducible, so reruns find their earlier results.
@@ -105,15 +179,24 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None) -> 
         module = torchvision.models.get_model(name, weights=None, **kwargs)
         digest = "random-init-seed0"
     else:
-        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join((DEFAULT_MODEL,) + TORCHVISION_MODELS)}")
+        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join((DEFAULT_MODEL,) + TORCHVISION_MODELS)}"
+                         " or give a TorchScript file's path")
     if weights is not None:
         _load_state_dict(module, Path(weights))
         digest = _file_digest(Path(weights))
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    loaded = LoadedModel(name=name, module=module, weights_digest=digest, class_names=imagenet_class_names())
-    loaded.layer_candidates = spatial_layers(module, loaded.input_size)
+    loaded = LoadedModel(name=name, module=module, weights_digest=digest, class_names=[], scripted=scripted)
+    n = output_count(module, loaded.input_size)
+    if labels is not None:
+        loaded.class_names = load_labels(labels)
+        if len(loaded.class_names) != n:
+            raise ModelError(f"labels {labels} name {len(loaded.class_names)} classes but the model has {n} outputs")
+    else:
+        imagenet = imagenet_class_names()
+        loaded.class_names = imagenet if n == len(imagenet) else [f"class_{i}" for i in range(n)]
+    loaded.layer_candidates = [] if scripted else spatial_layers(module, loaded.input_size)
     return loaded
 
 
@@ -148,7 +231,15 @@ def spatial_layers(module: nn.Module, input_size: int) -> list[str]:
     return [n for n, ok in ordered.items() if ok]
 
 
-def resolve_layer(model: LoadedModel, layer: str | None) -> str:
+def resolve_layer(model: LoadedModel, layer: str | None, needed: bool = True) -> str | None:
+    """The target layer's dotted path; None only for a TorchScript model whose methods need no layer."""
+    if model.scripted and not needed and layer is None:
+        return None
+    if model.scripted:
+        raise ModelError(
+            f"{model.name} is a TorchScript model: forward hooks do not run inside a ScriptModule, so layer-based "
+            "methods (the CAM family) cannot read its activations; use input-gradient methods (saliency, "
+            "integrated_gradients) or load the model as Python code (--model ARCH --weights FILE)")
     if not model.layer_candidates:
         raise ModelError(f"{model.name} has no layer with a spatial feature map")
     if layer is None:

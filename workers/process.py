@@ -26,6 +26,8 @@ from storage.sources import SourceError, read_uri
 
 from .engine import BatchResult, Explainer
 from .images import decode_image, to_input
+from .localization import PARAMS as LOCALIZATION_PARAMS
+from .localization import localize, mask_png
 from .metrics import Faithfulness
 from .overlays import OverlayStyle, fit_long_side, overlay_png
 
@@ -48,7 +50,7 @@ class Prepared:
 
 
 def settings_digest(explainer: Explainer, metrics: Faithfulness | None = None,
-                    overlay_style: OverlayStyle | None = None) -> str:
+                    overlay_style: OverlayStyle | None = None, localize: bool = False) -> str:
     """Identity of everything that changes a result; a rerun with the same digest is skipped."""
     spec = {
         "model": explainer.model.tag,
@@ -63,6 +65,8 @@ def settings_digest(explainer: Explainer, metrics: Faithfulness | None = None,
         spec["metrics"] = metrics.params()
     if overlay_style is not None and overlay_style != OverlayStyle():
         spec["overlay"] = overlay_style.params()
+    if localize:
+        spec["localization"] = LOCALIZATION_PARAMS
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
@@ -81,7 +85,8 @@ def _npy(array: np.ndarray) -> bytes:
 
 class ItemProcessor:
     def __init__(self, settings: Settings, db: Engine, store: ObjectStore, explainer: Explainer, batch_size: int = 16,
-                 metrics: Faithfulness | None = None, overlay_style: OverlayStyle = OverlayStyle()):
+                 metrics: Faithfulness | None = None, overlay_style: OverlayStyle = OverlayStyle(),
+                 localize: bool = False):
         self.settings = settings
         self.db = db
         self.store = store
@@ -89,7 +94,8 @@ class ItemProcessor:
         self.batch_size = batch_size
         self.metrics = metrics
         self.overlay_style = overlay_style
-        self.digest = settings_digest(explainer, metrics, overlay_style)
+        self.localize = localize
+        self.digest = settings_digest(explainer, metrics, overlay_style, localize)
 
     def _prepare(self, item: PendingItem) -> Prepared:
         t = time.perf_counter()
@@ -211,7 +217,8 @@ class ItemProcessor:
                     "score": float(result.probs[i, class_id]), "rank": int(ranks[class_id]) + 1,
                     "map_key": map_key, "overlay_key": overlay_key,
                     "extra": {"params": method.params(), "arrays": arrays, "overlay": style.params(),
-                              **_metrics_extra(self.metrics, scores.get(method.name), i, k)},
+                              **_metrics_extra(self.metrics, scores.get(method.name), i, k),
+                              **self._localization_extra(p.rgb, heat, stem)},
                     "seconds": result.seconds[method.name] / len(result.targets) / result.targets.shape[1],
                 })
         with self.db.begin() as conn:
@@ -219,6 +226,17 @@ class ItemProcessor:
                 {"sha256": p.sha256, "width": p.rgb.shape[1], "height": p.rgb.shape[0]}]))
             conn.execute(insert_ignore(self.db, Explanation.__table__, rows))
             finish_item(conn, p.item.id, p.item.job_id, "done", sha256=p.sha256, seconds=p.seconds + seconds)
+
+    def _localization_extra(self, rgb: np.ndarray, heat: np.ndarray, stem: str) -> dict:
+        """With --localize: the GrabCut box from this map (None when the map cannot seed it) and its mask object."""
+        if not self.localize:
+            return {}
+        found = localize(rgb, heat)
+        if found is None:
+            return {"localization": None}
+        mask_key = f"masks/{stem}.png"
+        self._put(mask_key, lambda: mask_png(found.mask), "image/png")
+        return {"localization": {"bbox": list(found.bbox), "mask_key": mask_key}}
 
     def _put(self, key: str, render: Callable[[], bytes], content_type: str) -> None:
         # Content-addressed keys: an existing object is already the right one.
