@@ -1,0 +1,156 @@
+"""Start real Redis, PostgreSQL and SeaweedFS (S3) servers on loopback, on free ports, in a folder.
+
+Used by the pipeline tests' session fixtures and by bench/pipeline.py. Each ``start_*`` returns a
+running server with ``stop()``; ``missing()`` says which binaries are not installed (run
+tests/servers/install.sh).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+S3_ACCESS_KEY = "salient-test"
+S3_SECRET_KEY = "salient-test-secret-key"
+_PG_BINARIES = sorted(Path("/usr/lib/postgresql").glob("*/bin"), reverse=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _which(name: str) -> str | None:
+    found = shutil.which(name)
+    if found:
+        return found
+    for folder in [Path(sys.executable).parent, *_PG_BINARIES]:  # the venv (weed), Debian's postgres bin
+        if (folder / name).is_file():
+            return str(folder / name)
+    return None
+
+
+def missing() -> list[str]:
+    return [name for name in ("redis-server", "initdb", "pg_ctl", "weed") if _which(name) is None]
+
+
+def _wait(ready: Callable[[], bool], what: str, process: subprocess.Popen | None, log: Path | None,
+          timeout: float = 30.0) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            tail = log.read_text()[-2000:] if log and log.exists() else ""
+            raise RuntimeError(f"{what} exited with {process.returncode}:\n{tail}")
+        try:
+            if ready():
+                return
+        except Exception:
+            pass
+        time.sleep(0.05)
+    raise TimeoutError(f"{what} not ready after {timeout}s")
+
+
+@dataclass
+class Server:
+    url: str
+    process: subprocess.Popen | None
+    stop_command: list[str] | None = None
+
+    def stop(self) -> None:
+        if self.stop_command:
+            subprocess.run(self.stop_command, capture_output=True, timeout=30)
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+            try:
+                self.process.wait(10)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+
+
+def start_redis(folder: Path) -> Server:
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    log = folder / "redis.log"
+    process = subprocess.Popen(
+        [_which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+         "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction", "--logfile", str(log)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+    url = f"redis://127.0.0.1:{port}/0"
+
+    def ready() -> bool:
+        with socket.create_connection(("127.0.0.1", port), timeout=1) as s:
+            s.sendall(b"PING\r\n")
+            return s.recv(16).startswith(b"+PONG")
+
+    _wait(ready, "redis-server", process, log)
+    return Server(url, process)
+
+
+def start_postgres(folder: Path) -> Server:
+    """PostgreSQL with trust auth on 127.0.0.1; as root it runs as the ``postgres`` user (it refuses root)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    data, sockets, log = folder / "data", folder / "sockets", folder / "postgres.log"
+    sockets.mkdir(exist_ok=True)
+    as_user: list[str] = []
+    if os.geteuid() == 0:
+        as_user = ["runuser", "-u", "postgres", "--"]
+        # The data folder must be reachable by postgres: every parent needs o+x.
+        for parent in [folder, *folder.parents]:
+            if parent == Path("/"):
+                break
+            parent.chmod(parent.stat().st_mode | 0o011)
+        shutil.chown(folder, "postgres")
+        shutil.chown(sockets, "postgres")
+    if not data.exists():
+        subprocess.run([*as_user, _which("initdb"), "-D", str(data), "--auth=trust", "-U", "postgres",
+                        "-E", "UTF8", "--no-sync"], check=True, capture_output=True, timeout=120)
+    port = free_port()
+    options = (f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
+               "-c full_page_writes=off -c max_connections=200")
+    subprocess.run([*as_user, _which("pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start"],
+                   check=True, capture_output=True, timeout=60)
+    stop = [*as_user, _which("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
+    return Server(f"postgresql+psycopg://postgres@127.0.0.1:{port}", None, stop_command=stop)
+
+
+def start_seaweedfs(folder: Path) -> Server:
+    """``weed mini`` with an identities file, so S3 requests must be signed with the test key."""
+    folder.mkdir(parents=True, exist_ok=True)
+    identities = folder / "identities.json"
+    identities.write_text(json.dumps({"identities": [{
+        "name": "salient", "credentials": [{"accessKey": S3_ACCESS_KEY, "secretKey": S3_SECRET_KEY}],
+        "actions": ["Admin", "Read", "Write", "List", "Tagging"]}]}))
+    ports = {name: free_port() for name in (
+        "s3.port", "s3.port.grpc", "master.port", "master.port.grpc", "volume.port", "volume.port.grpc",
+        "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc", "s3.port.iceberg", "s3.port.lance")}
+    log = folder / "weed.log"
+    (folder / "data").mkdir(exist_ok=True)
+    process = subprocess.Popen(
+        [_which("weed"), "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+         f"-s3.config={identities}", "-webdav=false", "-admin.ui=false",
+         *(f"-{name}={port}" for name, port in ports.items())],
+        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{ports['s3.port']}"
+    client = s3_client(url)
+    _wait(lambda: client.list_buckets() is not None, "weed mini (S3)", process, log, timeout=60)
+    return Server(url, process)
+
+
+def s3_client(endpoint_url: str):
+    import boto3
+    from botocore.config import Config
+
+    return boto3.client("s3", endpoint_url=endpoint_url, aws_access_key_id=S3_ACCESS_KEY,
+                        aws_secret_access_key=S3_SECRET_KEY, region_name="us-east-1",
+                        config=Config(s3={"addressing_style": "path"}, retries={"mode": "standard"}))
