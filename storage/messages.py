@@ -38,7 +38,8 @@ MESSAGE_SCHEMA: dict[str, Any] = {
                 "weights_sha256": {"type": ["string", "null"]},
                 "layer": {"type": ["string", "null"], "description": "dotted module path; null = last spatial layer"},
                 "methods": {"type": "array", "items": {"type": "string"}, "minItems": 1},
-                "method_options": {"type": "object", "description": "e.g. {\"score\": \"logit\", \"steps\": 32}"},
+                "options": {"type": "object", "description": "`salient run` option values by name: method, metric "
+                            "and overlay options, e.g. {\"score\": \"logit\", \"steps\": 32, \"colormap\": \"viridis\"}"},
                 "targets": {"oneOf": [
                     {"type": "object", "required": ["topk"], "properties": {"topk": {"type": "integer", "minimum": 1}}},
                     {"type": "object", "required": ["classes"],
@@ -51,7 +52,7 @@ MESSAGE_SCHEMA: dict[str, Any] = {
     },
 }
 
-SPEC_DEFAULTS = {"weights": None, "weights_sha256": None, "layer": None, "method_options": {},
+SPEC_DEFAULTS = {"weights": None, "weights_sha256": None, "layer": None, "options": {},
                  "precision": "fp32", "batch_size": 16}
 
 
@@ -100,10 +101,34 @@ def parse_chunk(kwargs: dict[str, Any]) -> Chunk:
     classes_ok = isinstance(classes, list) and bool(classes) and all(isinstance(c, int) for c in classes)
     if not (topk_ok or classes_ok):
         raise MessageError("spec.targets must be {'topk': K} or {'classes': [ids]}")
-    if not isinstance(spec["method_options"], dict):
-        raise MessageError("spec.method_options must be an object")
+    if not isinstance(spec["options"], dict):
+        raise MessageError("spec.options must be an object")
     if spec["precision"] not in ("fp32", "bf16", "fp16"):
         raise MessageError("spec.precision must be fp32, bf16 or fp16")
     if not isinstance(spec["batch_size"], int) or spec["batch_size"] < 1:
         raise MessageError("spec.batch_size must be a positive integer")
     return Chunk(job_id=job_id, items=pairs, spec=spec)
+
+
+def broker_config(settings) -> dict[str, Any]:
+    """Celery settings both sides share: JSON only, the queue, and the Redis visibility timeout.
+
+    ``unacked_restore_interval`` with throttle 1 makes a worker sweep for a dead worker's messages
+    that often; kombu's default (10 s x 10) would add up to ~100 s after the visibility timeout.
+    """
+    transport = {
+        "visibility_timeout": settings.visibility_timeout,
+        "unacked_restore_interval": settings.unacked_restore_interval,
+        "unacked_restore_throttle": 1,
+    }
+    return {
+        "broker_url": settings.broker_url,
+        "broker_transport_options": transport,
+        "result_backend": None,
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "result_serializer": "json",
+        "task_default_queue": settings.queue,
+        "broker_connection_retry_on_startup": True,
+    }
