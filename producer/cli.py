@@ -84,6 +84,30 @@ def results(data_dir, job_id, fmt):
         raise click.ClickException(str(exc)) from None
 
 
+data_option = click.option(
+    "--data", "data_dir", type=click.Path(path_type=Path), default=None,
+    help="Data folder of an embedded run (default ./salient-data or SALIENT_DATA_DIR).")
+
+
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl", show_default=True)
+@click.option("--out", type=click.Path(), default=None,
+              help="A file for all records, or a folder (existing, or ending in /) for predictions_00001.FORMAT "
+                   "and errors_00001.FORMAT. Default: standard output (jsonl, csv).")
+@data_option
+def export(job_id, fmt, out, data_dir):
+    """Stream a job's records (default: the latest job) as JSON Lines, CSV or Parquet."""
+    from storage.results import export_results
+
+    try:
+        counts = export_results(Settings().with_data_dir(data_dir), job_id, fmt, out, stdout=sys.stdout)
+    except (LookupError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if out is not None:
+        click.echo(f"{counts['predictions']} predictions, {counts['errors']} items without one -> {out}", err=True)
+
+
 # Queue-side commands (submit, status, jobs, cancel, db) live in their own module.
 from .job_commands import COMMANDS  # noqa: E402
 

@@ -1,18 +1,27 @@
-"""A job's results as one flat record per explanation, or per failed image."""
+"""A job's results as one flat record per explanation, or per image that has no explanation (failed,
+pending), streamed from the database to JSON Lines, CSV or Parquet without holding them in memory."""
 
 from __future__ import annotations
 
 import csv
 import json
-from typing import IO, Iterator
+import os
+from contextlib import contextmanager, nullcontext
+from pathlib import Path
+from typing import IO, Iterator, Protocol
 
 from sqlalchemy import and_, select
 
 from storage.database import Explanation, Item, Job, connect
 from storage.settings import Settings
 
+# Scalar faithfulness metrics copied from an explanation's extra JSON (null where not computed).
+METRIC_FIELDS = ("deletion_auc", "insertion_auc", "drop", "increase")
 FIELDS = ("job_id", "uri", "sha256", "model", "method", "layer", "class_id", "class_name", "score", "rank",
-          "map_key", "overlay_key", "status", "error", "seconds")
+          "map_key", "overlay_key", "status", "error", "seconds") + METRIC_FIELDS
+ERROR_FIELDS = ("job_id", "uri", "sha256", "status", "error", "seconds")
+FORMATS = ("jsonl", "csv", "parquet")
+PARQUET_ROW_GROUP = 10_000
 
 
 def iter_results(settings: Settings, job_id: str | None) -> Iterator[dict]:
@@ -29,7 +38,7 @@ def iter_results(settings: Settings, job_id: str | None) -> Iterator[dict]:
             select(Item.uri, Item.sha256, Item.status, Item.error, Item.seconds, Explanation.model,
                    Explanation.method, Explanation.layer, Explanation.class_id, Explanation.class_name,
                    Explanation.score, Explanation.rank, Explanation.map_key, Explanation.overlay_key,
-                   Explanation.seconds.label("explanation_seconds"))
+                   Explanation.seconds.label("explanation_seconds"), Explanation.extra)
             .outerjoin(Explanation, and_(
                 Explanation.sha256 == Item.sha256,
                 Explanation.settings_digest == job.settings_digest,
@@ -43,15 +52,136 @@ def iter_results(settings: Settings, job_id: str | None) -> Iterator[dict]:
             if row["map_key"] is not None:
                 # an image skipped as already explained reports the earlier, identical result
                 record.update(status="done", seconds=row["explanation_seconds"])
-            yield {f: record.get(f) for f in FIELDS}
+            metrics = (row["extra"] or {}).get("metrics") or {}
+            yield {f: metrics.get(f) if f in METRIC_FIELDS else record.get(f) for f in FIELDS}
 
 
 def write_results(settings: Settings, job_id: str | None, fmt: str, out: IO[str]) -> None:
-    rows = iter_results(settings, job_id)
-    if fmt == "csv":
-        writer = csv.DictWriter(out, fieldnames=FIELDS)
-        writer.writeheader()
-        writer.writerows(rows)
-    else:
-        for row in rows:
-            out.write(json.dumps(row) + "\n")
+    writer = _text_writer(fmt, out, FIELDS)
+    for row in iter_results(settings, job_id):
+        writer.write(row)
+    writer.close()
+
+
+def export_results(settings: Settings, job_id: str | None, fmt: str, out: str | Path | None,
+                   stdout: IO[str] | None = None, row_group: int = PARQUET_ROW_GROUP) -> dict[str, int]:
+    """Stream a job's records to ``out``; returns how many went to each file.
+
+    ``out`` a folder (existing, or named with a trailing slash): ``predictions_00001.<fmt>`` with the
+    explanations and ``errors_00001.<fmt>`` with the items that have none (failed, pending), as managed
+    batch-prediction jobs write them. ``out`` a file: every record in it. None: jsonl/csv to ``stdout``.
+    """
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {', '.join(FORMATS)}")
+    # A str keeps the trailing slash that a Path would drop.
+    folder = out is not None and (str(out).endswith(("/", os.sep)) or Path(out).is_dir())
+    out = Path(out) if out is not None else None
+    counts = {"predictions": 0, "errors": 0}
+    if not folder:
+        if out is None and fmt == "parquet":
+            raise ValueError("parquet needs --out FILE or FOLDER/")
+        with _opened(fmt, out, FIELDS, stdout, row_group) as writer:
+            for row in iter_results(settings, job_id):
+                writer.write(row)
+                counts["errors" if row["map_key"] is None else "predictions"] += 1
+        return counts
+    out.mkdir(parents=True, exist_ok=True)
+    with _opened(fmt, out / f"predictions_00001.{fmt}", FIELDS, None, row_group) as predictions, \
+            _opened(fmt, out / f"errors_00001.{fmt}", ERROR_FIELDS, None, row_group) as errors:
+        for row in iter_results(settings, job_id):
+            if row["map_key"] is None:
+                errors.write({f: row[f] for f in ERROR_FIELDS})
+                counts["errors"] += 1
+            else:
+                predictions.write(row)
+                counts["predictions"] += 1
+    return counts
+
+
+class RecordWriter(Protocol):
+    def write(self, row: dict) -> None: ...
+
+    def close(self) -> None: ...
+
+
+class _JsonLines:
+    def __init__(self, out: IO[str]):
+        self.out = out
+
+    def write(self, row: dict) -> None:
+        self.out.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        self.out.flush()
+
+
+class _Csv:
+    def __init__(self, out: IO[str], fields: tuple[str, ...]):
+        self.out = out
+        self.writer = csv.DictWriter(out, fieldnames=fields)
+        self.writer.writeheader()
+
+    def write(self, row: dict) -> None:
+        self.writer.writerow(row)
+
+    def close(self) -> None:
+        self.out.flush()
+
+
+class _Parquet:
+    """Rows buffered one row group at a time, so memory is bounded by ``row_group``, not by the job."""
+
+    def __init__(self, path: Path, fields: tuple[str, ...], row_group: int):
+        try:
+            import pyarrow as pa
+            import pyarrow.parquet as pq
+        except ImportError:
+            raise ValueError("parquet export needs pyarrow: pip install 'salient[parquet]'") from None
+        types = {"class_id": pa.int32(), "rank": pa.int32(), "score": pa.float64(), "seconds": pa.float64(),
+                 "deletion_auc": pa.float64(), "insertion_auc": pa.float64(), "drop": pa.float64(),
+                 "increase": pa.bool_()}
+        self.pa = pa
+        self.schema = pa.schema([(f, types.get(f, pa.string())) for f in fields])
+        self.writer = pq.ParquetWriter(str(path), self.schema)
+        self.row_group = row_group
+        self.columns: dict[str, list] = {f: [] for f in fields}
+        self.buffered = 0
+
+    def write(self, row: dict) -> None:
+        for name, values in self.columns.items():
+            values.append(row[name])
+        self.buffered += 1
+        if self.buffered >= self.row_group:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.buffered:
+            self.writer.write_table(self.pa.table(self.columns, schema=self.schema), row_group_size=self.buffered)
+            for values in self.columns.values():
+                values.clear()
+            self.buffered = 0
+
+    def close(self) -> None:
+        self._flush()
+        self.writer.close()
+
+
+def _text_writer(fmt: str, out: IO[str], fields: tuple[str, ...]) -> RecordWriter:
+    return _Csv(out, fields) if fmt == "csv" else _JsonLines(out)
+
+
+@contextmanager
+def _opened(fmt: str, path: Path | None, fields: tuple[str, ...], stdout: IO[str] | None,
+            row_group: int) -> Iterator[RecordWriter]:
+    """A writer for ``fmt`` on ``path`` (``stdout`` when path is None), closed with its file."""
+    if fmt == "parquet":
+        writer = _Parquet(path, fields, row_group)
+        try:
+            yield writer
+        finally:
+            writer.close()
+        return
+    with open(path, "w", newline="", encoding="utf-8") if path else nullcontext(stdout) as file:
+        writer = _text_writer(fmt, file, fields)
+        yield writer
+        writer.close()

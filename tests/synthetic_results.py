@@ -1,0 +1,118 @@
+"""A finished job written straight into a data folder (rows, and optionally tiny objects), so the
+report and export can be tested at scale without running a model."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import struct
+import zlib
+from dataclasses import dataclass
+from datetime import timedelta
+from pathlib import Path
+
+import numpy as np
+from sqlalchemy import update
+
+from storage.database import Explanation, Image, Item, Job, connect, create_job, utcnow
+from storage.objects import LocalObjectStore
+
+EVIL_NAME = "<script>alert(1)</script>.png"
+EVIL_CLASS = '<img src=x onerror="alert(2)">cat & "dog"'
+CLASSES = ["tabby cat", "golden retriever", EVIL_CLASS, "teapot", "bicycle"]
+
+
+@dataclass
+class SyntheticJob:
+    job_id: str
+    images: int
+    failed: int
+    methods: tuple[str, ...]
+    topk: int
+
+    @property
+    def explanations(self) -> int:
+        return (self.images - self.failed) * len(self.methods) * self.topk
+
+
+def png(pixels: np.ndarray) -> bytes:
+    """8-bit RGB PNG of an H×W×3 uint8 array (no imaging library needed)."""
+    h, w = pixels.shape[:2]
+    raw = b"".join(b"\x00" + pixels[y].tobytes() for y in range(h))
+
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+
+    return (b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", w, h, 8, 2, 0, 0, 0))
+            + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
+
+
+def make_job(data_dir: Path, images: int, *, failed_every: int = 10, methods: tuple[str, ...] = ("gradcam", "saliency"),
+             topk: int = 3, objects: bool = True, map_side: int = 8) -> SyntheticJob:
+    """A finished job of ``images`` items, every ``failed_every``-th failed (with an HTML-laden reason);
+    item 1's file name and class 2's label are HTML. With ``objects``, each explanation gets a tiny
+    overlay PNG and map .npy and each image a thumbnail, at the keys the worker uses."""
+    db = connect(f"sqlite:///{(data_dir / 'salient.db').resolve()}")
+    store = LocalObjectStore(data_dir / "objects")
+    rng = np.random.default_rng(0)
+    digest = "d" * 64
+    job_id = create_job(db, {
+        "model": "resnet18", "layer": "layer4", "methods": list(methods), "targets": {"topk": topk},
+        "precision": "fp32", "sources": [str(data_dir / "images")],
+        "method_definitions": {m: f"{m} <b>definition</b>" for m in methods},
+        "method_options": {"score": "logit"}, "versions": {"salient": "0.1.0", "torch": "2.14.1"},
+        "metrics": {"metrics": ["deletion", "insertion", "drop"], "score": "probability"},
+        "overlay": {"colormap": "jet", "alpha": 0.4},
+    })
+    # Every row of one table needs the same keys: an executemany takes its columns from the first.
+    items, image_rows, explanations = [], [], []
+    failed = 0
+    for i in range(images):
+        name = EVIL_NAME if i == 1 else f"img{i:05d}.png"
+        sha = hashlib.sha256(f"{job_id}-{i}".encode()).hexdigest()
+        uri = (data_dir / "images" / name).as_uri()
+        if failed_every and i % failed_every == failed_every - 1:
+            failed += 1
+            items.append({"job_id": job_id, "uri": uri, "sha256": sha, "status": "failed", "seconds": 0.01,
+                          "error": f"not an image (<b>corrupt</b> header) #{i}", "updated_at": utcnow()})
+            continue
+        items.append({"job_id": job_id, "uri": uri, "sha256": sha, "status": "done", "seconds": 0.05,
+                      "error": None, "updated_at": utcnow()})
+        image_rows.append({"sha256": sha, "width": 64, "height": 48})
+        if objects:
+            store.put(f"thumbnails/{sha[:2]}/{sha}.256.jpg", png(rng.integers(0, 255, (6, 8, 3), np.uint8)), "image/png")
+        probs = np.sort(rng.dirichlet(np.ones(len(CLASSES))))[::-1]
+        classes = rng.permutation(len(CLASSES))
+        for method in methods:
+            for k in range(topk):
+                class_id = int(classes[k])
+                stem = f"{sha[:2]}/{sha}/resnet18-x/layer4/{method}/{class_id}"
+                map_key, overlay_key = f"maps/{stem}.npy", f"overlays/{stem}.abc.png"
+                if objects:
+                    heat = rng.random((map_side, map_side)).astype(np.float16)
+                    buf = io.BytesIO()
+                    np.save(buf, heat, allow_pickle=False)
+                    store.put(map_key, buf.getvalue(), "application/octet-stream")
+                    store.put(overlay_key, png((np.repeat(heat[..., None], 3, 2) * 255).astype(np.uint8)), "image/png")
+                curve = np.sort(rng.random(5))
+                explanations.append({
+                    "sha256": sha, "settings_digest": digest, "model": "resnet18-x", "method": method,
+                    "layer": "layer4", "class_id": class_id, "class_name": CLASSES[class_id],
+                    "score": float(probs[k]), "rank": k + 1, "map_key": map_key, "overlay_key": overlay_key,
+                    "seconds": 0.01, "created_at": utcnow(),
+                    "extra": {"params": {}, "arrays": {}, "metrics": {
+                        "deletion_curve": curve[::-1].tolist(), "deletion_auc": float(curve.mean()),
+                        "insertion_curve": curve.tolist(), "insertion_auc": float(rng.random()),
+                        "drop": float(rng.random()), "increase": bool(rng.random() < 0.3), "masked_score": 0.1}},
+                })
+    with db.begin() as conn:
+        conn.execute(Item.__table__.insert(), items)
+        if image_rows:
+            conn.execute(Image.__table__.insert(), image_rows)
+        if explanations:
+            conn.execute(Explanation.__table__.insert(), explanations)
+        conn.execute(update(Job).where(Job.id == job_id).values(
+            status="finished", settings_digest=digest, total=images, done=images - failed, failed=failed,
+            finished_at=utcnow() + timedelta(seconds=images * 0.05)))
+    db.dispose()
+    return SyntheticJob(job_id, images, failed, methods, topk)
