@@ -1,0 +1,85 @@
+"""Shared, generic fixtures: generated images on disk and the ``salient`` CLI run in-process."""
+
+from __future__ import annotations
+
+import io
+import os
+import traceback
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+from click.testing import CliRunner, Result
+
+
+@pytest.fixture(autouse=True)
+def _isolated_settings(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A developer's SALIENT_* variables must not leak into the tests' settings."""
+    for name in list(os.environ):
+        if name.startswith("SALIENT_"):
+            monkeypatch.delenv(name)
+
+
+def _smooth_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
+    """H×W×3 uint8 picture of smooth gradients plus mild noise: survives JPEG well, and differs per seed."""
+    rng = np.random.default_rng(seed)
+    yy, xx = np.mgrid[0:height, 0:width].astype(np.float32)
+    phase = rng.uniform(0, 2 * np.pi, size=3)
+    channels = [127 + 100 * np.sin(xx / (7 + 3 * c) + yy / (11 + c) + phase[c]) for c in range(3)]
+    noisy = np.stack(channels, axis=-1) + rng.normal(0, 4, size=(height, width, 3))
+    return noisy.clip(0, 255).astype(np.uint8)
+
+
+def _encode(pixels: np.ndarray, fmt: str, **options) -> bytes:
+    """Bytes of ``pixels`` (uint8 or uint16, H×W or H×W×C) saved by Pillow in ``fmt``."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, fmt, **options)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def smooth_rgb() -> Callable[..., np.ndarray]:
+    """The picture generator: ``smooth_rgb(height, width, seed=0)``."""
+    return _smooth_rgb
+
+
+@pytest.fixture
+def encode_image() -> Callable[..., bytes]:
+    """The encoder: ``encode_image(pixels, "PNG", **pillow_options)``."""
+    return _encode
+
+
+@pytest.fixture
+def tiny_images(tmp_path: Path) -> Callable[..., Path]:
+    """Factory: ``tiny_images(n, size=(h, w), folder="images")`` writes n distinct small images (PNG, JPEG and
+    WebP in turn, so formats are mixed) and returns the folder."""
+
+    def make(n: int = 4, size: tuple[int, int] = (48, 64), folder: str = "images") -> Path:
+        out = tmp_path / folder
+        out.mkdir(parents=True, exist_ok=True)
+        formats = [("png", "PNG", {}), ("jpg", "JPEG", {"quality": 95}), ("webp", "WEBP", {"lossless": True})]
+        for i in range(n):
+            suffix, fmt, options = formats[i % len(formats)]
+            (out / f"img{i:03d}.{suffix}").write_bytes(_encode(_smooth_rgb(*size, seed=i), fmt, **options))
+        return out
+
+    return make
+
+
+@pytest.fixture
+def run_cli() -> Callable[..., Result]:
+    """Run ``salient ARGS`` in-process; fails the test with the output when the exit code is unexpected."""
+    from producer.cli import main
+
+    def invoke(args: list[str], expect_exit: int = 0) -> Result:
+        result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)
+        if result.exit_code != expect_exit:
+            detail = "".join(traceback.format_exception(*result.exc_info)) if result.exc_info else ""
+            pytest.fail(f"salient {' '.join(map(str, args))} exited {result.exit_code}, expected {expect_exit}:\n"
+                        f"{result.output}\n{detail}")
+        return result
+
+    return invoke
