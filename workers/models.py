@@ -92,7 +92,12 @@ def _load_state_dict(module: nn.Module, path: Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
-    result = module.load_state_dict(state, strict=False)
+    try:
+        result = module.load_state_dict(state, strict=False)
+    except RuntimeError as exc:  # tensors of the wrong shape (e.g. a head trained for another class count)
+        mismatches = [line.strip() for line in str(exc).splitlines()[1:] if line.strip()]
+        raise ModelError(f"weights {path} do not fit the model: {'; '.join(mismatches[:3])}"
+                         f"{' ...' if len(mismatches) > 3 else ''}") from None
     if result.missing_keys or result.unexpected_keys:
         raise ModelError(
             f"weights {path} do not fit the model: missing {result.missing_keys[:5]}"
