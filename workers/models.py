@@ -83,11 +83,23 @@ def _file_digest(path: Path) -> str:
     return h.hexdigest()
 
 
+def _weights_error(path: Path, exc: Exception) -> ModelError:
+    """torch's weights_only refusal is a page of advice ending in "load with weights_only=False"; keep only
+    the reason, and for a file that pickles a callable say plainly that it is refused."""
+    text = str(exc)
+    unpickler = re.search(r"WeightsUnpickler error:\s*([^\n]+)", text)
+    reason = (unpickler.group(1) if unpickler else text.strip().splitlines()[0]).split(". ")[0]
+    if "Unsupported global" in reason:
+        return ModelError(f"refusing weights {path}: loading it would call code it names ({reason}); salient "
+                          "loads only tensors (weights_only=True): save weights with torch.save(model.state_dict(), path)")
+    return ModelError(f"cannot load weights {path}: not a readable PyTorch weights file ({reason})")
+
+
 def _load_state_dict(module: nn.Module, path: Path) -> None:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # weights_only refuses pickled code: say so instead of a traceback
-        raise ModelError(f"cannot load weights {path}: {exc}") from None
+    except Exception as exc:
+        raise _weights_error(path, exc) from None
     if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
         state = state["state_dict"]
     if not isinstance(state, dict):
