@@ -110,6 +110,24 @@ class Explanation(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
+class ClassVisualization(Base):
+    """An image synthesised to maximise one class's score (``salient visualize-class``)."""
+
+    __tablename__ = "class_visualizations"
+    __table_args__ = (UniqueConstraint("model", "class_id", "params_digest"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    model: Mapped[str] = mapped_column(String(200))
+    class_id: Mapped[int] = mapped_column(Integer)
+    class_name: Mapped[str] = mapped_column(String(300))
+    params: Mapped[dict] = mapped_column(JSON)
+    params_digest: Mapped[str] = mapped_column(String(64))
+    image_key: Mapped[str] = mapped_column(Text)
+    initial_score: Mapped[float] = mapped_column(Float)
+    final_score: Mapped[float] = mapped_column(Float)
+    seconds: Mapped[float] = mapped_column(Float)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cur = dbapi_connection.cursor()
     cur.execute("PRAGMA journal_mode=WAL")
@@ -120,7 +138,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 # The newest revision in storage/migrations/versions; a new database is built from the models and
 # stamped with it (tests/test_migrations.py checks that the migrations build the same schema).
-SCHEMA_REVISION = "0002"
+SCHEMA_REVISION = "0003"
 _SCHEMA_LOCK_ID = 0x5A11E47  # PostgreSQL advisory lock: one process at a time creates or migrates
 _alembic_version = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
 

@@ -238,6 +238,47 @@ def demo(data_dir: Path, methods: str, device: str):
     click.echo(f"records:  {summary} (or: salient results --out {data_dir} --format csv)")
 
 
+@click.command("visualize-class")
+@click.option("--model", default="efficientnet_lite0", show_default=True,
+              help="efficientnet_lite0, a torchvision classifier name, or a TorchScript file.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="State-dict file for --model.")
+@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
+              help="Class names for a custom model: JSON list, or CSV rows id,name.")
+@click.option("--class", "class_", required=True, help="The class: an id or a name (any case), e.g. 281 or tabby.")
+@click.option("--steps", type=click.IntRange(1), default=200, show_default=True, help="Gradient ascent steps.")
+@click.option("--lr", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Step size.")
+@click.option("--l2", type=click.FloatRange(0), default=1e-3, show_default=True,
+              help="L2 penalty weight on the (normalised) image.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--out", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Data folder (default ./salient-data or SALIENT_DATA_DIR).")
+def visualize_class(model, weights, labels, class_, steps, lr, l2, device, data_dir):
+    """Synthesise the image that maximises one class's logit (Simonyan et al. 2014): gradient ascent from
+    the mean image with an L2 penalty. The PNG goes to the object store, a row to class_visualizations."""
+    from .class_visualization import make_class_image
+    from .models import ModelError, load_model
+    from .targets import TargetError, parse_classes
+
+    settings = Settings().with_data_dir(data_dir)
+    try:
+        loaded = load_model(model, weights, labels)
+        class_ids = parse_classes(class_, loaded.class_names)
+    except (ModelError, TargetError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if len(class_ids) != 1:
+        raise click.ClickException(f"give one class, not {len(class_ids)}")
+    class_id = class_ids[0]
+    db = connect(settings.resolved_database_url)
+    store = open_store(settings.resolved_object_store_url)
+    try:
+        key, image = make_class_image(db, store, loaded, class_id, steps=steps, lr=lr, l2=l2, device=device)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{loaded.class_names[class_id]} ({class_id}): logit {image.scores[0]:.2f} -> {image.scores[-1]:.2f} "
+               f"in {steps} steps; image {key} in {settings.resolved_object_store_url}")
+
+
 SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "camera", "retina", "hubble_deep_field")
 
 
