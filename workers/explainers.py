@@ -17,6 +17,7 @@ from storage.objects import ObjectStore
 from storage.settings import Settings
 from storage.sources import read_uri
 
+from .batching import guard_model
 from .process import ItemProcessor
 
 MAX_WEIGHTS_BYTES = 8 << 30
@@ -93,8 +94,10 @@ def build_processor(spec: dict[str, Any], settings: Settings, db: Engine, store:
 class ProcessorCache:
     """The last few processors by spec; building one (loading a model) happens under a lock, once."""
 
-    def __init__(self, settings: Settings, db: Engine, store: ObjectStore, device: str, size: int = 2):
+    def __init__(self, settings: Settings, db: Engine, store: ObjectStore, device: str,
+                 model_lock: threading.Lock, size: int = 2):
         self.settings, self.db, self.store, self.device, self.size = settings, db, store, device, size
+        self.model_lock = model_lock  # one device: every model call of every processor takes it
         self._lock = threading.Lock()
         self._processors: OrderedDict[str, ItemProcessor] = OrderedDict()
 
@@ -103,7 +106,8 @@ class ProcessorCache:
         with self._lock:
             processor = self._processors.get(key)
             if processor is None:
-                processor = build_processor(spec, self.settings, self.db, self.store, self.device)
+                processor = guard_model(build_processor(spec, self.settings, self.db, self.store, self.device),
+                                        self.model_lock)
                 self._processors[key] = processor
                 while len(self._processors) > self.size:
                     self._processors.popitem(last=False)

@@ -55,8 +55,8 @@ class Runtime:
         settings = Settings()
         db = connect(settings.resolved_database_url)
         store = open_store(settings.resolved_object_store_url, settings)
-        runtime = cls(settings, ProcessorCache(settings, db, store, options.device),
-                      DeviceLoop(db, settings.max_deliveries, settings.transient_retries, options.decode_threads))
+        loop = DeviceLoop(db, settings.max_deliveries, settings.transient_retries, options.decode_threads)
+        runtime = cls(settings, ProcessorCache(settings, db, store, options.device, model_lock=loop.model_lock), loop)
         threading.Thread(target=runtime._reconcile_forever, name="salient-reconciler", daemon=True).start()
         return runtime
 
@@ -114,10 +114,15 @@ def run_chunk(chunk: Chunk, rt: Runtime) -> dict[str, int]:
         with_backoff(lambda: record_digest(rt.db, chunk.job_id, processor.digest), rt.settings.transient_retries,
                      "recording the settings digest")
         rt.digests_recorded.add((chunk.job_id, processor.digest))
-    tickets = [Ticket(processor, PendingItem(item_id, chunk.job_id, uri), suspect=state[item_id].deliveries > 0)
-               for item_id, uri in pending]
-    rt.loop.explain(tickets)
-    return {**counts, "explained": len(tickets)}
+    # Suspects (started before by a worker that died) first and one at a time, before the others are
+    # counted as delivered: a poison image among them then costs only its own deliveries.
+    suspects = [(i, uri) for i, uri in pending if state[i].deliveries > 0]
+    for item_id, uri in suspects:
+        rt.loop.explain_alone(processor, PendingItem(item_id, chunk.job_id, uri))
+    fresh = [(i, uri) for i, uri in pending if state[i].deliveries == 0]
+    claimed = rt.loop.claim(chunk.job_id, [i for i, _ in fresh]) if fresh else {}
+    rt.loop.explain([Ticket(processor, PendingItem(i, chunk.job_id, uri)) for i, uri in fresh if i in claimed])
+    return {**counts, "alone": len(suspects), "batched": len(claimed)}
 
 
 def _end_all(rt: Runtime, job_id: str, items: list[tuple[int, str]], status: str, reason: str) -> None:

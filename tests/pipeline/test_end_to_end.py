@@ -92,11 +92,12 @@ def test_worker_killed_mid_batch_is_redelivered_and_nothing_is_done_twice(pipeli
     victim = pipeline.start_worker("victim", "--concurrency", "2")
     job_id = submit([folder], chunk=4, **SPEC)
     db = pipeline.db()
-    # An item that a worker has claimed (deliveries counted) but not finished is in a running batch.
+    # Kill once some images are written and others are claimed (delivery counted) but not finished.
     deadline = time.monotonic() + 120
     with db.connect() as conn:
-        while conn.execute(select(Item.id).where(Item.job_id == job_id, Item.status == "pending",
-                                                 Item.deliveries > 0)).first() is None:
+        while not (conn.execute(select(Item.id).where(Item.job_id == job_id, Item.status == "done")).first() and
+                   conn.execute(select(Item.id).where(Item.job_id == job_id, Item.status == "pending",
+                                                      Item.deliveries > 0)).first()):
             assert time.monotonic() < deadline, pipeline.log_tail()
             conn.commit()
             time.sleep(0.02)
@@ -116,3 +117,29 @@ def test_worker_killed_mid_batch_is_redelivered_and_nothing_is_done_twice(pipeli
     # The batch the kill interrupted ran again (alone, one image at a time), the rest once.
     assert all(deliveries[i] == 2 for i in in_flight)
     assert max(deliveries.values()) == 2
+
+
+def test_image_past_the_delivery_limit_fails_with_the_reason_and_the_rest_go_on(pipeline, tiny_images):
+    """As if one image had killed three workers and another one: the first fails at its fourth start,
+    the second (a suspect) is explained alone, the others in batches."""
+    from sqlalchemy import update
+
+    from producer import submit
+    from producer.jobs import wait_for_job
+
+    folder = tiny_images(6)
+    job_id = submit([folder], chunk=6, **SPEC)
+    db = pipeline.db()
+    with db.begin() as conn:
+        ids = conn.execute(select(Item.id).where(Item.job_id == job_id).order_by(Item.id)).scalars().all()
+        conn.execute(update(Item).where(Item.id == ids[2]).values(deliveries=3))
+        conn.execute(update(Item).where(Item.id == ids[4]).values(deliveries=1))
+    pipeline.start_worker("solo")
+    job = wait_for_job(db, job_id, show_progress=False, timeout=120)
+    assert (job.status, job.done, job.failed) == ("finished", 5, 1)
+    with db.connect() as conn:
+        items = {i.id: i for i in conn.execute(select(Item).where(Item.job_id == job_id))}
+    assert items[ids[2]].status == "failed" and "killed the worker 3 times" in items[ids[2]].error
+    assert items[ids[2]].deliveries == 4
+    assert (items[ids[4]].status, items[ids[4]].deliveries) == ("done", 2)
+    assert all(items[i].deliveries == 1 and items[i].status == "done" for i in ids if i not in (ids[2], ids[4]))
