@@ -109,6 +109,26 @@ def export(job_id, fmt, out, data_dir):
         click.echo(f"{counts['predictions']} predictions, {counts['errors']} items without one -> {out}", err=True)
 
 
+@main.command()
+@click.argument("job_id", required=False)
+@click.option("--out", type=click.Path(path_type=Path), default=None,
+              help="Report folder (default salient-report-JOB); open OUT/index.html in a browser.")
+@click.option("--copy", is_flag=True,
+              help="Copy overlays, thumbnails and maps into the folder (always done for a remote store) "
+                   "instead of linking into the local object store.")
+@data_option
+def report(job_id, out, copy, data_dir):
+    """Write a static HTML report of a job (default: the latest): summary, metrics, classes, gallery."""
+    from storage.report import build_report
+
+    settings = Settings().with_data_dir(data_dir)
+    try:
+        summary = build_report(settings, job_id, out or Path(f"salient-report-{(job_id or 'latest')[:8]}"), copy=copy)
+    except LookupError as exc:
+        raise click.ClickException(str(exc)) from None
+    click.echo(f"{summary.images} images, {summary.explanations} explanations in {summary.seconds:.1f}s: {summary.path}")
+
+
 # Queue-side commands (submit, status, jobs, cancel, db) live in their own module.
 from .job_commands import COMMANDS  # noqa: E402
 

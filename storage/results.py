@@ -22,6 +22,12 @@ FIELDS = ("job_id", "uri", "sha256", "model", "method", "layer", "class_id", "cl
 ERROR_FIELDS = ("job_id", "uri", "sha256", "status", "error", "seconds")
 FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_ROW_GROUP = 10_000
+THUMBNAIL_SIDE = 256
+
+
+def thumbnail_key(sha256: str) -> str:
+    """Object key of an image's thumbnail (JPEG, long side ``THUMBNAIL_SIDE`` px), written by the worker."""
+    return f"thumbnails/{sha256[:2]}/{sha256}.{THUMBNAIL_SIDE}.jpg"
 
 
 def iter_results(settings: Settings, job_id: str | None) -> Iterator[dict]:

@@ -5,19 +5,25 @@ from __future__ import annotations
 
 import hashlib
 import io
+import os
 import struct
 import zlib
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
+from urllib.parse import quote
 
 import numpy as np
 from sqlalchemy import update
 
 from storage.database import Explanation, Image, Item, Job, connect, create_job, utcnow
-from storage.objects import LocalObjectStore
+from storage.results import thumbnail_key
 
+POOL = 64
+# Item 1's URI ends in this name percent-encoded (a "/" cannot be in a file name, but can be in a URL);
+# item 3 is a file name that a file system allows.
 EVIL_NAME = "<script>alert(1)</script>.png"
+EVIL_FILE_NAME = "<img src=x onerror=alert(3)>.png"
 EVIL_CLASS = '<img src=x onerror="alert(2)">cat & "dog"'
 CLASSES = ["tabby cat", "golden retriever", EVIL_CLASS, "teapot", "bicycle"]
 
@@ -47,14 +53,34 @@ def png(pixels: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
+def _parent(path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def make_job(data_dir: Path, images: int, *, failed_every: int = 10, methods: tuple[str, ...] = ("gradcam", "saliency"),
              topk: int = 3, objects: bool = True, map_side: int = 8) -> SyntheticJob:
     """A finished job of ``images`` items, every ``failed_every``-th failed (with an HTML-laden reason);
-    item 1's file name and class 2's label are HTML. With ``objects``, each explanation gets a tiny
-    overlay PNG and map .npy and each image a thumbnail, at the keys the worker uses."""
+    item 1's file name and class 2's label are HTML. With ``objects``, rows point at a pool of
+    ``POOL`` tiny overlay PNGs, map .npy files and thumbnails (creating a file costs ~1 ms here, so
+    one per row would dominate the test), so every link in a report resolves."""
     db = connect(f"sqlite:///{(data_dir / 'salient.db').resolve()}")
-    store = LocalObjectStore(data_dir / "objects")
+    objects_root = data_dir / "objects"
     rng = np.random.default_rng(0)
+
+    def put(key: str, data: bytes) -> None:  # plain writes: the store's atomic put is slow for 10,000s of files
+        path = objects_root / key
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+
+    if objects:
+        for j in range(POOL):
+            heat = rng.random((map_side, map_side)).astype(np.float16)
+            buf = io.BytesIO()
+            np.save(buf, heat, allow_pickle=False)
+            put(f"maps/pool/{j}.npy", buf.getvalue())
+            put(f"overlays/pool/{j}.png", png((np.repeat(heat[..., None], 3, 2) * 255).astype(np.uint8)))
+            put(f"thumbnails/pool/{j}.jpg", png(rng.integers(0, 255, (6, 8, 3), np.uint8)))
     digest = "d" * 64
     job_id = create_job(db, {
         "model": "resnet18", "layer": "layer4", "methods": list(methods), "targets": {"topk": topk},
@@ -68,9 +94,9 @@ def make_job(data_dir: Path, images: int, *, failed_every: int = 10, methods: tu
     items, image_rows, explanations = [], [], []
     failed = 0
     for i in range(images):
-        name = EVIL_NAME if i == 1 else f"img{i:05d}.png"
+        name = {1: EVIL_NAME, 3: EVIL_FILE_NAME}.get(i, f"img{i:05d}.png")
         sha = hashlib.sha256(f"{job_id}-{i}".encode()).hexdigest()
-        uri = (data_dir / "images" / name).as_uri()
+        uri = (data_dir / "images").as_uri() + "/" + quote(name, safe="")
         if failed_every and i % failed_every == failed_every - 1:
             failed += 1
             items.append({"job_id": job_id, "uri": uri, "sha256": sha, "status": "failed", "seconds": 0.01,
@@ -80,20 +106,14 @@ def make_job(data_dir: Path, images: int, *, failed_every: int = 10, methods: tu
                       "error": None, "updated_at": utcnow()})
         image_rows.append({"sha256": sha, "width": 64, "height": 48})
         if objects:
-            store.put(f"thumbnails/{sha[:2]}/{sha}.256.jpg", png(rng.integers(0, 255, (6, 8, 3), np.uint8)), "image/png")
+            os.link(objects_root / f"thumbnails/pool/{i % POOL}.jpg", _parent(objects_root / thumbnail_key(sha)))
         probs = np.sort(rng.dirichlet(np.ones(len(CLASSES))))[::-1]
         classes = rng.permutation(len(CLASSES))
         for method in methods:
             for k in range(topk):
                 class_id = int(classes[k])
-                stem = f"{sha[:2]}/{sha}/resnet18-x/layer4/{method}/{class_id}"
-                map_key, overlay_key = f"maps/{stem}.npy", f"overlays/{stem}.abc.png"
-                if objects:
-                    heat = rng.random((map_side, map_side)).astype(np.float16)
-                    buf = io.BytesIO()
-                    np.save(buf, heat, allow_pickle=False)
-                    store.put(map_key, buf.getvalue(), "application/octet-stream")
-                    store.put(overlay_key, png((np.repeat(heat[..., None], 3, 2) * 255).astype(np.uint8)), "image/png")
+                j = rng.integers(POOL)
+                map_key, overlay_key = f"maps/pool/{j}.npy", f"overlays/pool/{j}.png"
                 curve = np.sort(rng.random(5))
                 explanations.append({
                     "sha256": sha, "settings_digest": digest, "model": "resnet18-x", "method": method,

@@ -21,6 +21,7 @@ from sqlalchemy.engine import Engine
 
 from storage.database import Explanation, Image, Item, Job, already_explained, finish_item, insert_ignore
 from storage.objects import ObjectStore
+from storage.results import THUMBNAIL_SIDE, thumbnail_key
 from storage.settings import Settings
 from storage.sources import SourceError, read_uri
 
@@ -242,13 +243,6 @@ class ItemProcessor:
         # Content-addressed keys: an existing object is already the right one.
         if not self.store.exists(key):
             self.store.put(key, render(), content_type)
-
-
-THUMBNAIL_SIDE = 256
-
-
-def thumbnail_key(sha256: str) -> str:
-    return f"thumbnails/{sha256[:2]}/{sha256}.{THUMBNAIL_SIDE}.jpg"
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:

@@ -1,0 +1,137 @@
+"""One pass over a job's rows: the gallery's compact records plus everything the summary aggregates."""
+
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+from dataclasses import dataclass, field
+from typing import Any, Callable
+from urllib.parse import unquote
+
+from sqlalchemy import and_, select
+from sqlalchemy.engine import Connection
+
+from storage.database import Explanation, Item, Job
+from storage.results import thumbnail_key
+
+METRICS = ("deletion_auc", "insertion_auc", "drop")
+CURVES = ("deletion_curve", "insertion_curve")
+# Mean maps average at most this many rank-1 maps per (class, method): the cost stays flat with the job.
+MAPS_PER_CLASS = 100
+
+
+@dataclass
+class Collected:
+    """``cards``: per image {n: name, s: status, e: error, t: thumbnail href, x: explanations}, each
+    explanation [method index, class index, score, rank, overlay href, map href, deletion AUC,
+    insertion AUC, drop, increase] (metrics null where not computed)."""
+
+    job: Any
+    methods: list[str] = field(default_factory=list)
+    classes: list[str] = field(default_factory=list)
+    cards: list[dict] = field(default_factory=list)
+    method_params: dict[str, dict] = field(default_factory=dict)
+    overlay_styles: dict[str, dict] = field(default_factory=dict)
+    metric_values: dict[str, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    increases: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
+    curve_sums: dict[str, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(dict))
+    curve_counts: Counter = field(default_factory=Counter)
+    predicted: Counter = field(default_factory=Counter)  # class index -> images predicted (rank 1, first method)
+    predicted_score: dict[int, float] = field(default_factory=lambda: defaultdict(float))
+    class_maps: dict[tuple[int, str], list[str]] = field(default_factory=lambda: defaultdict(list))
+    errors: Counter = field(default_factory=Counter)
+    statuses: Counter = field(default_factory=Counter)
+    item_seconds: float = 0.0
+
+
+def find_job(conn: Connection, job_id: str | None):
+    if job_id is None:
+        job_id = conn.execute(select(Job.id).order_by(Job.created_at.desc()).limit(1)).scalar()
+        if job_id is None:
+            raise LookupError("no jobs yet in this database")
+    job = conn.execute(select(Job).where(Job.id == job_id)).first()
+    if job is None:
+        raise LookupError(f"no job {job_id}")
+    return job
+
+
+def collect(conn: Connection, job, href: Callable[[str], str | None]) -> Collected:
+    """Stream the job's items with their explanations; ``href(key)`` makes an object reachable from the
+    report (link or copy) and returns its relative address, or None when the object is missing."""
+    data = Collected(job=job)
+    method_index: dict[str, int] = {}
+    class_index: dict[str, int] = {}
+    query = (
+        select(Item.id, Item.uri, Item.sha256, Item.status, Item.error, Item.seconds, Explanation.method,
+               Explanation.class_name, Explanation.score, Explanation.rank, Explanation.map_key,
+               Explanation.overlay_key, Explanation.extra)
+        .outerjoin(Explanation, and_(Explanation.sha256 == Item.sha256,
+                                     Explanation.settings_digest == job.settings_digest,
+                                     Item.status.in_(("done", "skipped"))))
+        .where(Item.job_id == job.id)
+        .order_by(Item.id, Explanation.method, Explanation.rank)
+    )
+    card: dict | None = None
+    last_item = None
+    for row in conn.execution_options(yield_per=2000).execute(query):
+        if row.id != last_item:
+            last_item = row.id
+            card = _new_card(data, row, href)
+        if row.method is None:
+            continue
+        if row.method not in method_index:
+            method_index[row.method] = len(data.methods)
+            data.methods.append(row.method)
+            data.method_params[row.method] = (row.extra or {}).get("params", {})
+            data.overlay_styles[row.method] = (row.extra or {}).get("overlay", {})
+        if row.class_name not in class_index:
+            class_index[row.class_name] = len(data.classes)
+            data.classes.append(row.class_name)
+        m, c = method_index[row.method], class_index[row.class_name]
+        metrics = (row.extra or {}).get("metrics") or {}
+        card["x"].append([m, c, round(row.score, 5), row.rank, href(row.overlay_key), href(row.map_key),
+                          *(_rounded(metrics.get(name)) for name in METRICS), metrics.get("increase")])
+        _aggregate(data, row.method, metrics)
+        if row.rank == 1:
+            if m == 0:
+                data.predicted[c] += 1
+                data.predicted_score[c] += row.score
+            keys = data.class_maps[(c, row.method)]
+            if len(keys) < MAPS_PER_CLASS:
+                keys.append(row.map_key)
+    return data
+
+
+def _new_card(data: Collected, row, href: Callable[[str], str | None]) -> dict:
+    data.statuses[row.status] += 1
+    data.item_seconds += row.seconds or 0.0
+    if row.error:
+        data.errors[row.error] += 1
+    name = unquote(row.uri.rstrip("/").rsplit("/", 1)[-1]) or row.uri
+    card = {"n": name, "s": row.status, "e": row.error, "x": [],
+            "t": href(thumbnail_key(row.sha256)) if row.sha256 and row.status in ("done", "skipped") else None}
+    data.cards.append(card)
+    return card
+
+
+def _aggregate(data: Collected, method: str, metrics: dict) -> None:
+    for name in METRICS:
+        if metrics.get(name) is not None:
+            data.metric_values[method][name].append(float(metrics[name]))
+    if metrics.get("increase") is not None:
+        data.increases[method].append(bool(metrics["increase"]))
+    for name in CURVES:
+        curve = metrics.get(name)
+        if not curve:
+            continue
+        sums = data.curve_sums[method].get(name)
+        if sums is None or len(sums) != len(curve):
+            if sums is not None:  # curves of another length (other steps) cannot be averaged together
+                continue
+            sums = data.curve_sums[method][name] = [0.0] * len(curve)
+        for i, value in enumerate(curve):
+            sums[i] += value
+        data.curve_counts[(method, name)] += 1
+
+
+def _rounded(value) -> float | None:
+    return None if value is None else round(float(value), 4)
