@@ -206,6 +206,8 @@ def test_explaining_leaves_the_model_unchanged(resnet):
         before_out = module(x)
     before_state = {k: v.clone() for k, v in module.state_dict().items()}
     explain(resnet, ["gradcam", "saliency", "integrated_gradients"], x, steps=2, smooth=1)
+    explain(resnet, ["saliency"], x)
+    assert not x.requires_grad  # the caller's input is left as it was too
     for sub in module.modules():
         assert not sub._forward_hooks and not sub._forward_pre_hooks and not sub._backward_hooks
         assert not sub.training

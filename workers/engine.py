@@ -70,7 +70,8 @@ class Explainer:
             # overwrite the activations the methods read.
             return out.clone()
 
-        x = x.to(self.device, non_blocking=True).requires_grad_(any("input" in m.needs for m in self.methods))
+        # detach: on the same device .to() returns the caller's tensor, whose flags are not ours to change
+        x = x.to(self.device, non_blocking=True).detach().requires_grad_(any("input" in m.needs for m in self.methods))
         needs_graph = any(m.needs for m in self.methods)
         handle = self.layer.register_forward_hook(keep) if self.layer is not None else None
         try:
