@@ -1,0 +1,51 @@
+"""The Alembic migrations build exactly the models' schema, and an older database is migrated on connect."""
+
+from __future__ import annotations
+
+import sqlalchemy as sa
+from alembic import command
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from storage.database import SCHEMA_REVISION, Base, Item, Job, connect, create_job, schema_revision
+from storage.migrations import alembic_config, head_revision, upgrade
+
+
+def test_schema_revision_is_the_newest_migration():
+    assert SCHEMA_REVISION == head_revision()
+
+
+def test_migrations_build_the_models_schema(tmp_path):
+    engine = sa.create_engine(f"sqlite:///{tmp_path / 'migrated.db'}")
+    with engine.begin() as conn:
+        upgrade(conn)
+    with engine.connect() as conn:
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+        assert schema_revision(conn) == SCHEMA_REVISION
+
+
+def test_a_new_database_is_built_and_stamped_without_migrating(tmp_path):
+    engine = connect(f"sqlite:///{tmp_path / 'new.db'}")
+    with engine.connect() as conn:
+        assert schema_revision(conn) == SCHEMA_REVISION
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+
+
+def test_a_database_from_before_migrations_is_migrated_and_keeps_its_rows(tmp_path):
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    old = sa.create_engine(url)
+    with old.begin() as conn:  # the first schema, made by create_all: no alembic_version table
+        command.upgrade(alembic_config(conn), "0001")
+        conn.execute(sa.text("DROP TABLE alembic_version"))
+        conn.execute(sa.text("INSERT INTO jobs (id, status, settings, total, done, failed, skipped, created_at) "
+                             "VALUES ('j1', 'running', '{}', 1, 0, 0, 0, '2026-01-01')"))
+        conn.execute(sa.text("INSERT INTO items (job_id, uri, status, updated_at) "
+                             "VALUES ('j1', 'file:///a.png', 'pending', '2026-01-01')"))
+    engine = connect(url)
+    with engine.connect() as conn:
+        assert schema_revision(conn) == SCHEMA_REVISION
+        assert conn.execute(sa.select(Item.uri, Item.deliveries)).all() == [("file:///a.png", 0)]
+        assert compare_metadata(MigrationContext.configure(conn), Base.metadata) == []
+    create_job(engine, {})  # and it is usable
+    with engine.connect() as conn:
+        assert conn.execute(sa.select(sa.func.count()).select_from(Job)).scalar() == 2
