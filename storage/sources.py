@@ -26,6 +26,7 @@ MANIFEST_SUFFIXES = frozenset({".txt", ".csv", ".jsonl"})
 URI_SCHEMES = frozenset({"file", "s3", "http", "https"})
 _MANIFEST_COLUMNS = ("uri", "url", "path", "file")
 HTTP_TIMEOUT = 30
+S3_LIST_PAGE_SIZE = 1000  # keys per ListObjectsV2 request (the S3 maximum)
 HTTP_ATTEMPTS = 3
 
 
@@ -131,7 +132,8 @@ def _list_s3(url: str, settings: Settings) -> Iterator[str]:
     if Path(prefix).suffix.lower() in IMAGE_SUFFIXES:
         yield url
         return
-    pages = s3_client(settings).get_paginator("list_objects_v2").paginate(Bucket=bucket, Prefix=prefix)
+    pages = s3_client(settings).get_paginator("list_objects_v2").paginate(
+        Bucket=bucket, Prefix=prefix, PaginationConfig={"PageSize": S3_LIST_PAGE_SIZE})
     try:
         for page in pages:
             for obj in page.get("Contents", ()):
