@@ -20,15 +20,6 @@ data_dir_option = click.option(
          "ignored when SALIENT_DATABASE_URL is set.")
 
 
-def _class_ids(_ctx, _param, value: str | None) -> tuple[int, ...]:
-    if not value:
-        return ()
-    try:
-        return tuple(int(v) for v in value.split(","))
-    except ValueError:
-        raise click.BadParameter("give class ids separated by commas, e.g. 281,285") from None
-
-
 # The same names, types and defaults as `salient run` (tests/pipeline/test_producer.py keeps them in step).
 SPEC_OPTIONS = [
     click.option("--model", default="efficientnet_lite0", show_default=True,
@@ -39,7 +30,12 @@ SPEC_OPTIONS = [
                  help="Comma-separated explanation methods, or 'all'."),
     click.option("--topk", type=click.IntRange(1, 1000), default=3, show_default=True,
                  help="Explain the K most probable classes."),
-    click.option("--classes", callback=_class_ids, help="Explain these class ids instead of the top-k, e.g. 281,285."),
+    click.option("--classes", help="Explain these classes instead of the top-k: ids or names (any case), "
+                                   "comma-separated, e.g. '281,Egyptian cat'; a name with a comma: use its id."),
+    click.option("--labels", help="Class names for a custom model (JSON list or CSV id,name): a path the workers "
+                                  "can read, or an s3:// / http(s):// URI."),
+    click.option("--localize", is_flag=True, default=False,
+                 help="GrabCut each map into a bounding box + mask (Simonyan 2014), stored in each record."),
     click.option("--score", type=click.Choice(["logit", "probability"]), default=None,
                  help="Class score that gradient methods differentiate (default logit)."),
     click.option("--scorecam-weights", type=click.Choice(["probability", "logit-softmax", "cic-softmax"]),

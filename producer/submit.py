@@ -20,31 +20,49 @@ from storage.sources import iter_uris
 from .queue import Publisher
 
 
-def build_spec(*, model: str = "efficientnet_lite0", weights: str | Path | None = None, layer: str | None = None,
-               methods: str | list[str] = "gradcam,saliency", topk: int = 3, classes: Iterable[int] | None = None,
-               precision: str = "fp32", batch_size: int = 16, **options: Any) -> dict[str, Any]:
+def build_spec(*, model: str = "efficientnet_lite0", weights: str | Path | None = None,
+               labels: str | Path | None = None, layer: str | None = None,
+               methods: str | list[str] = "gradcam,saliency", topk: int = 3,
+               classes: str | Iterable[int | str] | None = None, precision: str = "fp32", batch_size: int = 16,
+               **options: Any) -> dict[str, Any]:
     """The ``spec`` of every message of a job (what to explain and how), with the same names as ``salient run``;
-    ``options`` are run's method, metric and overlay options (``score``, ``steps``, ``metrics``, ``colormap``, ...).
+    ``options`` are run's method, metric and overlay options (``score``, ``steps``, ``metrics``, ``colormap``,
+    ``localize``, ...). ``classes``: ids or names ("281,tabby"), resolved by the workers against the model's names.
 
     A local ``weights`` file is named by its absolute path plus its sha256; workers must be able to
     read that path (shared filesystem or the same image), or give an ``s3://``/``http(s)://`` URI.
     """
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
-    classes = list(classes or ())
+    if isinstance(classes, str):
+        classes = [c.strip() for c in classes.split(",")]
+    classes = [int(c) if isinstance(c, str) and c.lstrip("-").isdigit() else c for c in classes or ()]
     spec = dict(SPEC_DEFAULTS)
     spec.update(model=model, layer=layer, methods=list(methods), precision=precision, batch_size=batch_size,
                 targets={"classes": classes} if classes else {"topk": topk},
-                options={k: v for k, v in options.items() if v is not None})
+                options={k: v for k, v in options.items() if v is not None and v is not False})
     if weights is not None:
-        weights = str(weights)
-        if urlparse(weights).scheme in ("s3", "http", "https"):
-            spec["weights"] = weights
-        else:
-            path = Path(urlparse(weights).path if weights.startswith("file://") else weights).resolve()
-            spec["weights"] = str(path)
-            spec["weights_sha256"] = _file_sha256(path)
+        spec["weights"] = _shared_location(weights)
+        if not _is_remote(spec["weights"]):
+            spec["weights_sha256"] = _file_sha256(Path(spec["weights"]))
+    if labels is not None:
+        spec["labels"] = _shared_location(labels)
     return spec
+
+
+def _is_remote(location: str) -> bool:
+    return urlparse(location).scheme in ("s3", "http", "https")
+
+
+def _shared_location(location: str | Path) -> str:
+    """An s3:// or http(s):// URI as is; a local file as its absolute path (workers must see the same path)."""
+    location = str(location)
+    if _is_remote(location):
+        return location
+    path = Path(urlparse(location).path if location.startswith("file://") else location).resolve()
+    if not path.is_file():
+        raise FileNotFoundError(f"no such file: {path}")
+    return str(path)
 
 
 def _file_sha256(path: Path) -> str:

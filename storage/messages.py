@@ -36,14 +36,18 @@ MESSAGE_SCHEMA: dict[str, Any] = {
                 "model": {"type": "string", "description": "efficientnet_lite0 or a torchvision classifier name"},
                 "weights": {"type": ["string", "null"], "description": "state-dict path or URI the workers can read"},
                 "weights_sha256": {"type": ["string", "null"]},
+                "labels": {"type": ["string", "null"],
+                           "description": "class names file (JSON list or CSV id,name) for a custom model"},
                 "layer": {"type": ["string", "null"], "description": "dotted module path; null = last spatial layer"},
                 "methods": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                 "options": {"type": "object", "description": "`salient run` option values by name: method, metric "
-                            "and overlay options, e.g. {\"score\": \"logit\", \"steps\": 32, \"colormap\": \"viridis\"}"},
+                            "and overlay options, e.g. {\"score\": \"logit\", \"steps\": 32, \"colormap\": \"viridis\", "
+                            "\"localize\": true}"},
                 "targets": {"oneOf": [
                     {"type": "object", "required": ["topk"], "properties": {"topk": {"type": "integer", "minimum": 1}}},
                     {"type": "object", "required": ["classes"],
-                     "properties": {"classes": {"type": "array", "items": {"type": "integer"}, "minItems": 1}}},
+                     "properties": {"classes": {"type": "array", "minItems": 1, "description": "ids or names",
+                                                "items": {"type": ["integer", "string"]}}}},
                 ]},
                 "precision": {"enum": ["fp32", "bf16", "fp16"], "default": "fp32"},
                 "batch_size": {"type": "integer", "minimum": 1, "default": 16},
@@ -52,7 +56,7 @@ MESSAGE_SCHEMA: dict[str, Any] = {
     },
 }
 
-SPEC_DEFAULTS = {"weights": None, "weights_sha256": None, "layer": None, "options": {},
+SPEC_DEFAULTS = {"weights": None, "weights_sha256": None, "labels": None, "layer": None, "options": {},
                  "precision": "fp32", "batch_size": 16}
 
 
@@ -98,7 +102,7 @@ def parse_chunk(kwargs: dict[str, Any]) -> Chunk:
     targets = spec.get("targets")
     topk_ok = isinstance(targets, dict) and isinstance(targets.get("topk"), int) and targets["topk"] >= 1
     classes = targets.get("classes") if isinstance(targets, dict) else None
-    classes_ok = isinstance(classes, list) and bool(classes) and all(isinstance(c, int) for c in classes)
+    classes_ok = isinstance(classes, list) and bool(classes) and all(isinstance(c, (int, str)) for c in classes)
     if not (topk_ok or classes_ok):
         raise MessageError("spec.targets must be {'topk': K} or {'classes': [ids]}")
     if not isinstance(spec["options"], dict):

@@ -20,7 +20,7 @@ from storage.sources import read_uri
 from .batching import guard_model
 from .process import ItemProcessor
 
-MAX_WEIGHTS_BYTES = 8 << 30
+MAX_DOWNLOAD_BYTES = 8 << 30
 
 
 class SpecError(ValueError):
@@ -32,20 +32,18 @@ def spec_key(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def _weights_file(spec: dict[str, Any], settings: Settings) -> Path | None:
-    """A local file holding the spec's weights: a path as is, an s3:// or http(s):// URI downloaded once
-    into DATA_DIR/weights/ (named by its sha256)."""
-    weights = spec.get("weights")
-    if weights is None:
+def _local_file(location: str | None, settings: Settings, expected_sha256: str | None = None) -> Path | None:
+    """A local file for a spec's weights or labels: a path as is, an s3:// or http(s):// URI downloaded
+    once into DATA_DIR/downloads/ (named by its sha256)."""
+    if location is None:
         return None
-    scheme = urlparse(weights).scheme
+    scheme = urlparse(location).scheme
     if scheme not in ("s3", "http", "https"):
-        return Path(urlparse(weights).path if scheme == "file" else weights)
-    cache = settings.data_dir / "weights"
-    expected = spec.get("weights_sha256")
-    if expected and (cache / expected).is_file():
-        return cache / expected
-    data = read_uri(weights, MAX_WEIGHTS_BYTES, settings)
+        return Path(urlparse(location).path if scheme == "file" else location)
+    cache = settings.data_dir / "downloads"
+    if expected_sha256 and (cache / expected_sha256).is_file():
+        return cache / expected_sha256
+    data = read_uri(location, MAX_DOWNLOAD_BYTES, settings)
     digest = hashlib.sha256(data).hexdigest()
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / digest
@@ -66,29 +64,30 @@ def build_processor(spec: dict[str, Any], settings: Settings, db: Engine, store:
     from .engine import Explainer
     from .methods import MethodError, build_methods
     from .models import ModelError, _file_digest, load_model, resolve_layer
-    from .targets import Targets
+    from .targets import Targets, parse_classes
 
     options = dict(spec.get("options") or {})
+    localize = bool(options.pop("localize", False))
     try:
         metrics, overlay_style = _output_settings(options)
         unknown = set(options) - set(METHOD_OPTIONS)
         if unknown:
             raise SpecError(f"unknown options {sorted(unknown)}")
         methods = build_methods(spec["methods"], options)
-        weights = _weights_file(spec, settings)
         expected = spec.get("weights_sha256")
+        weights = _local_file(spec.get("weights"), settings, expected)
         if weights is not None and expected and _file_digest(weights) != expected:
             raise SpecError(f"weights {spec['weights']} differ from the file that was submitted (sha256 {expected})")
-        loaded = load_model(spec["model"], weights)
-        layer = resolve_layer(loaded, spec.get("layer"))
-        targets = spec["targets"]
-        targets = Targets(topk=None, classes=tuple(targets["classes"])) if targets.get("classes") \
-            else Targets(topk=targets["topk"])
+        loaded = load_model(spec["model"], weights, _local_file(spec.get("labels"), settings))
+        layer = resolve_layer(loaded, spec.get("layer"), needed=any("layer" in m.needs for m in methods))
+        classes = spec["targets"].get("classes")
+        targets = Targets(topk=None, classes=parse_classes(",".join(map(str, classes)), loaded.class_names)) \
+            if classes else Targets(topk=spec["targets"]["topk"])
         explainer = Explainer(loaded, layer, methods, targets, device=device, precision=spec["precision"])
     except (ModelError, MethodError, SourceError, FileNotFoundError, TypeError, ValueError) as exc:
         raise SpecError(str(exc)) from None
     return ItemProcessor(settings, db, store, explainer, batch_size=spec["batch_size"], metrics=metrics,
-                         overlay_style=overlay_style)
+                         overlay_style=overlay_style, localize=localize)
 
 
 class ProcessorCache:
