@@ -18,9 +18,10 @@ import click
               help="CPU threads torch may use (default: torch's choice).")
 @click.option("--decode-threads", type=click.IntRange(1), default=4, show_default=True,
               help="Threads reading and decoding images ahead of the model.")
+@click.option("--events", is_flag=True, help="Send task events (for Flower's task views).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Celery node name (default salient-PID@HOST).")
-def worker(device, queues, concurrency, torch_threads, decode_threads, loglevel, hostname):
+def worker(device, queues, concurrency, torch_threads, decode_threads, events, loglevel, hostname):
     """Explain queued images: consume `salient submit` messages until stopped.
 
     Settings come from SALIENT_* variables (broker, database, object store). SIGTERM is a warm
@@ -44,4 +45,6 @@ def worker(device, queues, concurrency, torch_threads, decode_threads, loglevel,
             f"--hostname={hostname or f'salient-{os.getpid()}@{socket.gethostname()}'}"]
     if queues:
         argv.append(f"--queues={queues}")
+    if events:
+        argv.append("--task-events")
     app.worker_main(argv)
