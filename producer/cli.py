@@ -18,6 +18,7 @@ from storage.results import write_results
 HEAVY_HELP = {
     "run": "Explain images in-process (no servers): maps, overlays and metadata into --out.",
     "demo": "Explain scikit-image's sample images with the default model and show where the overlays are.",
+    "sanity": "Randomise the model's layers top-down and measure how much each method's maps change.",
     "visualize-class": "Synthesise the image a model finds most like one class (Simonyan 2014) and store it.",
     "worker": "Explain queued images (Celery worker for the salient queue; one process per GPU).",
 }

@@ -279,6 +279,81 @@ def visualize_class(model, weights, labels, class_, steps, lr, l2, device, data_
                f"in {steps} steps; image {key} in {settings.resolved_object_store_url}")
 
 
+@click.command()
+@click.argument("sources", nargs=-1)
+@click.option("--job", "job_id", default=None,
+              help="Check this job's model, layer and methods on a sample of its explained images.")
+@click.option("--sample", type=click.IntRange(1), default=16, show_default=True, help="Images to check.")
+@click.option("--stops", type=click.IntRange(2), default=8, show_default=True,
+              help="Cascade steps at which maps are compared (every weight layer is randomised in turn).")
+@click.option("--topk", type=click.IntRange(1, 1000), default=1, show_default=True,
+              help="Explain each image's K most probable classes under the trained model.")
+@click.option("--model", default="efficientnet_lite0", show_default=True, help="With SOURCES: the model.")
+@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path), help="With SOURCES.")
+@click.option("--layer", default=None, help="With SOURCES: target layer (default: last spatial feature map).")
+@click.option("--methods", default="gradcam,saliency", show_default=True, help="With SOURCES: methods to check.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Sample and randomisation seed.")
+@click.option("--device", default="auto", show_default=True)
+@click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
+@click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("."), show_default=True,
+              help="Folder for sanity-JOB.json.")
+@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
+              help="Data folder of the job (default ./salient-data or SALIENT_DATA_DIR).")
+def sanity(sources, job_id, sample, stops, topk, model, weights, layer, methods, seed, device, batch_size,
+           out_dir, data_dir):
+    """Sanity check (Adebayo et al. 2018): randomise the model's weight layers from the top down and
+    measure how much each method's maps change (Spearman rank correlation and SSIM against the
+    trained model's maps). Maps that stay the same do not depend on what the model learned."""
+    import json
+
+    from .methods import MethodError, build_methods
+    from .models import ModelError, load_model, resolve_layer
+    from .sanity import format_table, job_config, load_inputs, run_cascade, sample_uris
+
+    if bool(job_id) == bool(sources):
+        raise click.UsageError("give either --job JOB or SOURCES")
+    settings = Settings().with_data_dir(data_dir)
+    if job_id:
+        db = connect(settings.resolved_database_url)
+        with db.connect() as conn:
+            try:
+                config, uris = job_config(conn, job_id)
+            except LookupError as exc:
+                raise click.ClickException(str(exc)) from None
+        model, weights, layer = config["model"], config.get("weights"), config.get("layer")
+        method_names = config["methods"]
+        options = {k: v for k, v in (config.get("method_options") or config.get("options") or {}).items()
+                   if k in METHOD_OPTIONS}
+    else:
+        try:
+            uris = list(iter_uris([str(s) for s in sources]))
+        except SourceError as exc:
+            raise click.ClickException(str(exc)) from None
+        method_names, options = [m.strip() for m in methods.split(",") if m.strip()], {}
+    try:
+        method_list = build_methods(method_names, options)
+        loaded = load_model(model, weights)
+        layer_name = resolve_layer(loaded, layer, needed=any("layer" in m.needs for m in method_list))
+        x, used, unreadable = load_inputs(sample_uris(uris, sample, seed), loaded, settings)
+    except (ModelError, MethodError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    for uri, reason in unreadable.items():
+        click.echo(f"skipped {uri}: {reason}", err=True)
+    layers, steps = run_cascade(loaded, layer_name, method_list, x, topk=topk, stops=stops, seed=seed,
+                                device=device, batch_size=batch_size)
+    click.echo(format_table(steps))
+    result = {"job": job_id, "model": loaded.tag, "layer": layer_name,
+              "methods": {m.name: m.params() for m in method_list}, "images": used, "topk": topk, "seed": seed,
+              "weight_layers_top_first": layers, "normalisation_layers": "kept",
+              "steps": [{"randomised": s.randomised, "down_to": s.layer, "scores": s.scores} for s in steps]}
+    out_dir.mkdir(parents=True, exist_ok=True)
+    path = out_dir / f"sanity-{job_id or 'sources'}.json"
+    path.write_text(json.dumps(result, indent=1))
+    if job_id:
+        open_store(settings.resolved_object_store_url).put(f"sanity/{job_id}.json", path.read_bytes(), "application/json")
+    click.echo(f"{len(used)} images, {len(layers)} weight layers, {len(steps)} steps measured: {path}")
+
+
 SAMPLE_IMAGES = ("chelsea", "coffee", "astronaut", "rocket", "camera", "retina", "hubble_deep_field")
 
 
