@@ -145,7 +145,6 @@ def test_integrated_gradients_is_captum_gauss_legendre(resnet, baseline, score):
 
 def test_black_baseline_is_black_pixels_and_blurred_is_a_gaussian_blur():
     x = images(2, seed=4)
-    pixels = x * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     assert black(x).shape == x.shape
     restored = black(x) * torch.tensor(IMAGENET_STD).view(1, 3, 1, 1) + torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)
     assert restored.abs().max() < 1e-6
@@ -156,7 +155,6 @@ def test_black_baseline_is_black_pixels_and_blurred_is_a_gaussian_blur():
         hwc = x[b].permute(1, 2, 0).numpy()
         expected = cv2.GaussianBlur(hwc, (2 * radius + 1,) * 2, sigma, borderType=cv2.BORDER_REFLECT_101)
         np.testing.assert_allclose(blurred[b].permute(1, 2, 0).numpy(), expected, atol=1e-5)
-    assert pixels.shape == x.shape
 
 
 def test_integrated_gradients_completeness_on_a_smooth_network(smooth_net):
@@ -188,11 +186,11 @@ def test_same_inputs_give_bitwise_equal_maps_on_cpu(resnet):
 
 
 def test_smoothing_and_integration_settings_are_part_of_the_identity():
-    plain, smooth, noisier = build_methods(["saliency"], {}), build_methods(["saliency"], {"smooth": 8}), \
-        build_methods(["saliency"], {"smooth": 8, "noise": 0.3})
-    assert plain[0].params() == {"score": "logit"}  # unchanged when SmoothGrad is off
-    assert smooth[0].params() == {"score": "logit", "smooth": 8, "noise": 0.15}
-    assert len({method_id(m[0]) for m in (plain, smooth, noisier)}) == 3
+    plain, smooth, noisier = (build_methods(["saliency"], options)[0]
+                              for options in ({}, {"smooth": 8}, {"smooth": 8, "noise": 0.3}))
+    assert plain.params() == {"score": "logit"}  # unchanged when SmoothGrad is off
+    assert smooth.params() == {"score": "logit", "smooth": 8, "noise": 0.15}
+    assert len({method_id(m) for m in (plain, smooth, noisier)}) == 3
     ig = build_methods(["integrated_gradients"], {"steps": 16, "baseline": "blurred"})[0]
     assert ig.params() == {"score": "logit", "steps": 16, "baseline": "blurred"}
     with pytest.raises(ValueError, match="baseline"):
