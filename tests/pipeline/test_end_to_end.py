@@ -119,27 +119,55 @@ def test_worker_killed_mid_batch_is_redelivered_and_nothing_is_done_twice(pipeli
     assert max(deliveries.values()) == 2
 
 
+def publish_raw(redis_url: str, queue: str, kwargs: dict) -> None:
+    """What a service in another language does (docs/messages.md): LPUSH a Celery protocol-2 JSON message."""
+    import base64
+    import json
+    import uuid
+
+    import redis
+
+    task_id = str(uuid.uuid4())
+    body = [[], kwargs, {"callbacks": None, "errbacks": None, "chain": None, "chord": None}]
+    message = {
+        "body": base64.b64encode(json.dumps(body).encode()).decode(),
+        "content-encoding": "utf-8", "content-type": "application/json",
+        "headers": {"lang": "go", "task": "salient.explain", "id": task_id, "root_id": task_id, "parent_id": None,
+                    "group": None, "retries": 0, "eta": None, "expires": None},
+        "properties": {"correlation_id": task_id, "delivery_mode": 2, "priority": 0, "body_encoding": "base64",
+                       "delivery_info": {"exchange": "", "routing_key": queue}, "delivery_tag": str(uuid.uuid4())},
+    }
+    redis.Redis.from_url(redis_url).lpush(queue, json.dumps(message))
+
+
 def test_image_past_the_delivery_limit_fails_with_the_reason_and_the_rest_go_on(pipeline, tiny_images):
     """As if one image had killed three workers and another one: the first fails at its fourth start,
-    the second (a suspect) is explained alone, the others in batches."""
+    the second (a suspect) is explained alone, the others in batches. The job is written the way a
+    service in another language would: rows in SQL, then a raw JSON message into the Redis list."""
     from sqlalchemy import update
 
-    from producer import submit
     from producer.jobs import wait_for_job
+    from storage.database import close_listing, create_job, record_items
+    from storage.sources import iter_uris
 
     folder = tiny_images(6)
-    job_id = submit([folder], chunk=6, **SPEC)
     db = pipeline.db()
+    job_id = create_job(db, {"by": "another service"})
+    items = [row for page in record_items(db, job_id, iter_uris([str(folder)])) for row in page]
+    close_listing(db, job_id)
+    ids = [item_id for item_id, _ in items]
     with db.begin() as conn:
-        ids = conn.execute(select(Item.id).where(Item.job_id == job_id).order_by(Item.id)).scalars().all()
         conn.execute(update(Item).where(Item.id == ids[2]).values(deliveries=3))
         conn.execute(update(Item).where(Item.id == ids[4]).values(deliveries=1))
+    publish_raw(pipeline.env["SALIENT_BROKER_URL"], pipeline.env["SALIENT_QUEUE"], {
+        "version": 1, "job_id": job_id, "items": [{"id": i, "uri": u} for i, u in items],
+        "spec": {"model": "resnet18", "methods": ["gradcam"], "targets": {"topk": 1}, "batch_size": 3}})
     pipeline.start_worker("solo")
     job = wait_for_job(db, job_id, show_progress=False, timeout=120)
-    assert (job.status, job.done, job.failed) == ("finished", 5, 1)
+    assert (job.status, job.done, job.failed) == ("finished", 5, 1), pipeline.log_tail()
     with db.connect() as conn:
-        items = {i.id: i for i in conn.execute(select(Item).where(Item.job_id == job_id))}
-    assert items[ids[2]].status == "failed" and "killed the worker 3 times" in items[ids[2]].error
-    assert items[ids[2]].deliveries == 4
-    assert (items[ids[4]].status, items[ids[4]].deliveries) == ("done", 2)
-    assert all(items[i].deliveries == 1 and items[i].status == "done" for i in ids if i not in (ids[2], ids[4]))
+        rows = {i.id: i for i in conn.execute(select(Item).where(Item.job_id == job_id))}
+    assert rows[ids[2]].status == "failed" and "killed the worker 3 times" in rows[ids[2]].error
+    assert rows[ids[2]].deliveries == 4
+    assert (rows[ids[4]].status, rows[ids[4]].deliveries) == ("done", 2)
+    assert all(rows[i].deliveries == 1 and rows[i].status == "done" for i in ids if i not in (ids[2], ids[4]))
