@@ -134,22 +134,25 @@ def test_page_works_in_chromium(browser, report_1000, job_1000, tmp_path):
 
 def test_screenshot_for_the_readme(browser, tmp_path):
     """A real run (bundled model, metrics) reported and photographed; docs/report-screenshot.png is
-    refreshed from it when SALIENT_UPDATE_SCREENSHOT=1."""
-    if os.environ.get("SALIENT_UPDATE_SCREENSHOT") != "1":
-        pytest.skip("set SALIENT_UPDATE_SCREENSHOT=1 to refresh docs/report-screenshot.png")
+    refreshed from it when UPDATE_REPORT_SCREENSHOT=1."""
+    if os.environ.get("UPDATE_REPORT_SCREENSHOT") != "1":
+        pytest.skip("set UPDATE_REPORT_SCREENSHOT=1 to refresh docs/report-screenshot.png")
     from click.testing import CliRunner
 
     from producer.cli import main
+    from workers.cli import export_sample_images
 
     data = tmp_path / "demo"
-    images = REPO / "salient-demo" / "images"
+    images = export_sample_images(tmp_path / "images")
     args = ["run", str(images), "--out", str(data), "--methods", "gradcam,saliency", "--topk", "2",
-            "--metrics", "deletion,insertion,drop"]
+            "--metrics", "deletion,insertion,drop", "--metric-steps", "8"]
     assert CliRunner().invoke(main, args).exit_code == 0
     summary = build_report(Settings().with_data_dir(data), None, tmp_path / "report")
     browser.open(summary.path.as_uri())
     browser.evaluate("document.getElementById('gallery-title').scrollIntoView()")
     browser.evaluate("new Promise(r => setTimeout(r, 500))")
     shot = browser.screenshot(tmp_path / "report.png")
+    browser.evaluate("window.scrollTo(0, 0)")
+    browser.screenshot(tmp_path / "report-top.png")
     assert browser.errors == []
     shutil.copyfile(shot, REPO / "docs" / "report-screenshot.png")

@@ -175,7 +175,8 @@ def _summary_html(data: Collected) -> str:
     rows = [("model", f"{settings.get('model', '?')} (weights {settings.get('weights') or 'bundled / seeded'})"),
             ("layer", settings.get("layer")), ("targets", json.dumps(settings.get("targets"))),
             ("precision", settings.get("precision")),
-            ("method options", json.dumps(settings.get("method_options") or {}, sort_keys=True)),
+            # `salient run` records method_options; a queued job's spec carries all options as options
+            ("options", json.dumps(settings.get("method_options") or settings.get("options") or {}, sort_keys=True)),
             ("metrics", json.dumps(settings.get("metrics"), sort_keys=True) if settings.get("metrics") else "not computed"),
             ("overlay", json.dumps(settings.get("overlay") or {}, sort_keys=True)),
             ("versions", ", ".join(f"{k} {v}" for k, v in (settings.get("versions") or {}).items()) or "not recorded"),
