@@ -23,13 +23,14 @@ from captum.attr import LayerGradCam
 from pytorch_grad_cam import GuidedBackpropReLUModel
 from torch import Tensor, nn
 
-from workers.engine import BatchResult, Explainer, Targets
+from workers.engine import BatchResult, Explainer
+from workers.targets import Targets
 from workers.methods import build_methods
 from workers.methods.guided_backprop import guided_rectifiers
 from workers.models import LoadedModel, load_model
 
 
-def explain(model: nn.Module, x: Tensor, names: list[str], targets: Targets, layer: str = "layer4") -> BatchResult:
+def explain(model: nn.Module, x: Tensor, names: list[str], targets: Targets, layer: str | None = "layer4") -> BatchResult:
     loaded = LoadedModel(name="test", module=model, weights_digest="test", class_names=[str(i) for i in range(1000)])
     return Explainer(loaded, layer, build_methods(names), targets, device="cpu").explain(x)
 
@@ -211,7 +212,7 @@ def test_torchvision_models_are_guided(name: str, functional: bool):
 def test_bundled_efficientnet_lite0_relu6_is_guided():
     # timm's same-padding convolutions defeat torch.fx; its rectifiers are all nn.ReLU6 modules.
     model = load_model("efficientnet_lite0").module
-    x = images(2, 96)
+    x = images(2, 64)
     result = explain(model, x, ["guided_backprop"], Targets(topk=2), layer="conv_head")
     ours = result.outputs["guided_backprop"].arrays["gradient"]
     assert_gradients_match(ours, input_gradients(reference_network(model, functional=False), x, result.targets))
@@ -252,7 +253,7 @@ def test_guided_gradcam_matches_captum():
 
 
 def test_batch_and_targets_are_independent():
-    model, x = seeded(torchvision.models.resnet18), images(8, 64)
+    model, x = seeded(torchvision.models.resnet18), images(8, 48)
     methods, classes = ["guided_backprop", "guided_gradcam"], (5, 17, 400)
     together = explain(model, x, methods, Targets(topk=None, classes=classes)).outputs
     one_image = [explain(model, x[i:i + 1], methods, Targets(topk=None, classes=classes)).outputs for i in range(8)]
@@ -323,3 +324,9 @@ def test_in_place_rectifier_whose_result_is_ignored():
     assert y.tolist() == [0.0, 2.0, 3.0, 7.0] and w.tolist() == [0.0, 2.0, 3.0, 6.0]
     ((y + w) * torch.tensor([5.0, -4.0, 2.0, 1.0])).sum().backward()
     assert z.grad.tolist() == [0.0, 0.0, 4.0, 1.0]  # 7 > 6 blocks ReLU6 but not ReLU
+
+
+def test_torchscript_is_refused_not_silently_plain():
+    scripted = torch.jit.script(seeded(PlainNet))
+    with pytest.raises(TypeError, match="TorchScript"):
+        explain(scripted, images(1, 16), ["guided_backprop"], Targets(topk=1), layer=None)

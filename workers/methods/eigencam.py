@@ -25,7 +25,8 @@ def first_principal_component(acts: Tensor) -> Tensor:
 
 class EigenCAM(Method):
     """Eigen-CAM (Muhammad & Yeasin 2020): the target layer's first principal component. It does not
-    depend on the class, so every target of an image gets the same map; no backward pass."""
+    depend on the class, so every target of an image gets the same map.
+    Cost: the shared forward and one (h·w)×C SVD per image; no backward pass."""
 
     name = "eigencam"
 

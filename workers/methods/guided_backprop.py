@@ -1,7 +1,6 @@
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 from typing import Iterator
 
 import torch
@@ -9,6 +8,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
+from .attribution import forward_again
 from .base import ForwardPass, Method, MethodOutput, scale_to_unit
 
 
@@ -86,13 +86,14 @@ def guided_gradients(fp: ForwardPass, score: str = "logit") -> Tensor:
     Runs its own forward (the shared one's graph uses plain ReLU gradients) and one backward per
     target column; computed once per forward pass and shared between the methods that use it.
     """
+    if isinstance(fp.model, torch.jit.ScriptModule):
+        # Compiled graphs call their rectifiers without Python: the result would silently be the plain gradient.
+        raise TypeError("guided backpropagation needs the model as Python code, not TorchScript "
+                        "(load it with --model ARCH --weights FILE)")
 
     def compute() -> Tensor:
-        x = fp.x.detach().requires_grad_(True)
-        with torch.enable_grad(), guided_rectifiers(), fp.autocast():
-            logits = fp.model(x)
-        # Same images and targets, new graph; only its input gradient is read.
-        guided = dataclasses.replace(fp, x=x, logits=logits, _grads={}, _memo={})
+        with guided_rectifiers():
+            guided = forward_again(fp, fp.x, fp.targets)
         return guided.gradients("input", score)
 
     return fp.memo(("guided", score), compute)
@@ -100,7 +101,9 @@ def guided_gradients(fp: ForwardPass, score: str = "logit") -> Tensor:
 
 class GuidedBackprop(Method):
     """Guided Backpropagation (Springenberg et al. 2015): the input gradient with every rectifier's
-    backward replaced by the guided rule; the map is max over colour channels of its magnitude."""
+    backward replaced by the guided rule (see ``guided_rectifiers``); the map is max over colour
+    channels of its magnitude, the signed gradient is stored as ``gradient`` (3×H×W).
+    Cost: one forward of its own plus one backward to the input per target (shared with Guided Grad-CAM)."""
 
     name = "guided_backprop"
 

@@ -7,7 +7,8 @@ from .guided_backprop import guided_gradients
 class GuidedGradCAM(Method):
     """Guided Grad-CAM (Selvaraju et al. 2017, captum's ``GuidedGradCam``): the Grad-CAM map (ReLU,
     scaled to [0, 1], bilinearly upsampled) times the guided-backprop gradient, colour channel by
-    colour channel. The product is kept raw; the map is max over channels of its magnitude."""
+    colour channel. The product is stored as ``guided_gradcam`` (3×H×W); the map is max over channels
+    of its magnitude. Cost: Grad-CAM's (shared layer backward) plus Guided Backprop's (shared)."""
 
     name = "guided_gradcam"
     needs = frozenset({"layer"})

@@ -5,7 +5,8 @@ from .base import ForwardPass, Method, MethodOutput, cam_to_maps
 
 class HiResCAM(Method):
     """HiResCAM (Draelos & Carin 2020): gradient x activation summed over channels, pixel by pixel
-    (no spatial averaging of the gradient, so the map reflects the locations the score used)."""
+    (no spatial averaging of the gradient, so the map reflects the locations the score used).
+    Cost: the shared forward plus one backward to the layer per target (shared by all CAM methods)."""
 
     name = "hirescam"
     needs = frozenset({"layer"})

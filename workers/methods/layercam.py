@@ -4,7 +4,8 @@ from .base import ForwardPass, Method, MethodOutput, cam_to_maps
 
 
 class LayerCAM(Method):
-    """Layer-CAM (Jiang et al. 2021): ReLU(gradient) x activation summed over channels, pixel by pixel."""
+    """Layer-CAM (Jiang et al. 2021): ReLU(gradient) x activation summed over channels, pixel by pixel.
+    Cost: the shared forward plus one backward to the layer per target (shared by all CAM methods)."""
 
     name = "layercam"
     needs = frozenset({"layer"})

@@ -7,7 +7,8 @@ from .base import ForwardPass, Method, MethodOutput, cam_to_maps
 
 class XGradCAM(Method):
     """XGrad-CAM (Fu et al. 2020): channel weight = sum over pixels of gradient x activation, divided
-    by the channel's activation sum (weight 0 for a channel whose activations sum to 0)."""
+    by the channel's activation sum (weight 0 for a channel whose activations sum to 0).
+    Cost: the shared forward plus one backward to the layer per target (shared by all CAM methods)."""
 
     name = "xgradcam"
     needs = frozenset({"layer"})
