@@ -100,6 +100,8 @@ def submit(sources, name, chunk, wait, data_dir, **spec):
     SOURCES: files, folders, file:// URIs, s3://bucket/prefix, http(s):// URLs, manifests (.txt, .csv,
     .jsonl of URIs or paths) or - for URIs on standard input. Duplicates become one item.
     """
+    from kombu.exceptions import OperationalError
+
     from .submit import build_spec, submit as submit_job
 
     settings = _settings(data_dir)
@@ -107,6 +109,9 @@ def submit(sources, name, chunk, wait, data_dir, **spec):
         job_id = submit_job(sources, build_spec(**spec), name=name, chunk=chunk, settings=settings)
     except (SourceError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
+    except OperationalError as exc:
+        raise click.ClickException(f"cannot publish to the broker {mask_url(settings.broker_url)}: {exc}; "
+                                   "the job was cancelled") from None
     click.echo(job_id)
     if wait:
         db = connect(settings.resolved_database_url)

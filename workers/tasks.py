@@ -141,11 +141,19 @@ def explain(self, **kwargs) -> dict[str, int]:
     except MessageError as exc:  # nothing to retry: say why and let the message go
         log.error("dropping a message that breaks the contract: %s", exc)
         return {"invalid": 1}
+    started = time.monotonic()
     try:
-        return run_chunk(chunk, runtime())
+        counts = run_chunk(chunk, runtime())
     except Exception as exc:
         if not is_transient(exc) or self.request.retries >= MAX_TASK_RETRIES:
             raise
         # A new message with the same items: the ones that ended meanwhile are passed over.
         raise self.retry(exc=exc, countdown=backoff_delay(self.request.retries, base=2.0, cap=300.0),
                          max_retries=MAX_TASK_RETRIES)
+    seconds = time.monotonic() - started
+    if seconds > runtime().settings.visibility_timeout / 2:
+        # Past the visibility timeout Redis hands the message to another worker while this one works.
+        log.warning("a chunk of %d images took %.0fs, over half the visibility timeout (%ds): "
+                    "use smaller chunks or a longer SALIENT_VISIBILITY_TIMEOUT",
+                    len(chunk.items), seconds, runtime().settings.visibility_timeout)
+    return counts

@@ -171,3 +171,28 @@ def test_image_past_the_delivery_limit_fails_with_the_reason_and_the_rest_go_on(
     assert rows[ids[2]].deliveries == 4
     assert (rows[ids[4]].status, rows[ids[4]].deliveries) == ("done", 2)
     assert all(rows[i].deliveries == 1 and rows[i].status == "done" for i in ids if i not in (ids[2], ids[4]))
+
+
+def test_sigterm_is_a_warm_shutdown_that_finishes_the_messages_in_hand(pipeline, tiny_images):
+    from producer import submit
+    from producer.jobs import get_job, wait_for_job
+
+    folder = tiny_images(16)
+    first = pipeline.start_worker("first", "--concurrency", "2")
+    job_id = submit([folder], chunk=4, **SPEC)
+    db = pipeline.db()
+    deadline = time.monotonic() + 120
+    while get_job(db, job_id).done == 0:
+        assert time.monotonic() < deadline, pipeline.log_tail()
+        time.sleep(0.02)
+    first.send_signal(signal.SIGTERM)
+    assert first.wait(60) == 0, pipeline.log_tail()
+    with db.connect() as conn:
+        # Everything the worker had started, it finished: nothing is left claimed but pending.
+        assert conn.execute(select(Item.id).where(Item.job_id == job_id, Item.status == "pending",
+                                                  Item.deliveries > 0)).first() is None
+    assert get_job(db, job_id).done < 16  # it stopped taking messages
+    pipeline.start_worker("second", "--concurrency", "2")
+    wait_for_job(db, job_id, show_progress=False, timeout=120)
+    items = check_exactly_once(pipeline, job_id, 16)
+    assert {i.deliveries for i in items} == {1}  # no message came back after the shutdown
