@@ -321,9 +321,11 @@ def test_in_place_rectifier_whose_result_is_ignored():
         y.relu_()
         w = z * 1
         F.relu6(w, inplace=True)
-    assert y.tolist() == [0.0, 2.0, 3.0, 7.0] and w.tolist() == [0.0, 2.0, 3.0, 6.0]
-    ((y + w) * torch.tensor([5.0, -4.0, 2.0, 1.0])).sum().backward()
-    assert z.grad.tolist() == [0.0, 0.0, 4.0, 1.0]  # 7 > 6 blocks ReLU6 but not ReLU
+        v = z * 1
+        F.hardtanh_(v, 0.0, 6.0)
+    assert y.tolist() == [0.0, 2.0, 3.0, 7.0] and w.tolist() == v.tolist() == [0.0, 2.0, 3.0, 6.0]
+    ((y + w + v) * torch.tensor([5.0, -4.0, 2.0, 1.0])).sum().backward()
+    assert z.grad.tolist() == [0.0, 0.0, 6.0, 1.0]  # 7 > 6 blocks ReLU6 but not ReLU
 
 
 def test_torchscript_is_refused_not_silently_plain():
