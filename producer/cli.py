@@ -124,7 +124,7 @@ def report(job_id, out, copy, data_dir):
 
     settings = Settings().with_data_dir(data_dir)
     try:
-        summary = build_report(settings, job_id, out or Path(f"salient-report-{(job_id or 'latest')[:8]}"), copy=copy)
+        summary = build_report(settings, job_id, out, copy=copy)
     except LookupError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"{summary.images} images, {summary.explanations} explanations in {summary.seconds:.1f}s: {summary.path}")

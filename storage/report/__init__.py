@@ -45,18 +45,19 @@ class ReportSummary:
     seconds: float
 
 
-def build_report(settings: Settings, job_id: str | None, out_dir: Path, copy: bool = False) -> ReportSummary:
+def build_report(settings: Settings, job_id: str | None, out_dir: Path | None = None,
+                 copy: bool = False) -> ReportSummary:
     """Write ``out_dir/index.html`` (plus ``class-maps/`` and, when copying, ``objects/``) for a job
-    (default: the latest)."""
+    (default: the latest); ``out_dir`` defaults to ``salient-report-<first 8 characters of the job id>``."""
     start = time.perf_counter()
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
     store = open_store(settings.resolved_object_store_url)
-    href = _ObjectLinks(store, out_dir, copy=copy or not isinstance(store, LocalObjectStore))
     db = connect(settings.resolved_database_url)
     try:
         with db.connect() as conn:
             job = find_job(conn, job_id)
+            out_dir = Path(out_dir or f"salient-report-{job.id[:8]}")
+            out_dir.mkdir(parents=True, exist_ok=True)
+            href = _ObjectLinks(store, out_dir, copy=copy or not isinstance(store, LocalObjectStore))
             data = collect(conn, job, href)
     finally:
         db.dispose()
