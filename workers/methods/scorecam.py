@@ -1,0 +1,138 @@
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .base import ForwardPass, Method, MethodOutput, cam_to_maps, scale_to_unit
+
+WEIGHT_DEFINITIONS = ("probability", "logit-softmax", "cic-softmax")
+# Bytes one masked image costs in flight, per input pixel and per byte of the input's element
+# type: the input plus the largest few activations of a CNN stem (measured ~110 for resnet50).
+_BYTES_PER_PIXEL_BYTE = 128
+_MAX_AUTO_BATCH = 256
+
+
+class ScoreCAM(Method):
+    """Score-CAM (Wang et al. 2020): each channel of the target layer, upsampled and min-max scaled
+    to [0, 1], masks the input; the class score of the masked image weights that channel.
+
+    ``scorecam_weights`` picks the published definition of the weight of channel c:
+    ``probability`` (the paper's code) softmax probability of the class on the masked image;
+    ``logit-softmax`` (pytorch-grad-cam, torchcam) softmax over channels of the class logit;
+    ``cic-softmax`` softmax over channels of (masked probability - clean image's probability).
+    ``max_channels`` keeps only the N channels of largest spatial variance ("Faster Score-CAM").
+
+    Cost: one forward per (image, non-constant channel), streamed through the model in batches of
+    ``masked_batch`` masked images (automatic from ``memory_budget_mb`` if None); every target class
+    of an image is read off the same passes, so top-3 costs what top-1 costs.
+    """
+
+    name = "scorecam"
+
+    def __init__(self, scorecam_weights: str = "probability", max_channels: int | None = None,
+                 masked_batch: int | None = None, memory_budget_mb: int = 1024):
+        if scorecam_weights not in WEIGHT_DEFINITIONS:
+            raise ValueError(f"scorecam_weights must be one of {', '.join(WEIGHT_DEFINITIONS)}, "
+                             f"not {scorecam_weights!r}")
+        if max_channels is not None and max_channels < 1:
+            raise ValueError("max_channels must be at least 1")
+        if masked_batch is not None and masked_batch < 1:
+            raise ValueError("masked_batch must be at least 1")
+        self.weights = scorecam_weights
+        self.max_channels = max_channels
+        self.masked_batch = masked_batch
+        self.memory_budget_mb = memory_budget_mb
+
+    def params(self) -> dict:
+        return {"weights": self.weights, "max_channels": self.max_channels}
+
+    def batch_size_for(self, input_size: tuple[int, int], element_bytes: int) -> int:
+        """Masked images per forward: the fixed ``masked_batch``, or as many as the budget holds."""
+        if self.masked_batch is not None:
+            return self.masked_batch
+        per_image = _BYTES_PER_PIXEL_BYTE * element_bytes * input_size[0] * input_size[1]
+        return max(1, min(_MAX_AUTO_BATCH, (self.memory_budget_mb << 20) // per_image))
+
+    def explain(self, fp: ForwardPass) -> MethodOutput:
+        if fp.activations is None:
+            raise ValueError("Score-CAM masks the input with a layer's activations: this model has no hooked layer")
+        with torch.inference_mode():
+            acts = self._kept_channels(fp.activations.detach().float())  # B×C'×h×w
+            scores = self._masked_scores(fp, acts)  # B×C'×K
+            weights = self._channel_weights(scores)  # B×C'×K
+            cam = torch.einsum("bck,bchw->bkhw", weights, acts)
+            return MethodOutput(maps=cam_to_maps(cam, fp.input_size))
+
+    def _kept_channels(self, acts: Tensor) -> Tensor:
+        """B×C×h×w -> B×C'×h×w: all channels, or the ``max_channels`` of largest spatial variance."""
+        if self.max_channels is None or self.max_channels >= acts.shape[1]:
+            return acts
+        variance = acts.flatten(2).var(dim=-1, correction=0)
+        keep = variance.topk(self.max_channels, dim=1).indices
+        return acts.gather(1, keep[:, :, None, None].expand(-1, -1, *acts.shape[-2:]))
+
+    def _masked_scores(self, fp: ForwardPass, acts: Tensor) -> Tensor:
+        """B×C'×K score of each target class on the image masked by each channel (the logit for
+        ``logit-softmax``, else the probability). A constant channel's mask is all zeros, so its
+        masked image is the zero image whatever the input: it costs no pass of its own."""
+        b, c, k = acts.shape[0], acts.shape[1], fp.targets.shape[1]
+        flat = acts.flatten(2)
+        varies = flat.amax(-1) > flat.amin(-1)  # B×C'
+        rows = varies.nonzero()  # R×2 (image, channel); the one host sync per batch
+        x = fp.x.detach()
+        with fp.autocast():
+            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
+        size = fp.input_size
+        batch = self.batch_size_for(size, torch.finfo(dtype).bits // 8)
+        masked = torch.empty((min(batch, max(len(rows), 1)), *x.shape[1:]), dtype=dtype, device=x.device,
+                             memory_format=layout)
+        row_scores = torch.empty(len(rows), k, device=x.device)
+        for start in range(0, len(rows), batch):
+            image, channel = rows[start:start + batch].unbind(1)
+            n = len(image)
+            masks = F.interpolate(acts[image, channel].unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+            torch.mul(x.index_select(0, image), scale_to_unit(masks), out=masked[:n])
+            with fp.autocast():
+                logits = fp.model(masked[:n])
+            row_scores[start:start + n] = self._class_scores(logits, fp.targets.index_select(0, image))
+        scores = torch.empty(b, c, k, device=x.device)
+        scores[rows[:, 0], rows[:, 1]] = row_scores
+        constant = ~varies
+        if constant.any():
+            scores[constant] = self._constant_channel_scores(fp, flat, constant, masked[:1], dtype)[constant]
+        return scores
+
+    def _constant_channel_scores(self, fp: ForwardPass, flat: Tensor, constant: Tensor, buffer: Tensor,
+                                 dtype: torch.dtype) -> Tensor:
+        """B×C'×K scores standing in for the constant channels (the rows ``constant`` marks).
+
+        A constant channel adds (its weight × its value) everywhere. If every constant channel is
+        zero that is nothing, and the scores only need to keep those channels out of the weights;
+        otherwise they are the zero image's real scores (one extra single-image pass)."""
+        b, c = constant.shape
+        if not (flat[..., 0][constant] != 0).any():
+            fill = 0.0 if self.weights == "probability" else torch.finfo(torch.float32).min
+            return torch.full((b, c, fp.targets.shape[1]), fill, device=flat.device)
+        buffer.zero_()
+        with fp.autocast():
+            logits = fp.model(buffer).expand(b, -1)
+        return self._class_scores(logits, fp.targets).unsqueeze(1).expand(-1, c, -1)
+
+    def _class_scores(self, logits: Tensor, targets: Tensor) -> Tensor:
+        """n×N logits, n×K class ids -> n×K float32 scores."""
+        logits = logits.float()
+        if self.weights == "logit-softmax":
+            return logits.gather(1, targets)
+        return logits.softmax(dim=1).gather(1, targets)
+
+    def _channel_weights(self, scores: Tensor) -> Tensor:
+        """B×C'×K masked-image scores -> B×C'×K channel weights, as the chosen definition says.
+
+        ``cic-softmax`` subtracts the clean image's probability before the softmax; that shifts every
+        channel of an (image, class) by the same amount, which a softmax over channels ignores."""
+        if self.weights == "probability":
+            return scores
+        return scores.softmax(dim=1)
+
