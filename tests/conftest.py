@@ -6,19 +6,22 @@ import io
 import os
 import traceback
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import numpy as np
 import pytest
 from click.testing import CliRunner, Result
 
 
-@pytest.fixture(autouse=True)
-def _isolated_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A developer's SALIENT_* variables must not leak into the tests' settings."""
-    for name in list(os.environ):
-        if name.startswith("SALIENT_"):
-            monkeypatch.delenv(name)
+@pytest.fixture(autouse=True, scope="session")
+def _isolated_settings() -> Iterator[None]:
+    """A developer's SALIENT_* variables must not leak into the tests' settings (session-wide, so that
+    module-scoped fixtures running the CLI see a clean environment too)."""
+    with pytest.MonkeyPatch.context() as patch:
+        for name in list(os.environ):
+            if name.startswith("SALIENT_"):
+                patch.delenv(name)
+        yield
 
 
 def _smooth_rgb(height: int, width: int, seed: int = 0) -> np.ndarray:
@@ -40,26 +43,26 @@ def _encode(pixels: np.ndarray, fmt: str, **options) -> bytes:
     return buf.getvalue()
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def smooth_rgb() -> Callable[..., np.ndarray]:
     """The picture generator: ``smooth_rgb(height, width, seed=0)``."""
     return _smooth_rgb
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def encode_image() -> Callable[..., bytes]:
     """The encoder: ``encode_image(pixels, "PNG", **pillow_options)``."""
     return _encode
 
 
-@pytest.fixture
-def tiny_images(tmp_path: Path) -> Callable[..., Path]:
+@pytest.fixture(scope="session")
+def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
     """Factory: ``tiny_images(n, size=(h, w), folder="images")`` writes n distinct small images (PNG, JPEG and
-    WebP in turn, so formats are mixed) and returns the folder."""
+    WebP in turn, so formats are mixed) into a new folder and returns it. Session-scoped, so module-scoped
+    fixtures can use it; every call gets its own folder."""
 
     def make(n: int = 4, size: tuple[int, int] = (48, 64), folder: str = "images") -> Path:
-        out = tmp_path / folder
-        out.mkdir(parents=True, exist_ok=True)
+        out = tmp_path_factory.mktemp(folder)
         formats = [("png", "PNG", {}), ("jpg", "JPEG", {"quality": 95}), ("webp", "WEBP", {"lossless": True})]
         for i in range(n):
             suffix, fmt, options = formats[i % len(formats)]
@@ -69,7 +72,7 @@ def tiny_images(tmp_path: Path) -> Callable[..., Path]:
     return make
 
 
-@pytest.fixture
+@pytest.fixture(scope="session")
 def run_cli() -> Callable[..., Result]:
     """Run ``salient ARGS`` in-process; fails the test with the output when the exit code is unexpected."""
     from producer.cli import main
