@@ -15,7 +15,9 @@ $(VENV)/.installed: pyproject.toml
 demo: venv
 	$(VENV)/bin/salient demo --out salient-demo
 
-# The pipeline tests start real Redis, PostgreSQL and SeaweedFS (S3) servers; install them first.
+# The pipeline tests start real Redis, PostgreSQL and SeaweedFS (S3) servers, and the report test drives a
+# real headless Chromium: install them first.
 test: venv
 	bash tests/servers/install.sh $(VENV)
+	bash tests/browser_install.sh
 	$(VENV)/bin/python -m pytest -q
