@@ -4,6 +4,7 @@ and the light commands never pay for torch."""
 
 from __future__ import annotations
 
+import copy
 import sys
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -39,9 +40,10 @@ class SalientGroup(click.Group):
         if ep is None:
             return None
         try:
-            return ep.load()
+            command = ep.load()
         except ImportError as exc:
             return _missing_worker_extra(name, exc)
+        return _hinting_missing_extra(name, command)
 
     def format_commands(self, ctx, formatter):
         rows = []
@@ -52,15 +54,36 @@ class SalientGroup(click.Group):
             formatter.write_dl(rows)
 
 
+def _worker_extra_error(name: str, exc: ImportError) -> click.ClickException:
+    return click.ClickException(
+        f"'salient {name}' needs the worker extra ({exc.name or exc} is not installed): "
+        "pip install 'salient[worker]'"
+    )
+
+
 def _missing_worker_extra(name: str, exc: ImportError) -> click.Command:
     @click.command(name, context_settings={"ignore_unknown_options": True, "allow_extra_args": True})
     def unavailable():
-        raise click.ClickException(
-            f"'salient {name}' needs the worker extra ({exc.name or exc} is not installed): "
-            "pip install 'salient[worker]'"
-        )
+        raise _worker_extra_error(name, exc)
 
     return unavailable
+
+
+def _hinting_missing_extra(name: str, command: click.Command) -> click.Command:
+    """Plugins import torch and friends inside the command, so a light install fails there, not at load:
+    give the same one-line hint then. An ImportError from salient's own packages is a bug and surfaces."""
+    hinting = copy.copy(command)
+
+    def invoke(ctx: click.Context):
+        try:
+            return command.invoke(ctx)
+        except ImportError as exc:
+            if (exc.name or "").split(".")[0] in ("producer", "workers", "storage"):
+                raise
+            raise _worker_extra_error(name, exc) from None
+
+    hinting.invoke = invoke
+    return hinting
 
 
 @click.group(cls=SalientGroup, context_settings={"help_option_names": ["-h", "--help"]})
