@@ -12,7 +12,7 @@ import re
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
 
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
@@ -54,6 +54,17 @@ class Settings(BaseSettings):
         "auto", description="auto = path-style with a custom endpoint, virtual-hosted on AWS")
     s3_multipart_threshold: int = Field(8 * 1024 * 1024, ge=5 * 1024 * 1024)
     s3_max_attempts: int = Field(5, ge=1, description="botocore attempts per request (standard retry mode)")
+
+    # Schedules (`salient beat`) and the HTTP API (`salient api`)
+    beat_interval: float = Field(30, gt=0, description="seconds between beat's checks for due schedules")
+    schedule_retry: float = Field(
+        300, gt=0, description="seconds before a scheduled run that could not be submitted is tried again")
+    api_tokens: SecretStr | None = Field(
+        None, description="comma-separated bearer tokens the API accepts; none: the API refuses to start")
+    api_max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger request bodies get 413 unread")
+    api_max_manifest_bytes: int = Field(256 * 1024 * 1024, ge=1, description="largest manifest POST /jobs reads")
+    api_local_sources: bool = Field(
+        False, description="let API clients name paths and file:// URIs on the servers' own disks")
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
