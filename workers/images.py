@@ -30,7 +30,7 @@ def probe_size(data: bytes) -> tuple[int, int, str]:
             with PILImage.open(io.BytesIO(data)) as im:
                 return im.width, im.height, im.format or "?"
     except Exception:
-        raise SourceError("not an image (unrecognised or corrupt header)") from None
+        raise SourceError("not an image (unrecognised, corrupt or truncated header)") from None
 
 
 def check_complete(data: bytes) -> None:
