@@ -158,3 +158,9 @@ from .job_commands import COMMANDS  # noqa: E402
 
 for _command in COMMANDS:
     main.add_command(_command)
+
+# Schedules and their beat.
+from .schedule_commands import COMMANDS as SCHEDULE_COMMANDS  # noqa: E402
+
+for _command in SCHEDULE_COMMANDS:
+    main.add_command(_command)
