@@ -140,8 +140,8 @@ def test_every_item_is_done_or_failed_with_its_reason(run):
     assert names["duplicate.png"][2] == names["img000.png"][2]
 
 
-def records(run_cli, out: Path, fmt: str) -> list[dict]:
-    text = run_cli(["results", "--out", out, "--format", fmt]).output
+def records(run_cli, out: Path, fmt: str, job: str | None = None) -> list[dict]:
+    text = run_cli(["results", "--out", out, "--format", fmt, *(["--job", job] if job else [])]).output
     if fmt == "jsonl":
         return [json.loads(line) for line in text.splitlines() if line.strip()]
     return list(csv.DictReader(io.StringIO(text)))
@@ -175,6 +175,15 @@ def test_results_have_all_fields_and_objects(run, run_cli):
     for image in {r["sha256"] for r in done}:
         scores = [(r["rank"], r["score"]) for r in done if r["sha256"] == image and r["method"] == "gradcam"]
         assert [s for _, s in sorted(scores)] == sorted((s for _, s in scores), reverse=True)
+
+
+def test_the_first_run_and_the_rerun_report_the_same_explanations(run, run_cli):
+    def explained(job: str) -> set[tuple]:
+        return {(r["uri"], r["method"], r["class_id"], r["map_key"], r["overlay_key"])
+                for r in records(run_cli, run["out"], "jsonl", job) if r["status"] == "done"}
+
+    first, second = explained(summary(run["first"])["job"]), explained(summary(run["second"])["job"])
+    assert first == second and len(first) == len(run["good"]) * TOPK * len(METHODS)
 
 
 def test_stored_arrays_exist_for_every_key(run):

@@ -258,6 +258,18 @@ def test_truncated_jpeg_is_refused_even_in_the_pillow_fallback(pillow_only, smoo
         decode_image(data[: len(data) * 2 // 3], LIMIT)
 
 
+def test_truncated_jpeg_with_a_complete_thumbnail_inside_is_refused(smooth_rgb, encode_image):
+    """An EXIF thumbnail is a whole JPEG (with its own end marker) inside the header: the file's last end marker
+    must come after its last start-of-scan, not merely exist."""
+    thumbnail = encode_image(smooth_rgb(16, 16, seed=1), "JPEG")
+    app1 = b"Exif\x00\x00" + thumbnail
+    main = encode_image(smooth_rgb(120, 160), "JPEG")
+    data = main[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + main[2:]
+    assert decode(data).shape == (120, 160, 3)
+    with pytest.raises(SourceError, match="truncated JPEG"):
+        decode_image(data[: len(data) - len(main) // 2], LIMIT)
+
+
 def test_bytes_after_the_end_marker_are_fine(smooth_rgb, encode_image):
     """Cameras pad JPEGs with zeros or append data after the end-of-image marker; the picture is whole."""
     rgb = smooth_rgb(30, 40)
