@@ -168,7 +168,7 @@ class DeviceLoop:
                           "never finished: a crash, out of memory, or past the visibility timeout)")
                 with_backoff(lambda: self._end(item, "failed", reason), self.transient_retries, "failing an item")
                 return
-            prepared = processor._prepare(item)
+            prepared = processor.prepare(item)
             with_backoff(lambda: processor.process_batch([prepared]), self.transient_retries, "explaining an image")
 
     def _end(self, item: PendingItem, status: str, reason: str) -> None:
@@ -179,7 +179,7 @@ class DeviceLoop:
         try:
             with self.gate.shared():
                 # Reading (file, S3, HTTP) and decoding; a bad image comes back with its reason, not raised.
-                ticket.prepared = ticket.processor._prepare(ticket.item)
+                ticket.prepared = ticket.processor.prepare(ticket.item)
         except BaseException as exc:  # S3 down: this image cannot go on now
             ticket.error = exc
         with self._cond:

@@ -98,7 +98,9 @@ class ItemProcessor:
         self.localize = localize
         self.digest = settings_digest(explainer, metrics, overlay_style, localize)
 
-    def _prepare(self, item: PendingItem) -> Prepared:
+    def prepare(self, item: PendingItem) -> Prepared:
+        """Read, hash and decode one item (a bad image gets its reason in ``error``); thread-safe, so
+        the queue workers decode the images of several messages at once."""
         t = time.perf_counter()
         prepared = Prepared(item)
         try:
@@ -118,7 +120,7 @@ class ItemProcessor:
             window: list = []
             batch: list[Prepared] = []
             for item in items:
-                window.append(pool.submit(self._prepare, item))
+                window.append(pool.submit(self.prepare, item))
                 if len(window) < 2 * self.batch_size:
                     continue
                 batch.append(window.pop(0).result())
