@@ -107,7 +107,7 @@ def run(tmp_path_factory, tiny_images, run_cli, smooth_rgb, encode_image):
         first = run_cli(args)
         listing, db_counts = object_listing(out / "objects"), counts(f"sqlite:///{out / 'salient.db'}")
         second = run_cli(args)
-    return {"folder": folder, "good": good, "out": out, "first": first.output, "second": second.output,
+    return {"good": good, "out": out, "first": first.output, "second": second.output,
             "listing": listing, "counts": db_counts}
 
 
