@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import IO, Iterator, Protocol
 
 from sqlalchemy import and_, select
+from sqlalchemy.engine import Engine
 
 from storage.database import Explanation, Item, Job, connect
 from storage.settings import Settings
@@ -30,8 +31,12 @@ def thumbnail_key(sha256: str) -> str:
     return f"thumbnails/{sha256[:2]}/{sha256}.{THUMBNAIL_SIDE}.jpg"
 
 
-def iter_results(settings: Settings, job_id: str | None) -> Iterator[dict]:
-    db = connect(settings.resolved_database_url)
+def iter_results(settings: Settings, job_id: str | None, *, db: Engine | None = None,
+                 item_range: tuple[int, int] | None = None) -> Iterator[dict]:
+    """One record per explanation, or per item without one, in item order. ``db``: an engine to reuse
+    (default: one from ``settings``); ``item_range`` ``(after, upto)``: only items with after < id <= upto,
+    for paging."""
+    db = db or connect(settings.resolved_database_url)
     with db.connect() as conn:
         if job_id is None:
             job_id = conn.execute(select(Job.id).order_by(Job.created_at.desc()).limit(1)).scalar()
@@ -53,6 +58,8 @@ def iter_results(settings: Settings, job_id: str | None) -> Iterator[dict]:
             .where(Item.job_id == job_id)
             .order_by(Item.id, Explanation.method, Explanation.rank)
         )
+        if item_range is not None:
+            query = query.where(Item.id > item_range[0], Item.id <= item_range[1])
         for row in conn.execution_options(yield_per=1000).execute(query).mappings():
             record = dict(row, job_id=job_id)
             if row["map_key"] is not None:
