@@ -8,6 +8,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 from click.testing import CliRunner
@@ -29,7 +30,7 @@ def test_manifests_and_stdin_list_uris_in_order(tmp_path):
         f"{base}/imgs/d.png", "file:///abs/e.png",
         f"{base}/imgs/f.png", f"{base}/imgs/g.png",
         "s3://bucket/h.png", f"{base}/imgs/i.png", f"{base}/j.png",
-        "s3://bucket/k.png", (__import__("pathlib").Path.cwd() / "relative.png").as_uri(),
+        "s3://bucket/k.png", (Path.cwd() / "relative.png").as_uri(),
     ]
     (tmp_path / "bad.jsonl").write_text('{"name": "no uri"}\n')
     with pytest.raises(SourceError, match="no uri/url/path/file"):
@@ -113,11 +114,22 @@ def test_submit_records_items_and_publishes_json_chunks_by_task_name(pipeline, t
 
 
 def test_status_jobs_cancel_and_results_commands(pipeline, tiny_images):
-    from producer import submit
-    from producer.cli import main
+    from sqlalchemy import select
 
-    job_id = submit([tiny_images(3)], model="resnet18", methods="gradcam", name="to-cancel")
+    from producer.cli import main
+    from producer.jobs import get_job
+    from storage.database import Job
+
     runner = CliRunner()
+    out = runner.invoke(main, ["submit", str(tiny_images(3)), "--model", "resnet18", "--methods", "gradcam",
+                               "--classes", "281,tabby", "--localize", "--colormap", "viridis", "--name", "to-cancel"])
+    assert out.exit_code == 0, out.output
+    job_id = out.output.strip()
+    with pipeline.db().connect() as conn:
+        spec = conn.execute(select(Job.settings).where(Job.id == job_id)).scalar()
+    assert spec["targets"] == {"classes": [281, "tabby"]}
+    assert spec["options"] == {"localize": True, "colormap": "viridis"}
+    assert get_job(pipeline.db(), job_id).total == 3
     out = runner.invoke(main, ["status", job_id, "--json"])
     assert out.exit_code == 0, out.output
     assert json.loads(out.output)["status"] == "running" and json.loads(out.output)["total"] == 3
