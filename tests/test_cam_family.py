@@ -20,10 +20,10 @@ from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torch import Tensor, nn
 
 from workers.engine import BatchResult, Explainer
-from workers.targets import Targets
 from workers.methods import build_methods
 from workers.methods.base import scale_to_unit
 from workers.models import LoadedModel
+from workers.targets import Targets
 
 SIZE = 112
 CAMS = {"gradcampp": GradCAMPlusPlus, "xgradcam": XGradCAM, "hirescam": HiResCAM, "layercam": LayerCAM,

@@ -24,13 +24,14 @@ from pytorch_grad_cam import GuidedBackpropReLUModel
 from torch import Tensor, nn
 
 from workers.engine import BatchResult, Explainer
-from workers.targets import Targets
 from workers.methods import build_methods
 from workers.methods.guided_backprop import guided_rectifiers
 from workers.models import LoadedModel, load_model
+from workers.targets import Targets
 
 
-def explain(model: nn.Module, x: Tensor, names: list[str], targets: Targets, layer: str | None = "layer4") -> BatchResult:
+def explain(model: nn.Module, x: Tensor, names: list[str], targets: Targets,
+            layer: str | None = "layer4") -> BatchResult:
     loaded = LoadedModel(name="test", module=model, weights_digest="test", class_names=[str(i) for i in range(1000)])
     return Explainer(loaded, layer, build_methods(names), targets, device="cpu").explain(x)
 
@@ -84,7 +85,8 @@ def _module_upper(module: nn.Module) -> tuple[bool, float | None]:
 
 def _functional_upper(node: torch.fx.Node) -> tuple[bool, float | None]:
     relus = {F.relu, torch.relu, torch.relu_}
-    if node.op == "call_function" and node.target in relus or node.op == "call_method" and node.target in ("relu", "relu_"):
+    if (node.op == "call_function" and node.target in relus
+            or node.op == "call_method" and node.target in ("relu", "relu_")):
         return True, None
     if node.op == "call_function" and node.target is F.relu6:
         return True, 6.0
@@ -203,7 +205,8 @@ def test_every_way_of_calling_a_rectifier_is_guided():
 def test_torchvision_models_are_guided(name: str, functional: bool):
     model = seeded(lambda: torchvision.models.get_model(name, weights=None))
     x = images(2, 32 if name == "densenet121" else 64)
-    result = explain(model, x, ["guided_backprop"], Targets(topk=2), layer="features" if name != "resnet18" else "layer4")
+    layer = "layer4" if name == "resnet18" else "features"
+    result = explain(model, x, ["guided_backprop"], Targets(topk=2), layer)
     ours = result.outputs["guided_backprop"].arrays["gradient"]
     assert_gradients_match(ours, input_gradients(reference_network(model, functional), x, result.targets))
     assert not torch.allclose(ours, input_gradients(model, x, result.targets), atol=1e-3 * ours.abs().amax().item())
@@ -249,7 +252,8 @@ def test_guided_gradcam_matches_captum():
         expected = (theirs - low * guided_captum) / (high - low)
         assert_gradients_match(ours.outputs["guided_gradcam"].arrays["guided_gradcam"][:, k], expected)
     maps = ours.outputs["guided_gradcam"].maps
-    assert maps.shape == (4, 2, 16, 16) and maps.amin() >= 0 and torch.allclose(maps.amax(dim=(-2, -1)), torch.ones(4, 2))
+    assert maps.shape == (4, 2, 16, 16) and maps.amin() >= 0
+    assert torch.allclose(maps.amax(dim=(-2, -1)), torch.ones(4, 2))
 
 
 def test_batch_and_targets_are_independent():
@@ -280,7 +284,8 @@ def test_model_and_torch_left_unchanged(name: str):
     x = images(2, 32 if name == "densenet121" else 64)
     before, weights, logits = _state(model), copy.deepcopy(model.state_dict()), model(x)
     functions = (F.relu, F.relu6, F.hardtanh, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_)
-    explain(model, x, ["guided_backprop", "guided_gradcam"], Targets(topk=2), layer="layer4" if name == "resnet18" else "features")
+    layer = "layer4" if name == "resnet18" else "features"
+    explain(model, x, ["guided_backprop", "guided_gradcam"], Targets(topk=2), layer)
     assert _state(model) == before
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert (F.relu, F.relu6, F.hardtanh, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_) == functions
