@@ -282,10 +282,14 @@ def _state(model: nn.Module) -> list:
 def test_model_and_torch_left_unchanged(name: str):
     model = seeded(lambda: torchvision.models.get_model(name, weights=None))
     x = images(2, 32 if name == "densenet121" else 64)
+    loaded = LoadedModel(name=name, module=model, weights_digest="test", class_names=[str(i) for i in range(1000)])
+    layer = "layer4" if name == "resnet18" else "features"
+    # The engine may set up the model (memory format) when it is built: measure what the methods do.
+    explainer = Explainer(loaded, layer, build_methods(["guided_backprop", "guided_gradcam"]), Targets(topk=2),
+                          device="cpu")
     before, weights, logits = _state(model), copy.deepcopy(model.state_dict()), model(x)
     functions = (F.relu, F.relu6, F.hardtanh, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_)
-    layer = "layer4" if name == "resnet18" else "features"
-    explain(model, x, ["guided_backprop", "guided_gradcam"], Targets(topk=2), layer)
+    explainer.explain(x)
     assert _state(model) == before
     assert all(torch.equal(weights[k], v) for k, v in model.state_dict().items())
     assert (F.relu, F.relu6, F.hardtanh, torch.relu, torch.relu_, Tensor.relu, Tensor.relu_) == functions
@@ -337,3 +341,14 @@ def test_torchscript_is_refused_not_silently_plain():
     scripted = torch.jit.script(seeded(PlainNet))
     with pytest.raises(TypeError, match="TorchScript"):
         explain(scripted, images(1, 16), ["guided_backprop"], Targets(topk=1), layer=None)
+
+
+def test_network_without_rectifiers_gets_the_plain_gradient_and_a_warning():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.SiLU(), nn.Conv2d(4, 4, 3), nn.GELU(), nn.Hardswish(),
+                          nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(4, 5)).eval()
+    x = images(2, 12)
+    with pytest.warns(UserWarning, match="no ReLU"):
+        result = explain(model, x, ["guided_backprop"], Targets(topk=2), layer=None)
+    ours = result.outputs["guided_backprop"].arrays["gradient"]
+    assert_gradients_match(ours, input_gradients(model, x, result.targets))

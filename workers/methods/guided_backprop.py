@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import warnings
 from typing import Iterator
 
 import torch
@@ -58,26 +59,32 @@ def _as_rectifier(func, args: tuple, kwargs: dict) -> tuple[float | None, bool] 
 
 
 class _GuidedMode(TorchFunctionMode):
+    def __init__(self):
+        super().__init__()
+        self.rectifiers = 0  # calls guided so far
+
     def __torch_function__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         rectifier = _as_rectifier(func, args, kwargs)
         if rectifier is None:
             return func(*args, **kwargs)
+        self.rectifiers += 1
         return _GuidedRectifier.apply(args[0], *rectifier)
 
 
 @contextlib.contextmanager
-def guided_rectifiers() -> Iterator[None]:
+def guided_rectifiers() -> Iterator[_GuidedMode]:
     """Within this context, every ReLU / ReLU6 / Hardtanh(0, u) evaluated on this thread backpropagates
     by the guided rule, however the network calls it: ``nn.ReLU``/``nn.ReLU6`` modules (reused or
     in place), ``F.relu``, ``torch.relu``, ``x.relu_()``, ``F.relu6``, ``F.hardtanh``.
 
     A torch-function mode intercepts the calls, so no module or library attribute is patched and
     nothing needs restoring besides the mode itself, which Python pops on exit even after an error.
-    Other activations (SiLU, Hardswish, GELU, ...) keep their plain gradient.
+    Other activations (SiLU, Hardswish, GELU, LeakyReLU, a clamp written by hand) keep their plain
+    gradient. Yields the mode; its ``rectifiers`` counts the calls it guided.
     """
-    with _GuidedMode():
-        yield
+    with _GuidedMode() as mode:
+        yield mode
 
 
 def guided_gradients(fp: ForwardPass, score: str = "logit") -> Tensor:
@@ -92,8 +99,11 @@ def guided_gradients(fp: ForwardPass, score: str = "logit") -> Tensor:
                         "(load it with --model ARCH --weights FILE)")
 
     def compute() -> Tensor:
-        with guided_rectifiers():
+        with guided_rectifiers() as mode:
             guided = forward_again(fp, fp.x, fp.targets)
+        if not mode.rectifiers:
+            warnings.warn(f"{type(fp.model).__name__} calls no ReLU/ReLU6: its guided backpropagation is "
+                          "the plain gradient", stacklevel=2)
         return guided.gradients("input", score)
 
     return fp.memo(("guided", score), compute)
