@@ -4,7 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import ForwardPass, Method, MethodOutput, cam_to_maps, scale_to_unit
+from .base import ForwardPass, Method, MethodOutput, cam_to_maps
 
 WEIGHT_DEFINITIONS = ("probability", "logit-softmax", "cic-softmax")
 # Bytes one masked image costs in flight, per input pixel and per byte of the input's element
@@ -77,14 +77,18 @@ class ScoreCAM(Method):
         ``logit-softmax``, else the probability). A constant channel's mask is all zeros, so its
         masked image is the zero image whatever the input: it costs no pass of its own."""
         b, c, k = acts.shape[0], acts.shape[1], fp.targets.shape[1]
+        size = fp.input_size
+        lo, hi = upsampled_range(acts, size)
         flat = acts.flatten(2)
-        varies = flat.amax(-1) > flat.amin(-1)  # B×C'
+        # Exact test on the small map: resizing a constant map can wobble by a rounding error.
+        varies = (flat.amax(-1) > flat.amin(-1)) & (hi > lo)  # B×C'
+        # Bilinear weights sum to one, so scaling the small map scales its upsampled version alike.
+        unit = torch.where(varies, 1 / (hi - lo), 0.0)[..., None, None] * (acts - lo[..., None, None])
         rows = varies.nonzero()  # R×2 (image, channel); the one host sync per batch
         x = fp.x.detach()
         with fp.autocast():
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        size = fp.input_size
         batch = self.batch_size_for(size, torch.finfo(dtype).bits // 8)
         masked = torch.empty((min(batch, max(len(rows), 1)), *x.shape[1:]), dtype=dtype, device=x.device,
                              memory_format=layout)
@@ -92,8 +96,8 @@ class ScoreCAM(Method):
         for start in range(0, len(rows), batch):
             image, channel = rows[start:start + batch].unbind(1)
             n = len(image)
-            masks = F.interpolate(acts[image, channel].unsqueeze(1), size=size, mode="bilinear", align_corners=False)
-            torch.mul(x.index_select(0, image), scale_to_unit(masks), out=masked[:n])
+            masks = F.interpolate(unit[image, channel].unsqueeze(1), size=size, mode="bilinear", align_corners=False)
+            torch.mul(x.index_select(0, image), masks, out=masked[:n])
             with fp.autocast():
                 logits = fp.model(masked[:n])
             row_scores[start:start + n] = self._class_scores(logits, fp.targets.index_select(0, image))
@@ -101,20 +105,19 @@ class ScoreCAM(Method):
         scores[rows[:, 0], rows[:, 1]] = row_scores
         constant = ~varies
         if constant.any():
-            scores[constant] = self._constant_channel_scores(fp, flat, constant, masked[:1], dtype)[constant]
+            scores[constant] = self._constant_channel_scores(fp, acts, constant, masked[:1])[constant]
         return scores
 
-    def _constant_channel_scores(self, fp: ForwardPass, flat: Tensor, constant: Tensor, buffer: Tensor,
-                                 dtype: torch.dtype) -> Tensor:
+    def _constant_channel_scores(self, fp: ForwardPass, acts: Tensor, constant: Tensor, buffer: Tensor) -> Tensor:
         """B×C'×K scores standing in for the constant channels (the rows ``constant`` marks).
 
         A constant channel adds (its weight × its value) everywhere. If every constant channel is
         zero that is nothing, and the scores only need to keep those channels out of the weights;
         otherwise they are the zero image's real scores (one extra single-image pass)."""
         b, c = constant.shape
-        if not (flat[..., 0][constant] != 0).any():
+        if not (acts[..., 0, 0][constant] != 0).any():
             fill = 0.0 if self.weights == "probability" else torch.finfo(torch.float32).min
-            return torch.full((b, c, fp.targets.shape[1]), fill, device=flat.device)
+            return torch.full((b, c, fp.targets.shape[1]), fill, device=acts.device)
         buffer.zero_()
         with fp.autocast():
             logits = fp.model(buffer).expand(b, -1)
@@ -136,3 +139,30 @@ class ScoreCAM(Method):
             return scores
         return scores.softmax(dim=1)
 
+
+
+def upsampled_range(maps: Tensor, size: tuple[int, int]) -> tuple[Tensor, Tensor]:
+    """Min and max of each B×C×h×w map bilinearly resized to ``size`` (align_corners=False), without
+    resizing it: B×C each.
+
+    Along one axis the resized map is linear between two neighbouring input pixels, so along that
+    axis its extremes lie at the first or last output pixel that falls between the same two inputs.
+    Sampling only those rows and columns (about 2h × 2w values instead of H × W) finds them."""
+    rows, cols = (_interpolation_weights(n, m, maps.device) for n, m in zip(maps.shape[-2:], size))
+    rows, cols = rows[_cell_ends(rows)], cols[_cell_ends(cols)]
+    sampled = (rows @ maps.float() @ cols.T).flatten(2)
+    return sampled.amin(-1), sampled.amax(-1)
+
+
+def _interpolation_weights(src: int, dst: int, device: torch.device) -> Tensor:
+    """dst×src matrix: row i holds the weights F.interpolate's bilinear resize gives output i."""
+    eye = torch.eye(src, device=device).view(src, 1, src, 1)
+    return F.interpolate(eye, size=(dst, 1), mode="bilinear", align_corners=False).view(src, dst).T
+
+
+def _cell_ends(weights: Tensor) -> Tensor:
+    """Indices of the outputs that start or end a run reading the same pair of inputs."""
+    cell = (weights > 0).int().argmax(dim=1)  # the lower input of each output's pair
+    change = cell[1:] != cell[:-1]
+    edge = torch.ones(1, dtype=torch.bool, device=weights.device)
+    return (torch.cat([edge, change]) | torch.cat([change, edge])).nonzero().squeeze(1)
