@@ -164,3 +164,7 @@ from .schedule_commands import COMMANDS as SCHEDULE_COMMANDS  # noqa: E402
 
 for _command in SCHEDULE_COMMANDS:
     main.add_command(_command)
+
+from .api_command import api  # noqa: E402
+
+main.add_command(api)

@@ -10,10 +10,11 @@ from __future__ import annotations
 import os
 import re
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import Field, SecretStr
-from pydantic_settings import BaseSettings, PydanticBaseSettingsSource, SettingsConfigDict, TomlConfigSettingsSource
+from pydantic import Field, IPvAnyNetwork, SecretStr, field_validator
+from pydantic_settings import (BaseSettings, NoDecode, PydanticBaseSettingsSource, SettingsConfigDict,
+                               TomlConfigSettingsSource)
 
 _URL_PASSWORD = re.compile(r"(://[^:/@]*:)[^@/]*@")
 
@@ -63,8 +64,26 @@ class Settings(BaseSettings):
         None, description="comma-separated bearer tokens the API accepts; none: the API refuses to start")
     api_max_body_bytes: int = Field(1024 * 1024, ge=1024, description="larger request bodies get 413 unread")
     api_max_manifest_bytes: int = Field(256 * 1024 * 1024, ge=1, description="largest manifest POST /jobs reads")
-    api_local_sources: bool = Field(
-        False, description="let API clients name paths and file:// URIs on the servers' own disks")
+
+    # What image URIs may reach (storage/uri_policy.py); lists are comma-separated in the environment
+    file_roots: Annotated[list[Path], NoDecode] = Field(
+        [], description="folders whose files file:// URIs and paths from messages, manifests and the API may name "
+                        "(real path, after .. and symlinks); none by default. `salient run` adds its command line's")
+    allow_private_networks: bool = Field(
+        False, description="let http(s):// reach loopback, private, shared and reserved addresses (not link-local)")
+    allowed_networks: Annotated[list[IPvAnyNetwork], NoDecode] = Field(
+        [], description="CIDRs http(s):// may reach although not public, e.g. 10.1.0.0/16 (link-local too)")
+    s3_buckets: Annotated[list[str], NoDecode] = Field(
+        [], description="the only buckets s3:// image URIs may name; none listed: any the credentials reach")
+    http_timeout: float = Field(30, gt=0, description="seconds an http(s):// image may take, connect to last byte")
+    http_max_redirects: int = Field(5, ge=0, description="redirects followed (each target checked again)")
+
+    @field_validator("file_roots", "allowed_networks", "s3_buckets", mode="before")
+    @classmethod
+    def _comma_separated(cls, value):
+        if isinstance(value, str):
+            return [part.strip() for part in value.split(",") if part.strip()]
+        return value
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,

@@ -1,0 +1,331 @@
+"""``salient api``: the HTTP API for other services (FastAPI): submit jobs, follow them, page their results
+and errors, cancel them. Light like the rest of the producer: no torch, no workers.
+
+Every ``/jobs`` route needs ``Authorization: Bearer TOKEN`` with one of ``SALIENT_API_TOKENS``, compared in
+constant time. A request body over ``SALIENT_API_MAX_BODY_BYTES`` gets 413: on its Content-Length header
+before any of it is read, or as soon as a body sent without one passes the limit. Clients name images,
+manifests, weights and labels by ``s3://`` and ``http(s)://`` URIs only: never paths on the servers' disks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import tempfile
+import uuid
+from contextlib import contextmanager
+from datetime import datetime
+from http.client import InvalidURL
+from pathlib import Path, PurePosixPath
+from typing import Annotated, Iterator, Literal
+from urllib.parse import urlparse
+
+from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
+from fastapi import Depends, FastAPI, HTTPException, Query, Response
+from fastapi import Path as PathParam
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from kombu.exceptions import KombuError
+from pydantic import BaseModel, ConfigDict, Field, StringConstraints, model_validator
+from sqlalchemy import select
+from sqlalchemy.engine import Engine
+from sqlalchemy.exc import DBAPIError
+
+from storage.database import Item, cancel_job, connect
+from storage.results import iter_results
+from storage.settings import Settings
+from storage.sources import SourceError, iter_uris, read_uri
+
+from .jobs import JobProgress, get_job
+from .submit import build_spec, submit
+
+MAX_PAGE = 1000
+
+# No NUL characters anywhere: PostgreSQL text cannot hold them.
+Text = Annotated[str, StringConstraints(pattern=r"^[^\x00]*$")]
+# S3 keys may hold spaces; a URL must have them percent-encoded.
+RemoteUri = Annotated[str, StringConstraints(pattern=r"^(s3://[^\x00]+|https?://[^\x00-\x20\x7f]+)$")]
+ManifestUri = Annotated[str, StringConstraints(
+    pattern=r"^(s3://[^\x00?#]+|https?://[^\x00-\x20\x7f?#]+)\.(txt|csv|jsonl)([?#][^\x00-\x20\x7f]*)?$")]
+MethodName = Annotated[str, StringConstraints(pattern=r"^[^\x00,\s]+$")]
+MethodList = Annotated[str, StringConstraints(pattern=r"^[^\x00]*[^\x00,\s][^\x00]*$")]  # names one at least
+JobId = Annotated[uuid.UUID, PathParam(description="The job id.")]
+# items.id is a 32-bit INTEGER column
+Cursor = Annotated[int, Query(ge=0, le=2**31 - 1, description="next_cursor of the previous page; 0 for the first.")]
+Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Images per page.")]
+
+
+class JobRequest(BaseModel):
+    """A job: images as inline URIs and/or a manifest, and the options of ``salient submit``."""
+
+    model_config = ConfigDict(extra="forbid", json_schema_extra={"anyOf": [
+        {"required": ["uris"], "properties": {"uris": {"minItems": 1}}},
+        {"required": ["manifest"], "properties": {"manifest": {"type": "string"}}}]})
+
+    uris: list[RemoteUri] = Field(default_factory=list,
+                                  description="Image URIs; an s3://bucket/prefix stands for the images under it.")
+    manifest: ManifestUri | None = Field(
+        None, description="A .txt, .csv or .jsonl manifest of absolute image URIs, as `salient submit` reads them.")
+    name: Annotated[Text, StringConstraints(max_length=200)] | None = Field(None, description="A name to find the job by.")
+    chunk: int | None = Field(None, ge=1, description="Images per message (default SALIENT_CHUNK_SIZE).")
+    model: Text = "efficientnet_lite0"
+    weights: RemoteUri | None = Field(None, description="State dict the workers download.")
+    layer: Text | None = None
+    methods: MethodList | Annotated[list[MethodName], Field(min_length=1)] = Field(
+        "gradcam,saliency", description="Comma-separated or a list; 'all' for every method.")
+    topk: int = Field(3, ge=1, le=1000)
+    classes: Text | list[int | Text] | None = Field(None, description="Ids or names to explain instead of the top-k.")
+    labels: RemoteUri | None = Field(None, description="Class names for a custom model (JSON list or CSV id,name).")
+    localize: bool = False
+    score: Literal["logit", "probability"] | None = None
+    scorecam_weights: Literal["probability", "logit-softmax", "cic-softmax"] | None = None
+    max_channels: int | None = Field(None, ge=1)
+    smooth: int | None = Field(None, ge=0)
+    noise: float | None = Field(None, ge=0, allow_inf_nan=False)
+    steps: int | None = Field(None, ge=1)
+    baseline: Literal["black", "blurred"] | None = None
+    metrics: Text | None = Field(None, description="Comma-separated: deletion,insertion,drop.")
+    metric_steps: int | None = Field(None, ge=1)
+    metric_baseline: Literal["black", "blurred"] | None = None
+    colormap: Text | None = None
+    alpha: float | None = Field(None, ge=0, le=1)
+    polarity: Literal["positive", "negative", "both"] | None = None
+    clip_upper: float | None = Field(None, ge=0, le=100)
+    clip_lower: float | None = Field(None, ge=0, le=100)
+    overlay: Literal["original", "grayscale", "mask-black", "none"] | None = None
+    batch_size: int = Field(16, ge=1)
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+
+    @model_validator(mode="after")
+    def _names_images(self) -> "JobRequest":
+        if not self.uris and self.manifest is None:
+            raise ValueError("give uris, a manifest, or both")
+        return self
+
+
+class JobStatus(BaseModel):
+    id: str
+    name: str | None
+    status: Literal["listing", "running", "finished", "cancelled"]
+    total: int
+    done: int
+    failed: int
+    skipped: int = Field(description="Already explained with the same settings (the earlier result stands), "
+                                     "or cancelled.")
+    created_at: datetime
+    finished_at: datetime | None
+
+    @classmethod
+    def of(cls, job: JobProgress) -> "JobStatus":
+        return cls(**vars(job))
+
+
+class ResultRecord(BaseModel):
+    """One explanation, or one image without any (failed, pending); as ``salient results`` prints them."""
+
+    job_id: str
+    uri: str
+    sha256: str | None
+    model: str | None
+    method: str | None
+    layer: str | None
+    class_id: int | None
+    class_name: str | None
+    score: float | None
+    rank: int | None
+    map_key: str | None = Field(description="Object key of the map (.npy, float16) in the object store.")
+    overlay_key: str | None = Field(description="Object key of the overlay PNG.")
+    status: str
+    error: str | None
+    seconds: float | None
+    deletion_auc: float | None
+    insertion_auc: float | None
+    drop: float | None
+    increase: bool | None
+
+
+class ResultsPage(BaseModel):
+    records: list[ResultRecord]
+    next_cursor: int | None = Field(description="Pass as ?cursor= for the next page; null on the last page.")
+
+
+class ErrorRecord(BaseModel):
+    uri: str
+    sha256: str | None
+    error: str | None
+    seconds: float | None
+
+
+class ErrorsPage(BaseModel):
+    errors: list[ErrorRecord]
+    next_cursor: int | None = Field(description="Pass as ?cursor= for the next page; null on the last page.")
+
+
+class ErrorDetail(BaseModel):
+    detail: str
+
+
+def api_tokens(settings: Settings) -> list[str]:
+    raw = settings.api_tokens.get_secret_value() if settings.api_tokens else ""
+    return [token.strip() for token in raw.split(",") if token.strip()]
+
+
+def _bearer_check(tokens: list[str]):
+    """A dependency that lets a request through only with one of ``tokens`` as its bearer token."""
+    # Digests have one length, so compare_digest's time does not depend on the tokens' lengths either.
+    digests = [hashlib.sha256(token.encode()).digest() for token in tokens]
+    bearer = HTTPBearer(auto_error=False, description="One of SALIENT_API_TOKENS.")
+
+    def check(credentials: HTTPAuthorizationCredentials | None = Depends(bearer)) -> None:
+        given = hashlib.sha256(credentials.credentials.encode() if credentials else b"").digest()
+        matches = [hmac.compare_digest(given, digest) for digest in digests]  # every one: no early exit
+        if credentials is None or not any(matches):
+            raise HTTPException(401, "missing or wrong bearer token", headers={"WWW-Authenticate": "Bearer"})
+
+    return check
+
+
+def create_app(settings: Settings | None = None, insecure_no_auth: bool = False) -> FastAPI:
+    """The API on the database and broker of ``settings``. Without tokens it refuses, unless
+    ``insecure_no_auth`` (then anyone who can reach it may submit and cancel jobs)."""
+    settings = settings or Settings()
+    tokens = api_tokens(settings)
+    if not tokens and not insecure_no_auth:
+        raise ValueError("no API tokens: set SALIENT_API_TOKENS (comma-separated)")
+    db = connect(settings.resolved_database_url)
+    guard = [Depends(_bearer_check(tokens))] if tokens else []
+    app = FastAPI(title="salient", version="1", max_body_size=settings.api_max_body_bytes,
+                  description="Saliency maps for image classifiers as a queued bulk job.",
+                  generate_unique_id_function=lambda route: route.name)
+    app.add_middleware(ContentLengthLimit, max_bytes=settings.api_max_body_bytes)
+    app.add_exception_handler(RequestValidationError, _unprocessable_answer)
+
+    def answer(description: str) -> dict:
+        return {"model": ErrorDetail, "description": description}
+
+    read_responses = {401: answer("Missing or wrong bearer token"), 404: answer("No such job")}
+
+    def job_or_404(job_id: uuid.UUID) -> JobProgress:
+        try:
+            return get_job(db, str(job_id))
+        except LookupError:
+            raise HTTPException(404, f"no job {job_id}") from None
+
+    @app.post("/jobs", status_code=201, response_model=JobStatus, dependencies=guard, responses={
+        401: answer("Missing or wrong bearer token"), 400: answer("A source the servers cannot list or read"),
+        413: answer("Body over SALIENT_API_MAX_BODY_BYTES"),
+        503: answer("Broker or storage unreachable; the job was cancelled")})
+    def submit_job(request: JobRequest, response: Response) -> JobStatus:
+        """Queue the images for the workers; answers once every image is queued (a big S3 listing takes a while)."""
+        options = request.model_dump(exclude={"uris", "manifest", "name", "chunk"})
+        try:
+            with _manifest_source(request.manifest, settings) as manifest:
+                job_id = submit(request.uris + ([manifest] if manifest else []), build_spec(**options),
+                                name=request.name, chunk=request.chunk, settings=settings)
+        except RequestValidationError:
+            raise
+        except (SourceError, ValueError, ParamValidationError, InvalidURL) as exc:
+            raise HTTPException(400, str(exc)) from None
+        except ClientError as exc:  # S3 answered: a 4xx is about the request (e.g. a malformed bucket name)
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
+            raise HTTPException(400 if 400 <= status < 500 else 503, str(exc)) from None
+        except (KombuError, BotoCoreError, DBAPIError, OSError) as exc:
+            raise HTTPException(503, f"{type(exc).__name__}: {exc}; the job was cancelled") from None
+        response.headers["Location"] = f"/jobs/{job_id}"
+        return JobStatus.of(get_job(db, job_id))
+
+    @app.get("/jobs/{job_id}", response_model=JobStatus, dependencies=guard, responses=read_responses)
+    def get_job_status(job_id: JobId) -> JobStatus:
+        """Status and counts."""
+        return JobStatus.of(job_or_404(job_id))
+
+    @app.get("/jobs/{job_id}/results", response_model=ResultsPage, dependencies=guard, responses=read_responses)
+    def get_job_results(job_id: JobId, cursor: Cursor = 0, limit: Limit = 100) -> ResultsPage:
+        """A page of ``limit`` images in submission order: one record per explanation (methods × classes),
+        or one record for an image without any. A skipped image reports the earlier, identical result."""
+        job_or_404(job_id)
+        ids = _item_ids(db, str(job_id), cursor, limit + 1)
+        if not ids:
+            return ResultsPage(records=[], next_cursor=None)
+        page = ids[:limit]
+        records = iter_results(settings, str(job_id), db=db, item_range=(cursor, page[-1]))
+        return ResultsPage(records=[ResultRecord(**r) for r in records],
+                           next_cursor=page[-1] if len(ids) > limit else None)
+
+    @app.get("/jobs/{job_id}/errors", response_model=ErrorsPage, dependencies=guard, responses=read_responses)
+    def get_job_errors(job_id: JobId, cursor: Cursor = 0, limit: Limit = 100) -> ErrorsPage:
+        """A page of the images that failed, with the reason."""
+        job_or_404(job_id)
+        with db.connect() as conn:
+            rows = conn.execute(
+                select(Item.id, Item.uri, Item.sha256, Item.error, Item.seconds)
+                .where(Item.job_id == str(job_id), Item.status == "failed", Item.id > cursor)
+                .order_by(Item.id).limit(limit + 1)).all()
+        return ErrorsPage(errors=[ErrorRecord(uri=r.uri, sha256=r.sha256, error=r.error, seconds=r.seconds)
+                                  for r in rows[:limit]],
+                          next_cursor=rows[limit - 1].id if len(rows) > limit else None)
+
+    @app.delete("/jobs/{job_id}", response_model=JobStatus, dependencies=guard, responses=read_responses)
+    def delete_job(job_id: JobId) -> JobStatus:
+        """Cancel: images no worker has started are skipped now; the ones being explained finish."""
+        if cancel_job(db, str(job_id)) is None:
+            raise HTTPException(404, f"no job {job_id}")
+        return JobStatus.of(get_job(db, str(job_id)))
+
+    return app
+
+
+def _item_ids(db: Engine, job_id: str, after: int, limit: int) -> list[int]:
+    with db.connect() as conn:
+        return conn.execute(select(Item.id).where(Item.job_id == job_id, Item.id > after)
+                            .order_by(Item.id).limit(limit)).scalars().all()
+
+
+async def _unprocessable_answer(request, exc: RequestValidationError) -> JSONResponse:
+    """FastAPI's 422 without the echo of each bad input: that can be large, or a number such as 1e400 that
+    JSON cannot carry back (FastAPI's own handler then fails with a 500)."""
+    errors = [{key: error[key] for key in ("type", "loc", "msg")} for error in exc.errors()]
+    return JSONResponse({"detail": errors}, status_code=422)
+
+
+def _unprocessable(loc: tuple, message: str) -> RequestValidationError:
+    """A 422 shaped like FastAPI's own, for what only shows once a manifest is read."""
+    return RequestValidationError([{"type": "value_error", "loc": ("body", *loc), "msg": message}])
+
+
+@contextmanager
+def _manifest_source(manifest: str | None, settings: Settings) -> Iterator[str | None]:
+    """The manifest fetched into a temporary file ``submit`` can read, once every entry is checked to be an
+    absolute s3:// or http(s):// URI (a relative one would name a file next to the copy)."""
+    if manifest is None:
+        yield None
+        return
+    suffix = PurePosixPath(urlparse(manifest).path).suffix
+    data = read_uri(manifest, settings.api_max_manifest_bytes, settings)
+    with tempfile.TemporaryDirectory(prefix="salient-manifest-") as folder:
+        path = Path(folder) / f"manifest{suffix}"
+        path.write_bytes(data)
+        del data
+        for n, uri in enumerate(iter_uris([str(path)], settings), 1):
+            # The message names the entry by number only: the manifest's text stays the client's business.
+            if urlparse(uri).scheme not in ("s3", "http", "https"):
+                raise _unprocessable(("manifest",), f"entry {n} is not an absolute s3:// or http(s):// URI")
+        yield str(path)
+
+
+class ContentLengthLimit:
+    """413 on the Content-Length header alone, before a byte of the body is read, as JSON like every other
+    error here. A body without the header is counted as it streams (FastAPI's ``max_body_size``)."""
+
+    def __init__(self, app, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] == "http":
+            length = dict(scope["headers"]).get(b"content-length", b"")
+            if length.isdigit() and int(length) > self.max_bytes:
+                response = JSONResponse({"detail": f"request body over {self.max_bytes} bytes"}, status_code=413)
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
