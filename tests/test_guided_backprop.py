@@ -25,15 +25,16 @@ from torch import Tensor, nn
 
 from workers.engine import BatchResult, Explainer
 from workers.methods import build_methods
+from workers.methods.attribution import smoothgrad_noise
 from workers.methods.guided_backprop import guided_rectifiers
 from workers.models import LoadedModel, load_model
 from workers.targets import Targets
 
 
 def explain(model: nn.Module, x: Tensor, names: list[str], targets: Targets,
-            layer: str | None = "layer4") -> BatchResult:
+            layer: str | None = "layer4", **options) -> BatchResult:
     loaded = LoadedModel(name="test", module=model, weights_digest="test", class_names=[str(i) for i in range(1000)])
-    return Explainer(loaded, layer, build_methods(names), targets, device="cpu").explain(x)
+    return Explainer(loaded, layer, build_methods(names, options), targets, device="cpu").explain(x)
 
 
 def guided(model: nn.Module, x: Tensor, targets: Targets, layer: str = "layer4") -> Tensor:
@@ -271,6 +272,40 @@ def test_batch_and_targets_are_independent():
                         scale = array[i, k].abs().amax().item()
                         torch.testing.assert_close(array[i, k], alone.arrays[name][j, kk], rtol=1e-4,
                                                    atol=1e-5 * scale)
+
+
+def test_smoothgrad_is_the_mean_guided_gradient_over_noisy_copies():
+    model, x = seeded(EveryRectifierNet), images(3, 12)
+    n, noise = 4, 0.2
+    result = explain(model, x, ["guided_backprop"], Targets(topk=2), layer="convs.7", smooth=n, noise=noise)
+    ours = result.outputs["guided_backprop"].arrays["gradient"]
+    # One noisy copy at a time through the independent reference, the same noise as SmoothGrad's definition.
+    reference, eps = reference_network(model), smoothgrad_noise(n, x)
+    sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))
+    copies = [input_gradients(reference, x + sigma.view(-1, 1, 1, 1) * eps[i], result.targets) for i in range(n)]
+    assert_gradients_match(ours, torch.stack(copies).mean(dim=0))
+    plain = guided(model, x, Targets(topk=2), layer="convs.7")
+    assert not torch.allclose(ours, plain, atol=1e-3 * plain.abs().amax().item()), "the noise changed nothing"
+    assert build_methods(["guided_backprop"], {"smooth": n})[0].params() == {"score": "logit", "smooth": n,
+                                                                            "noise": 0.15}
+
+
+def test_guided_gradcam_shares_the_guided_pass_and_is_not_smoothed():
+    model, x = seeded(torchvision.models.resnet18), images(2, 48)
+    methods, targets = ["guided_backprop", "guided_gradcam"], Targets(topk=None, classes=(5, 17))
+    rows: list[int] = []
+    handle = model.register_forward_pre_hook(lambda _m, args: rows.append(args[0].shape[0]))
+    try:
+        explain(model, x, methods, targets)
+        assert rows == [2, 2]  # the shared pass and one guided pass, read by both methods
+        rows.clear()
+        smoothed = explain(model, x, methods, targets, smooth=3).outputs
+        assert sorted(rows) == [2, 2, 6]  # plus one pass of the 3 × 2 noisy copies
+    finally:
+        handle.remove()
+    alone = explain(model, x, ["guided_gradcam"], targets).outputs["guided_gradcam"]
+    torch.testing.assert_close(smoothed["guided_gradcam"].arrays["guided_gradcam"], alone.arrays["guided_gradcam"],
+                               rtol=0, atol=0)
 
 
 def _state(model: nn.Module) -> list:

@@ -82,6 +82,9 @@ class Method(ABC):
     name: ClassVar[str]
     # Which gradients of the shared forward pass the method reads: a subset of {"layer", "input"}.
     needs: ClassVar[frozenset[str]] = frozenset()
+    # True when the method must watch the network run as Python code (e.g. to change how its ReLUs
+    # backpropagate): a TorchScript model is then refused before any image.
+    python_model_only: ClassVar[bool] = False
 
     def params(self) -> dict:
         """Settings that change the result; they become part of the result's identity."""

@@ -9,8 +9,8 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.overrides import TorchFunctionMode
 
-from .attribution import forward_again
-from .base import ForwardPass, Method, MethodOutput, scale_to_unit
+from .attribution import InputAttribution, forward_again, smoothgrad
+from .base import ForwardPass, MethodOutput, scale_to_unit
 
 
 class _GuidedRectifier(torch.autograd.Function):
@@ -93,36 +93,62 @@ def guided_gradients(fp: ForwardPass, score: str = "logit") -> Tensor:
     Runs its own forward (the shared one's graph uses plain ReLU gradients) and one backward per
     target column; computed once per forward pass and shared between the methods that use it.
     """
-    if isinstance(fp.model, torch.jit.ScriptModule):
-        # Compiled graphs call their rectifiers without Python: the result would silently be the plain gradient.
-        raise TypeError("guided backpropagation needs the model as Python code, not TorchScript "
-                        "(load it with --model ARCH --weights FILE)")
+    _require_python(fp.model)
 
     def compute() -> Tensor:
         with guided_rectifiers() as mode:
             guided = forward_again(fp, fp.x, fp.targets)
-        if not mode.rectifiers:
-            warnings.warn(f"{type(fp.model).__name__} calls no ReLU/ReLU6: its guided backpropagation is "
-                          "the plain gradient", stacklevel=2)
+        _warn_if_unguided(mode, fp.model)
         return guided.gradients("input", score)
 
     return fp.memo(("guided", score), compute)
 
 
-class GuidedBackprop(Method):
+def _require_python(model: torch.nn.Module) -> None:
+    if isinstance(model, torch.jit.ScriptModule):
+        # Compiled graphs call their rectifiers without Python: the result would silently be the plain gradient.
+        raise TypeError("guided backpropagation needs the model as Python code, not TorchScript "
+                        "(load it with --model ARCH --weights FILE)")
+
+
+def _warn_if_unguided(mode: _GuidedMode, model: torch.nn.Module) -> None:
+    if not mode.rectifiers:
+        warnings.warn(f"{type(model).__name__} calls no ReLU/ReLU6: its guided backpropagation is "
+                      "the plain gradient", stacklevel=3)
+
+
+class GuidedBackprop(InputAttribution):
     """Guided Backpropagation (Springenberg et al. 2015): the input gradient with every rectifier's
     backward replaced by the guided rule (see ``guided_rectifiers``); the map is max over colour
-    channels of its magnitude, the signed gradient is stored as ``gradient`` (3×H×W).
-    Cost: one forward of its own plus one backward to the input per target (shared with Guided Grad-CAM)."""
+    channels of its magnitude, the signed gradient is stored as ``gradient`` (3×H×W). With ``smooth``
+    N > 0, SmoothGrad: the mean guided gradient over N noisy copies (see ``smoothgrad``).
+    Cost: one forward of its own plus one backward to the input per target (shared with Guided
+    Grad-CAM); with SmoothGrad, N such forwards and N × K backwards per image instead."""
 
     name = "guided_backprop"
+    needs = frozenset()  # its own forward: the shared one backpropagates through plain ReLUs
+    python_model_only = True
 
-    def __init__(self, score: str = "logit"):
+    def __init__(self, score: str = "logit", smooth: int = 0, noise: float = 0.15):
+        super().__init__(smooth=smooth, noise=noise)
         self.score = score
 
     def params(self) -> dict:
-        return {"score": self.score}
+        return {"score": self.score, **super().params()}
+
+    def attribute(self, fp: ForwardPass) -> Tensor:
+        return guided_gradients(fp, self.score)  # B×K×3×H×W
 
     def explain(self, fp: ForwardPass) -> MethodOutput:
-        grads = guided_gradients(fp, self.score)  # B×K×3×H×W
-        return MethodOutput(maps=scale_to_unit(grads.abs().amax(dim=2)), arrays={"gradient": grads})
+        if not self.smooth:
+            return super().explain(fp)
+        _require_python(fp.model)
+        # The noisy copies' forwards run guided, so their plain input gradients are already the guided
+        # ones: one forward per pass of copies, where ``attribute`` would add a second.
+        with guided_rectifiers() as mode:
+            smoothed = smoothgrad(lambda copies: copies.gradients("input", self.score), fp, self.smooth, self.noise)
+        _warn_if_unguided(mode, fp.model)
+        return self.render(smoothed)
+
+    def render(self, attribution: Tensor) -> MethodOutput:
+        return MethodOutput(maps=scale_to_unit(attribution.abs().amax(dim=2)), arrays={"gradient": attribution})
