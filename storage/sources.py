@@ -3,31 +3,42 @@
 Sources: files, folders (recursive), ``file://`` URIs, ``s3://bucket/prefix`` (paginated listing),
 ``http(s)://`` URLs, manifests (``.txt``, ``.csv``, ``.jsonl`` files of URIs or paths) and ``-`` for
 URIs on standard input. Everything streams: a million URIs never sit in memory at once.
+
+Reading obeys storage/uri_policy.py (file roots, network checks, bucket list) before touching anything,
+and caps what it reads: bytes (``max_bytes``) and, over HTTP, time (``http_timeout``) and redirects.
 """
 
 from __future__ import annotations
 
 import csv
+import http.client
 import json
 import os
+import re
+import socket
+import ssl
 import stat
 import sys
 import time
-import urllib.error
-import urllib.request
 from pathlib import Path
 from typing import IO, Iterator
-from urllib.parse import unquote_to_bytes, urlparse
+from urllib.parse import unquote_to_bytes, urljoin, urlparse, urlsplit
 
 from .settings import Settings
+from .uri_policy import Refused, check_bucket, check_file, vetted_addresses
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff", ".gif"})
 MANIFEST_SUFFIXES = frozenset({".txt", ".csv", ".jsonl"})
 URI_SCHEMES = frozenset({"file", "s3", "http", "https"})
 _MANIFEST_COLUMNS = ("uri", "url", "path", "file")
-HTTP_TIMEOUT = 30
+_ANY_SCHEME = re.compile(r"^[A-Za-z][A-Za-z0-9+.-]*://")
 S3_LIST_PAGE_SIZE = 1000  # keys per ListObjectsV2 request (the S3 maximum)
 HTTP_ATTEMPTS = 3
+HTTP_REDIRECTS = frozenset({301, 302, 303, 307, 308})
+HTTP_CHUNK = 64 * 1024
+# What an image may be served as: image/*, or generic bytes (S3-backed servers and CDNs often say
+# application/octet-stream); the decoder then judges the bytes themselves.
+BYTES_CONTENT_TYPES = frozenset({"application/octet-stream", "binary/octet-stream"})
 
 
 class SourceError(Exception):
@@ -118,7 +129,7 @@ def _jsonl_value(line: str) -> str:
 
 
 def _entry_uri(value: str, base: Path) -> str:
-    if urlparse(value).scheme in URI_SCHEMES:
+    if urlparse(value).scheme in URI_SCHEMES or _ANY_SCHEME.match(value):  # ftp://... fails as a URI, not a path
         return value
     return (base / value).absolute().as_uri()
 
@@ -129,6 +140,10 @@ def _list_s3(url: str, settings: Settings) -> Iterator[str]:
     from .s3 import s3_client, split_s3_url
 
     bucket, prefix = split_s3_url(url)
+    try:
+        check_bucket(bucket, settings)
+    except Refused as exc:
+        raise SourceError(f"refused: {exc}") from None
     if Path(prefix).suffix.lower() in IMAGE_SUFFIXES:
         yield url
         return
@@ -151,27 +166,62 @@ def _file_uri_path(uri_path: str) -> Path:
     return Path(os.fsdecode(unquote_to_bytes(uri_path)))
 
 
-def read_uri(uri: str, max_bytes: int, settings: Settings | None = None) -> bytes:
-    """The bytes behind ``uri``. A SourceError is the item's own fault (missing, too big, forbidden) and
-    fails it; other errors (S3 or network down) are transient and left to the caller's retries."""
+def with_command_line_roots(settings: Settings, sources: list[str]) -> Settings:
+    """``settings`` whose file roots also hold what a person named on an in-process command's command line:
+    each folder, each image file, each manifest's own folder (its relative entries) and, for ``-``, the
+    current folder. Anything else a manifest names must lie under SALIENT_FILE_ROOTS."""
+    roots = list(settings.file_roots)
+    for source in sources:
+        parsed = urlparse(source)
+        if source == "-":
+            roots.append(Path.cwd())
+        elif parsed.scheme in ("", "file"):
+            path = _file_uri_path(parsed.path) if parsed.scheme == "file" else Path(source)
+            is_manifest = path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file()
+            roots.append(Path(os.path.realpath(path.parent if is_manifest else path)))
+    return settings.model_copy(update={"file_roots": roots})
+
+
+def read_uri(uri: str, max_bytes: int, settings: Settings | None = None, *, expect_image: bool = False) -> bytes:
+    """The bytes behind ``uri``, if ``settings`` let this process read it (storage/uri_policy.py).
+
+    A SourceError is the item's own fault (refused, missing, too big, not an image) and fails it; other
+    errors (S3 or network down) are transient and left to the caller's retries. ``expect_image``: refuse
+    an http(s) response whose Content-Type says it is something else (an HTML error page, JSON).
+    """
+    settings = settings or Settings()
     parsed = urlparse(uri)
-    if parsed.scheme == "s3":
-        return _read_s3(uri, max_bytes, settings or Settings())
-    if parsed.scheme in ("http", "https"):
-        return _read_http(uri, max_bytes)
-    if parsed.scheme != "file":
-        raise SourceError(f"unsupported URI scheme {parsed.scheme!r}")
-    path = _file_uri_path(parsed.path)
     try:
-        info = path.stat()
-        if stat.S_ISDIR(info.st_mode):
-            raise SourceError("is a directory, not an image file")
-        if not stat.S_ISREG(info.st_mode):  # reading a FIFO would wait forever
-            raise SourceError("not a regular file (a pipe, socket or device)")
-        if info.st_size > max_bytes:
-            raise SourceError(f"file is {info.st_size} bytes, over the limit of {max_bytes}")
-        with open(path, "rb") as f:
-            data = f.read(max_bytes + 1)  # the file may have grown since stat
+        if parsed.scheme == "s3":
+            return _read_s3(uri, max_bytes, settings)
+        if parsed.scheme in ("http", "https"):
+            return _read_http(uri, max_bytes, settings, expect_image)
+        if parsed.scheme != "file":
+            raise SourceError(f"unsupported URI scheme {parsed.scheme!r}")
+        return _read_file(_file_uri_path(parsed.path), max_bytes, settings)
+    except Refused as exc:
+        raise SourceError(f"refused: {exc}") from None
+
+
+def _read_file(path: Path, max_bytes: int, settings: Settings) -> bytes:
+    real = check_file(path, settings)  # before any stat: nothing is told about files outside the roots
+    try:
+        # O_NOFOLLOW: a symlink swapped in after the check is not followed; O_NONBLOCK: opening a FIFO
+        # does not wait for a writer (it is then refused as not a regular file).
+        fd = os.open(real, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+        try:
+            info = os.fstat(fd)
+            if stat.S_ISDIR(info.st_mode):
+                raise SourceError("is a directory, not an image file")
+            if not stat.S_ISREG(info.st_mode):
+                raise SourceError("not a regular file (a pipe, socket or device)")
+            if info.st_size > max_bytes:
+                raise SourceError(f"file is {info.st_size} bytes, over the limit of {max_bytes}")
+        except BaseException:
+            os.close(fd)
+            raise
+        with open(fd, "rb") as f:
+            data = f.read(max_bytes + 1)  # the file may have grown since fstat
     except FileNotFoundError:
         raise SourceError("file not found (or a broken symlink)") from None
     except PermissionError:
@@ -191,12 +241,15 @@ def _read_s3(uri: str, max_bytes: int, settings: Settings) -> bytes:
     from .s3 import s3_client, split_s3_url
 
     bucket, key = split_s3_url(uri)
+    check_bucket(bucket, settings)
     try:
         response = s3_client(settings).get_object(Bucket=bucket, Key=key)
     except ClientError as exc:
         code = exc.response.get("Error", {}).get("Code", "")
         status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0)
-        if code in ("NoSuchKey", "404", "NoSuchBucket") or status == 404:
+        if code == "NoSuchBucket":
+            raise SourceError("bucket not found") from None
+        if code in ("NoSuchKey", "404") or status == 404:
             raise SourceError("object not found") from None
         if status == 403:
             raise SourceError(f"access denied ({code})") from None
@@ -211,27 +264,126 @@ def _read_s3(uri: str, max_bytes: int, settings: Settings) -> bytes:
     return data
 
 
-def _read_http(uri: str, max_bytes: int) -> bytes:
-    """GET with a size limit; 5xx and connection errors are retried a few times, then fail the item
-    (a web server is not salient's storage: its being down is the image's problem)."""
-    for attempt in range(HTTP_ATTEMPTS):
+class _PinnedConnection(http.client.HTTPConnection):
+    """An HTTP(S) connection to an address checked beforehand, never looking the name up again (a second
+    lookup could answer differently: DNS rebinding). The Host header, TLS SNI and the certificate check
+    all use the name."""
+
+    def __init__(self, host: str, port: int, address: str, timeout: float, tls: ssl.SSLContext | None):
+        super().__init__(host, port, timeout=timeout)
+        self.address, self.tls = address, tls
+        self.default_port = 443 if tls else 80  # the Host header names the port only when it is not this
+
+    def connect(self) -> None:
+        sock = socket.create_connection((self.address, self.port), self.timeout)
+        self.sock = self.tls.wrap_socket(sock, server_hostname=self.host) if self.tls else sock
+
+
+class _Redirect(Exception):
+    def __init__(self, location: str):
+        self.location = location
+
+
+class _Retryable(Exception):
+    """A 5xx answer, a name that did not resolve or a connection that failed: worth another attempt."""
+
+
+def _read_http(uri: str, max_bytes: int, settings: Settings, expect_image: bool) -> bytes:
+    """GET with the address checks, a byte cap and one deadline (``http_timeout``) for the whole
+    response; redirects are followed up to ``http_max_redirects``, each target checked like the first.
+    5xx and connection errors are retried a few times, then fail the item (a web server is not
+    salient's storage: its being down is the image's problem); a timeout is not retried."""
+    for hop in range(settings.http_max_redirects + 1):
+        for attempt in range(HTTP_ATTEMPTS):
+            try:
+                return _get_once(uri, max_bytes, settings, expect_image)
+            except _Redirect as redirect:
+                uri = urljoin(uri, redirect.location)
+                break
+            except _Retryable as exc:
+                if attempt == HTTP_ATTEMPTS - 1:
+                    raise SourceError(str(exc)) from None
+            except Refused as exc:
+                raise Refused(f"redirect {hop}: {exc}" if hop else str(exc)) from None
+            time.sleep(0.5 * 2 ** attempt)
+    raise SourceError(f"more than {settings.http_max_redirects} redirects (SALIENT_HTTP_MAX_REDIRECTS)")
+
+
+def _get_once(uri: str, max_bytes: int, settings: Settings, expect_image: bool) -> bytes:
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
+        raise SourceError(f"redirected to a {parts.scheme or 'scheme-less'} URI, which is not followed")
+    if parts.username is not None or parts.password is not None:
+        raise SourceError("URLs with a user name or password are not supported")
+    try:
+        host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    except ValueError:
+        raise SourceError("the URL's port is not a number from 0 to 65535") from None
+    if not host:
+        raise SourceError("the URL names no host")
+    deadline = time.monotonic() + settings.http_timeout
+    try:
+        addresses = vetted_addresses(host, port, settings)
+    except socket.gaierror as exc:
+        raise _Retryable(f"cannot resolve {host}: {exc.strerror or exc}") from None
+    tls = ssl.create_default_context() if parts.scheme == "https" else None
+    target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
+    failure = "no address"
+    for address in addresses:
+        connection = _PinnedConnection(host, port, address, max(deadline - time.monotonic(), 0.001), tls)
         try:
-            request = urllib.request.Request(uri, headers={"User-Agent": "salient"})
-            with urllib.request.urlopen(request, timeout=HTTP_TIMEOUT) as response:
-                length = response.headers.get("Content-Length")
-                if length is not None and int(length) > max_bytes:
-                    raise SourceError(f"response is {length} bytes, over the limit of {max_bytes}")
-                data = response.read(max_bytes + 1)
+            connection.request("GET", target, headers={"User-Agent": "salient", "Accept": "image/*, */*;q=0.5"})
+            sock = connection.sock  # kept: the response may outlive the connection object's hold on it
+            return _body(connection.getresponse(), sock, max_bytes, deadline, expect_image)
+        except TimeoutError:
+            raise SourceError(f"no complete answer within {settings.http_timeout:g}s (SALIENT_HTTP_TIMEOUT)") from None
+        except ssl.SSLError as exc:
+            raise SourceError(f"TLS failed: {getattr(exc, 'verify_message', None) or exc.reason or exc}") from None
+        except (http.client.HTTPException, OSError) as exc:  # refused, reset, not HTTP: try the next address
+            failure = (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__
+        finally:
+            connection.close()
+    raise _Retryable(f"cannot fetch: {failure}")
+
+
+def _body(response: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, deadline: float,
+          expect_image: bool) -> bytes:
+    """The response's bytes, read in chunks against the cap and the deadline. A Content-Length over the
+    cap refuses at once; a missing one changes nothing, and a wrong one cannot make salient read more
+    (http.client stops at the length announced; fewer bytes than announced fail)."""
+    if response.status in HTTP_REDIRECTS:
+        location = response.getheader("Location")
+        if not location:
+            raise SourceError(f"HTTP {response.status} redirect without a Location")
+        raise _Redirect(location)
+    if response.status >= 500:
+        raise _Retryable(f"HTTP {response.status} {response.reason}")
+    if response.status >= 300:
+        raise SourceError(f"HTTP {response.status} {response.reason}")
+    content_type = (response.getheader("Content-Type") or "").split(";")[0].strip().lower()
+    if expect_image and content_type and not (content_type.startswith("image/")
+                                             or content_type in BYTES_CONTENT_TYPES):
+        raise SourceError(f"not an image: the server says Content-Type {content_type[:100]}")
+    length = response.getheader("Content-Length", "")
+    announced = int(length) if length.strip().isdigit() else None
+    if announced is not None and announced > max_bytes:
+        raise SourceError(f"response is {announced} bytes, over the limit of {max_bytes}")
+    chunks: list[bytes] = []
+    received = 0
+    while True:
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            raise TimeoutError
+        sock.settimeout(remaining)  # a server sending a byte at a time still ends at the deadline
+        chunk = response.read1(HTTP_CHUNK)
+        if not chunk:
             break
-        except urllib.error.HTTPError as exc:
-            if exc.code < 500 or attempt == HTTP_ATTEMPTS - 1:
-                raise SourceError(f"HTTP {exc.code} {exc.reason}") from None
-        except (urllib.error.URLError, OSError) as exc:
-            if attempt == HTTP_ATTEMPTS - 1:
-                raise SourceError(f"cannot fetch: {getattr(exc, 'reason', exc)}") from None
-        time.sleep(0.5 * 2 ** attempt)
-    if len(data) > max_bytes:
-        raise SourceError(f"response is over the limit of {max_bytes} bytes")
-    if not data:
+        received += len(chunk)
+        if received > max_bytes:
+            raise SourceError(f"response is over the limit of {max_bytes} bytes")
+        chunks.append(chunk)
+    if announced is not None and received < announced:
+        raise SourceError(f"connection closed after {received} of the {announced} bytes announced")
+    if not received:
         raise SourceError("empty response")
-    return data
+    return b"".join(chunks)

@@ -14,13 +14,15 @@ from click.testing import CliRunner, Result
 
 
 @pytest.fixture(autouse=True, scope="session")
-def _isolated_settings() -> Iterator[None]:
+def _isolated_settings(tmp_path_factory: pytest.TempPathFactory) -> Iterator[None]:
     """A developer's SALIENT_* variables must not leak into the tests' settings (session-wide, so that
-    module-scoped fixtures running the CLI see a clean environment too)."""
+    module-scoped fixtures running the CLI see a clean environment too). Local files are readable under
+    the session's temporary folder only, where every test writes its images (workers inherit this)."""
     with pytest.MonkeyPatch.context() as patch:
         for name in list(os.environ):
             if name.startswith("SALIENT_"):
                 patch.delenv(name)
+        patch.setenv("SALIENT_FILE_ROOTS", str(tmp_path_factory.getbasetemp()))
         yield
 
 

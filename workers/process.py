@@ -104,7 +104,7 @@ class ItemProcessor:
         t = time.perf_counter()
         prepared = Prepared(item)
         try:
-            data = read_uri(item.uri, self.settings.max_image_bytes)
+            data = read_uri(item.uri, self.settings.max_image_bytes, self.settings, expect_image=True)
             prepared.sha256 = hashlib.sha256(data).hexdigest()
             prepared.rgb = decode_image(data, self.settings.max_image_pixels)
             m = self.explainer.model

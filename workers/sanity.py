@@ -193,7 +193,8 @@ def load_inputs(uris: list[str], model: LoadedModel, settings: Settings) -> tupl
     inputs, used, failed = [], [], {}
     for uri in uris:
         try:
-            rgb = decode_image(read_uri(uri, settings.max_image_bytes), settings.max_image_pixels)
+            rgb = decode_image(read_uri(uri, settings.max_image_bytes, settings, expect_image=True),
+                               settings.max_image_pixels)
         except SourceError as exc:
             failed[uri] = str(exc)
             continue

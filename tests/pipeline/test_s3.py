@@ -88,10 +88,11 @@ def http_folder(tmp_path):
 
 def test_read_http_urls_with_limits(http_folder):
     folder, base = http_folder
+    loopback = Settings(allow_private_networks=True)  # closed by default (tests/test_uri_policy.py)
     (folder / "a.png").write_bytes(b"abcdef")
     assert list(iter_uris([f"{base}/a.png"])) == [f"{base}/a.png"]
-    assert read_uri(f"{base}/a.png", 100) == b"abcdef"
+    assert read_uri(f"{base}/a.png", 100, loopback) == b"abcdef"
     with pytest.raises(SourceError, match="over the limit"):
-        read_uri(f"{base}/a.png", 3)
+        read_uri(f"{base}/a.png", 3, loopback)
     with pytest.raises(SourceError, match="HTTP 404"):
-        read_uri(f"{base}/missing.png", 100)
+        read_uri(f"{base}/missing.png", 100, loopback)
