@@ -182,6 +182,16 @@ def with_command_line_roots(settings: Settings, sources: list[str]) -> Settings:
     return settings.model_copy(update={"file_roots": roots})
 
 
+def allowed_local_path(location: str, settings: Settings) -> Path:
+    """The real path of a local file named by a path or ``file://`` URI (a spec's weights, labels or
+    TorchScript model), if the file roots allow it; SourceError if not."""
+    parsed = urlparse(location)
+    try:
+        return check_file(_file_uri_path(parsed.path) if parsed.scheme == "file" else Path(location), settings)
+    except Refused as exc:
+        raise SourceError(f"refused: {exc}") from None
+
+
 def read_uri(uri: str, max_bytes: int, settings: Settings | None = None, *, expect_image: bool = False) -> bytes:
     """The bytes behind ``uri``, if ``settings`` let this process read it (storage/uri_policy.py).
 

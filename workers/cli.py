@@ -13,7 +13,7 @@ from storage.database import add_items, close_listing, connect, create_job
 from storage.objects import open_store
 from storage.results import iter_results, write_results
 from storage.settings import Settings
-from storage.sources import SourceError, iter_uris
+from storage.sources import SourceError, iter_uris, with_command_line_roots
 
 
 def job_options(f):
@@ -132,7 +132,9 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
     from .targets import Targets, parse_classes
     from .process import ItemProcessor, pending_items, record_digest
 
-    settings = Settings().with_data_dir(data_dir)
+    # What this command line names is readable, as in any in-process command (storage/uri_policy.py).
+    named = [str(s) for s in sources] + [str(p) for p in (weights, labels, model) if p and Path(p).is_file()]
+    settings = with_command_line_roots(Settings().with_data_dir(data_dir), named)
     torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         metrics, overlay_style = _output_settings(method_options)
@@ -160,7 +162,7 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
                     "versions": _versions()}
     job_id = create_job(db, job_settings)
     try:
-        add_items(db, job_id, iter_uris([str(s) for s in sources]))
+        add_items(db, job_id, iter_uris([str(s) for s in sources], settings))
     except SourceError as exc:
         raise click.ClickException(str(exc)) from None
     close_listing(db, job_id)
@@ -330,6 +332,8 @@ def sanity(sources, job_id, sample, stops, topk, model, weights, layer, methods,
         except SourceError as exc:
             raise click.ClickException(str(exc)) from None
         method_names, options = [m.strip() for m in methods.split(",") if m.strip()], {}
+    # The sources on this command line, or the ones the job recorded from its own: readable as in `run`.
+    settings = with_command_line_roots(settings, [str(s) for s in sources] if sources else config.get("sources", []))
     try:
         method_list = build_methods(method_names, options)
         loaded = load_model(model, weights)

@@ -15,7 +15,7 @@ from sqlalchemy.engine import Engine
 
 from storage.objects import ObjectStore
 from storage.settings import Settings
-from storage.sources import read_uri
+from storage.sources import allowed_local_path, read_uri
 
 from .batching import guard_model
 from .process import ItemProcessor
@@ -33,13 +33,13 @@ def spec_key(spec: dict[str, Any]) -> str:
 
 
 def _local_file(location: str | None, settings: Settings, expected_sha256: str | None = None) -> Path | None:
-    """A local file for a spec's weights or labels: a path as is, an s3:// or http(s):// URI downloaded
-    once into DATA_DIR/downloads/ (named by its sha256)."""
+    """A local file for a spec's weights or labels: a path under the file roots (storage/uri_policy.py), an
+    s3:// or http(s):// URI downloaded once into DATA_DIR/downloads/ (named by its sha256)."""
     if location is None:
         return None
     scheme = urlparse(location).scheme
     if scheme not in ("s3", "http", "https"):
-        return Path(urlparse(location).path if scheme == "file" else location)
+        return allowed_local_path(location, settings)
     cache = settings.data_dir / "downloads"
     if expected_sha256 and (cache / expected_sha256).is_file():
         return cache / expected_sha256
@@ -78,7 +78,10 @@ def build_processor(spec: dict[str, Any], settings: Settings, db: Engine, store:
         weights = _local_file(spec.get("weights"), settings, expected)
         if weights is not None and expected and _file_digest(weights) != expected:
             raise SpecError(f"weights {spec['weights']} differ from the file that was submitted (sha256 {expected})")
-        loaded = load_model(spec["model"], weights, _local_file(spec.get("labels"), settings))
+        model = spec["model"]
+        if "/" in model or "." in model:  # a TorchScript file is a program: only from under the file roots
+            model = str(allowed_local_path(model, settings))
+        loaded = load_model(model, weights, _local_file(spec.get("labels"), settings))
         layer = resolve_layer(loaded, spec.get("layer"), needed=any("layer" in m.needs for m in methods))
         classes = spec["targets"].get("classes")
         targets = Targets(topk=None, classes=parse_classes(",".join(map(str, classes)), loaded.class_names)) \
