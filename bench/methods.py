@@ -1,0 +1,423 @@
+"""Explanation-method benchmark: salient side by side with pytorch-grad-cam (grad-cam 1.5.7), CPU, 2 threads.
+
+1. Forward limit: plain inference images/s at the best batch size, fp32 and bf16 (both channels_last, as
+   the engine runs them), 224 px.
+2. Score-CAM masked passes/s and efficiency = masked passes/s / forward limit (same model, size, precision).
+   Target >= 0.95.
+3. pytorch-grad-cam ScoreCAM (at its best ``cam.batch_size``) and GradCAM on the same inputs, top-1 and
+   top-3 (three calls: its top-1 time is their median, its top-3 time their sum); salient's speedup for
+   each, fp32 and bf16. salient runs Score-CAM's ``logit-softmax`` definition here (pytorch-grad-cam's; all
+   three cost the same).
+4. Max abs difference of the maps (salient's scaled to [0, 1] as pytorch-grad-cam scales its own; target
+   <= 1e-3) and the bf16-vs-fp32 map correlation and top-1 agreement.
+5. Peak RSS of a fresh process running resnet50 Score-CAM at the default masked batch, for 1 and 8 images.
+6. --max-channels: correlation with the full map and speedup (EfficientNet-Lite0, trained weights).
+7. The malloc fix (workers/runtime.py): a plain fp32 forward loop in fresh processes with and without it.
+
+pytorch-grad-cam upsamples Score-CAM's masks with align_corners=True; it is switched to the paper's and
+torchcam's align_corners=False (same kernel, same cost) so the maps can be compared. Its own Score-CAM
+takes minutes per image on resnet50 at 224 px, so resnet50's Score-CAM comparison runs at 112 px.
+Models are random-init except EfficientNet-Lite0 (bundled ImageNet weights); inputs are scikit-image's
+sample photos. Timings on a shared machine are noisy: each figure is a median of rounds run side by side.
+
+    .venv/bin/python bench/methods.py            # ~20-25 min
+    .venv/bin/python bench/methods.py --quick    # smoke run, resnet18 at 64 px (~1 min)
+
+The last line printed is one JSON object with every figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+os.environ.setdefault("TQDM_DISABLE", "1")  # pytorch-grad-cam's Score-CAM prints a progress bar per image
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from torch import Tensor, nn  # noqa: E402
+
+THREADS = 2
+PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """What one model is measured on: the Score-CAM comparison's input size and number of images."""
+
+    model: str
+    size: int = 224
+    images: int = 1
+
+
+FULL = (Plan("resnet18", 224, 2), Plan("efficientnet_lite0", 224, 2), Plan("resnet50", 112, 1))
+QUICK = (Plan("resnet18", 64, 1),)
+
+
+def seconds(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def photos(model, n: int, size: int) -> Tensor:
+    """n×3×size×size normalised inputs from scikit-image's sample photos."""
+    import skimage.data
+
+    from workers.images import to_input
+
+    return torch.stack([to_input(getattr(skimage.data, PHOTOS[i % len(PHOTOS)])(), size, model.mean, model.std)
+                        for i in range(n)])
+
+
+def autocast(precision: str):
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def forward_limit(module: nn.Module, size: int, precision: str, batch_sizes: tuple[int, ...],
+                  repeats: int) -> dict:
+    """Plain inference images/s at each batch size (median of ``repeats`` calls) and the best of them."""
+    module = module.to(memory_format=torch.channels_last)
+    rates = {}
+    for batch in batch_sizes:
+        x = torch.randn(batch, 3, size, size).contiguous(memory_format=torch.channels_last)
+        with torch.inference_mode(), autocast(precision):
+            module(x)
+            rates[batch] = batch / statistics.median(seconds(lambda: module(x)) for _ in range(repeats))
+    best = max(rates, key=rates.get)
+    return {"images_per_s": rates[best], "batch": best, "by_batch": rates}
+
+
+def warm_up(module: nn.Module, batch: int, size: int, precision: str) -> None:
+    """One plain forward at this shape (in the module's own memory format)."""
+    channels_last = next(p for p in module.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    x = torch.zeros(batch, 3, size, size)
+    with torch.inference_mode(), autocast(precision):
+        module(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
+
+
+def nonconstant_channels(module: nn.Module, layer: nn.Module, x: Tensor) -> int:
+    """Masked passes Score-CAM makes for x: the (image, channel) pairs whose map is not constant."""
+    captured = []
+    handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
+    with torch.inference_mode():
+        module(x)
+    handle.remove()
+    flat = captured[0].flatten(2)
+    return int((flat.amax(-1) > flat.amin(-1)).sum())
+
+
+def correlation(a: Tensor, b: Tensor) -> float:
+    return float(np.corrcoef(a.flatten().double().numpy(), b.flatten().double().numpy())[0, 1])
+
+
+def min_map_correlation(a: Tensor, b: Tensor) -> float:
+    """Smallest correlation between corresponding B×K maps (a constant map correlates as 1 with itself)."""
+    worst = 1.0
+    for u, v in zip(a.flatten(0, 1), b.flatten(0, 1)):
+        if u.std() == 0 or v.std() == 0:
+            worst = min(worst, 1.0 if torch.equal(u, v) else 0.0)
+        else:
+            worst = min(worst, correlation(u, v))
+    return worst
+
+
+def align_corners_false_upsampling() -> None:
+    """pytorch-grad-cam's Score-CAM builds its masks with UpsamplingBilinear2d (align_corners=True)."""
+    torch.nn.UpsamplingBilinear2d = lambda size: nn.Upsample(size=size, mode="bilinear", align_corners=False)
+
+
+def best_competitor_batch(model: str, size: int, candidates: tuple[int, ...]) -> dict:
+    """The ``cam.batch_size`` at which pytorch-grad-cam's Score-CAM explains one photo's top class fastest."""
+    from pytorch_grad_cam import ScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from workers.models import load_model, resolve_layer
+
+    loaded = load_model(model)
+    module, layer = loaded.module, loaded.module.get_submodule(resolve_layer(loaded, None))
+    x = photos(loaded, 1, size)
+    with torch.inference_mode():
+        classes = module(x).argmax(1)
+    targets = [ClassifierOutputTarget(int(c)) for c in classes]
+    timings = {}
+    with ScoreCAM(model=module, target_layers=[layer]) as cam:
+        for batch in candidates:
+            cam.batch_size = batch
+            timings[batch] = seconds(lambda: cam(input_tensor=x, targets=targets))
+    return {"batch": min(timings, key=timings.get), "seconds_by_batch": timings}
+
+
+def compare(model: str, method: str, size: int, n_images: int, competitor_batch: int | None, repeats: int,
+            limits: dict | None) -> dict:
+    """salient vs pytorch-grad-cam for one method ("scorecam" or "gradcam") on one model, side by side."""
+    from pytorch_grad_cam import GradCAM as TheirGradCAM
+    from pytorch_grad_cam import ScoreCAM as TheirScoreCAM
+    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+
+    from workers.engine import Explainer
+    from workers.methods.base import scale_to_unit
+    from workers.methods.gradcam import GradCAM
+    from workers.methods.scorecam import ScoreCAM
+    from workers.models import load_model, resolve_layer
+    from workers.targets import Targets
+
+    loaded = load_model(model)
+    layer_name = resolve_layer(loaded, None)
+    # pytorch-grad-cam as its users run it: its own copy, default memory format, weights that take gradients.
+    theirs_module = copy.deepcopy(loaded.module).requires_grad_(method == "gradcam")
+    theirs_layer = theirs_module.get_submodule(layer_name)
+    x = photos(loaded, n_images, size)
+    precisions = ("fp32", "bf16") if method == "scorecam" else ("fp32",)
+
+    def ours():
+        return ScoreCAM("logit-softmax") if method == "scorecam" else GradCAM()
+
+    explainers = {(p, k): Explainer(loaded, layer_name, [ours()], Targets(topk=k), device="cpu", precision=p)
+                  for p in precisions for k in (1, 3)}
+    if method == "scorecam":  # oneDNN builds its kernels for a shape on first sight: not part of the timing
+        for p in precisions:
+            masked_batch = ours().batch_size_for((size, size), 2 if p == "bf16" else 4)
+            warm_up(loaded.module.to(memory_format=torch.channels_last), masked_batch, size, p)
+        warm_up(theirs_module, competitor_batch, size, "fp32")
+    their_class = TheirScoreCAM if method == "scorecam" else TheirGradCAM
+    times: dict[tuple, list[float]] = {key: [] for key in explainers}
+    their_times, their_maps, results = [], [], {}
+    top3 = None
+    with their_class(model=theirs_module, target_layers=[theirs_layer]) as cam:
+        if competitor_batch:
+            cam.batch_size = competitor_batch
+        for round_ in range(max(repeats, 3)):  # three competitor calls: class ranks 1, 2, 3
+            for key, explainer in explainers.items():
+                if round_ < repeats:
+                    start = time.perf_counter()
+                    results[key] = explainer.explain(x)
+                    times[key].append(time.perf_counter() - start)
+            top3 = results[("fp32", 3)].targets
+            targets = [ClassifierOutputTarget(int(c)) for c in top3[:, round_]]
+            start = time.perf_counter()
+            their_maps.append(torch.from_numpy(cam(input_tensor=x, targets=targets)))
+            their_times.append(time.perf_counter() - start)
+
+    ours_maps = {p: results[(p, 3)].outputs[method].maps for p in precisions}
+    median = {key: statistics.median(v) for key, v in times.items()}
+    their_top1, their_top3 = statistics.median(their_times), sum(their_times)
+    figures = {
+        "input": size, "images": n_images, "competitor_batch": competitor_batch,
+        "pytorch_grad_cam_s": {"top1": their_top1, "top3": their_top3},
+        "max_abs_diff_vs_pytorch_grad_cam": max(
+            float((scale_to_unit(ours_maps["fp32"][:, k]) - their_maps[k]).abs().max()) for k in range(3)),
+    }
+    for p in precisions:
+        figures[p] = {
+            "salient_s": {"top1": median[(p, 1)], "top3": median[(p, 3)]},
+            "speedup": {"top1": their_top1 / median[(p, 1)], "top3": their_top3 / median[(p, 3)]},
+        }
+    if method == "scorecam":
+        passes = nonconstant_channels(loaded.module, loaded.module.get_submodule(layer_name), x)
+        figures["masked_passes"] = passes
+        for p in precisions:
+            rate = passes / median[(p, 1)]
+            figures[p]["masked_passes_per_s"] = rate
+            if limits is not None:
+                figures[p]["efficiency"] = rate / limits[p]["images_per_s"]
+        figures["bf16_vs_fp32"] = {
+            "min_map_correlation": min_map_correlation(ours_maps["fp32"], ours_maps["bf16"]),
+            "same_top1": bool(torch.equal(results[("fp32", 1)].targets, results[("bf16", 1)].targets)),
+        }
+        figures["_maps_fp32_top1"] = results[("fp32", 1)].outputs[method].maps
+        figures["_seconds_fp32_top1"] = median[("fp32", 1)]
+        figures["_inputs"] = x
+    return figures
+
+
+def max_channels_fidelity(model: str, full_maps: Tensor, full_seconds: float, x: Tensor,
+                          counts: tuple[int, ...], repeats: int) -> dict:
+    from workers.engine import Explainer
+    from workers.methods.scorecam import ScoreCAM
+    from workers.models import load_model, resolve_layer
+    from workers.targets import Targets
+
+    loaded = load_model(model)
+    layer = resolve_layer(loaded, None)
+    out = {}
+    for n in counts:
+        explainer = Explainer(loaded, layer, [ScoreCAM("logit-softmax", max_channels=n)], Targets(topk=1),
+                              device="cpu")
+        runs = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            result = explainer.explain(x)
+            runs.append(time.perf_counter() - start)
+        out[n] = {"min_map_correlation": min_map_correlation(result.outputs["scorecam"].maps, full_maps),
+                  "speedup": full_seconds / statistics.median(runs)}
+    return out
+
+
+# ----- probes: fresh processes, so that peak RSS and malloc settings are their own -----
+
+def probe_rss(images: int, max_channels: int) -> dict:
+    from workers.engine import Explainer
+    from workers.methods.scorecam import ScoreCAM
+    from workers.models import load_model, resolve_layer
+    from workers.targets import Targets
+
+    loaded = load_model("resnet50")
+    method = ScoreCAM(max_channels=max_channels)
+    explainer = Explainer(loaded, resolve_layer(loaded, None), [method], Targets(topk=3), device="cpu")
+    explainer.explain(torch.randn(images, 3, 224, 224))
+    return {"peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "masked_batch": method.batch_size_for((224, 224), 4), "images": images,
+            "masked_passes": images * max_channels}
+
+
+def probe_malloc(fixed: bool, seconds_: float) -> dict:
+    import torchvision
+
+    from workers.runtime import keep_freed_memory
+
+    if fixed:
+        keep_freed_memory()
+    torch.manual_seed(0)
+    module = torchvision.models.resnet18().eval().requires_grad_(False).to(memory_format=torch.channels_last)
+    x = torch.randn(32, 3, 224, 224).contiguous(memory_format=torch.channels_last)
+    with torch.inference_mode():
+        module(x)
+        before, start, n = resource.getrusage(resource.RUSAGE_SELF), time.perf_counter(), 0
+        while time.perf_counter() - start < seconds_:
+            module(x)
+            n += len(x)
+        wall, after = time.perf_counter() - start, resource.getrusage(resource.RUSAGE_SELF)
+    return {"images_per_s": n / wall, "user_ms_per_image": 1000 * (after.ru_utime - before.ru_utime) / n,
+            "sys_ms_per_image": 1000 * (after.ru_stime - before.ru_stime) / n,
+            "page_faults_per_image": (after.ru_minflt - before.ru_minflt) / n}
+
+
+def run_probe(*args: str) -> dict:
+    out = subprocess.run([sys.executable, __file__, "--probe", *args], capture_output=True, text=True, check=True)
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def malloc_effect(rounds: int, seconds_: float) -> dict:
+    runs = {"off": [], "on": []}
+    for _ in range(rounds):  # alternate, so both see the same background load
+        for state in runs:
+            runs[state].append(run_probe("malloc", state, str(seconds_)))
+    med = {s: {k: statistics.median(r[k] for r in rs) for k in rs[0]} for s, rs in runs.items()}
+    return {**med, "speedup": med["on"]["images_per_s"] / med["off"]["images_per_s"],
+            "cpu_time_ratio": (med["off"]["user_ms_per_image"] + med["off"]["sys_ms_per_image"])
+            / (med["on"]["user_ms_per_image"] + med["on"]["sys_ms_per_image"])}
+
+
+def rounded(value):
+    if isinstance(value, float):
+        return float(f"{value:.4g}")
+    if isinstance(value, dict):
+        return {str(k): rounded(v) for k, v in value.items() if not str(k).startswith("_")}
+    return value
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: resnet18 at 64 px, one round, no probes")
+    parser.add_argument("--repeats", type=int, default=None, help="rounds per figure (default 3; 1 with --quick)")
+    parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    torch.set_num_threads(THREADS)
+    if args.probe:
+        kind, *rest = args.probe
+        result = probe_rss(int(rest[0]), int(rest[1])) if kind == "rss" else probe_malloc(rest[0] == "on", float(rest[1]))
+        print(json.dumps(result))
+        return
+
+    from workers.models import load_model
+    from workers.runtime import keep_freed_memory
+
+    keep_freed_memory()  # both sides run in this process, so both get it
+    align_corners_false_upsampling()
+    repeats = args.repeats or (1 if args.quick else 3)
+    plans = QUICK if args.quick else FULL
+    batch_sizes = (16,) if args.quick else (16, 32, 64, 128)
+    started = time.perf_counter()
+    report: dict = {"threads": THREADS, "repeats": repeats, "torch": torch.__version__}
+
+    def log(text: str) -> None:
+        print(f"[{time.perf_counter() - started:6.0f}s] {text}", flush=True)
+
+    limits = {}
+    for plan in plans:
+        module = load_model(plan.model).module
+        sizes = sorted({224 if not args.quick else plan.size, plan.size})
+        limits[plan.model] = {s: {p: forward_limit(module, s, p, batch_sizes, repeats) for p in ("fp32", "bf16")}
+                              for s in sizes}
+        for s, by_precision in limits[plan.model].items():
+            for p, f in by_precision.items():
+                log(f"forward limit {plan.model} {s}px {p}: {f['images_per_s']:.1f} img/s at batch {f['batch']}")
+    report["forward_limit"] = limits
+
+    candidates = (64,) if args.quick else (16, 32, 64, 128)
+    probe = best_competitor_batch(plans[0].model, plans[0].size, candidates)
+    competitor_batch = probe["batch"]
+    report["pytorch_grad_cam_scorecam_batch"] = probe
+    log(f"pytorch-grad-cam ScoreCAM best cam.batch_size {competitor_batch} ({probe['seconds_by_batch']})")
+
+    report["scorecam"], report["gradcam"] = {}, {}
+    for plan in plans:
+        sc = compare(plan.model, "scorecam", plan.size, plan.images, competitor_batch, repeats,
+                     limits[plan.model][plan.size])
+        report["scorecam"][plan.model] = sc
+        for p in ("fp32", "bf16"):
+            f = sc[p]
+            log(f"Score-CAM {plan.model} {sc['input']}px {p}: {f['masked_passes_per_s']:.1f} masked passes/s, "
+                f"efficiency {f.get('efficiency', float('nan')):.3f}; speedup vs pytorch-grad-cam "
+                f"top-1 {f['speedup']['top1']:.2f}x top-3 {f['speedup']['top3']:.2f}x")
+        log(f"Score-CAM {plan.model}: max |ours - theirs| {sc['max_abs_diff_vs_pytorch_grad_cam']:.2e}, "
+            f"bf16 vs fp32 min corr {sc['bf16_vs_fp32']['min_map_correlation']:.4f}, "
+            f"same top-1 {sc['bf16_vs_fp32']['same_top1']}")
+        gc = compare(plan.model, "gradcam", plan.size if args.quick else 224, 1 if args.quick else 8, None,
+                     repeats, None)
+        report["gradcam"][plan.model] = gc
+        log(f"Grad-CAM {plan.model} {gc['input']}px fp32 ({gc['images']} images): speedup top-1 "
+            f"{gc['fp32']['speedup']['top1']:.2f}x top-3 {gc['fp32']['speedup']['top3']:.2f}x, "
+            f"max |ours - theirs| {gc['max_abs_diff_vs_pytorch_grad_cam']:.2e}")
+
+    fidelity_plan = next((p for p in plans if p.model == "efficientnet_lite0"), plans[0])
+    sc = report["scorecam"][fidelity_plan.model]
+    counts = (16,) if args.quick else (64, 256)
+    report["max_channels"] = {"model": fidelity_plan.model, **max_channels_fidelity(
+        fidelity_plan.model, sc["_maps_fp32_top1"], sc["_seconds_fp32_top1"], sc["_inputs"], counts, repeats)}
+    for n in counts:
+        f = report["max_channels"][n]
+        log(f"--max-channels {n} on {fidelity_plan.model}: min map correlation with full "
+            f"{f['min_map_correlation']:.3f}, speedup {f['speedup']:.1f}x")
+
+    if not args.quick:
+        report["peak_rss_resnet50_scorecam"] = [run_probe("rss", str(n), "128") for n in (1, 8)]
+        for r in report["peak_rss_resnet50_scorecam"]:
+            log(f"peak RSS resnet50 Score-CAM fp32, {r['images']} image(s), masked batch {r['masked_batch']}, "
+                f"{r['masked_passes']} passes: {r['peak_rss_mb']:.0f} MB")
+        report["malloc_fix"] = malloc_effect(3, 8.0)
+        m = report["malloc_fix"]
+        log(f"malloc fix, resnet18 fp32 forward: {m['off']['images_per_s']:.1f} -> {m['on']['images_per_s']:.1f} "
+            f"img/s ({m['speedup']:.2f}x); CPU ms/image {m['off']['user_ms_per_image'] + m['off']['sys_ms_per_image']:.1f}"
+            f" -> {m['on']['user_ms_per_image'] + m['on']['sys_ms_per_image']:.1f}; page faults/image "
+            f"{m['off']['page_faults_per_image']:.0f} -> {m['on']['page_faults_per_image']:.0f}")
+    report["seconds"] = time.perf_counter() - started
+    print(json.dumps(rounded(report)))
+
+
+if __name__ == "__main__":
+    main()
