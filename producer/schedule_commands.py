@@ -18,17 +18,16 @@ def _db(data_dir):
     return connect(Settings().with_data_dir(data_dir).resolved_database_url)
 
 
-def _when(moment: datetime | None) -> str:
-    if moment is None:
-        return "never"
-    moment = moment if moment.tzinfo else moment.replace(tzinfo=timezone.utc)
-    return f"{moment.astimezone(timezone.utc):%Y-%m-%d %H:%M:%S} UTC"
+def _utc(moment: datetime | None) -> datetime | None:
+    # SQLite hands back naive datetimes; salient stores UTC everywhere.
+    return moment if moment is None or moment.tzinfo else moment.replace(tzinfo=timezone.utc)
 
 
 def _record(db, row) -> dict:
+    """The schedule as JSON-ready values (ISO 8601 times), with its last job's counts."""
     record = dict(row._mapping)
     for key in ("next_run_at", "last_run_at", "created_at"):
-        record[key] = _when(record[key]) if record[key] else None
+        record[key] = record[key] and _utc(record[key]).isoformat()
     last_job = None
     if row.last_job_id:
         try:
@@ -45,8 +44,9 @@ def _line(record: dict) -> str:
     last = (f"last job {record['last_job_id']}: {job['status']}, done {job['done']}, failed {job['failed']}, "
             f"skipped {job['skipped']} of {job['total']}") if job else "no job yet"
     error = f"; last error: {record['last_error']}" if record["last_error"] else ""
+    next_run = datetime.fromisoformat(record["next_run_at"])
     return (f"schedule {record['id']}{name}: '{record['cron']}' {record['timezone']}, next run "
-            f"{record['next_run_at']}; {last}{error}; sources {' '.join(record['sources'])}")
+            f"{next_run:%Y-%m-%d %H:%M:%S} UTC; {last}{error}; sources {' '.join(record['sources'])}")
 
 
 @click.group()

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import threading
 from datetime import datetime, timedelta, timezone
+from zoneinfo import ZoneInfo
 
 import pytest
 from sqlalchemy import select, update
@@ -217,3 +218,32 @@ def test_celery_beat_ticks_in_process_and_fires_a_due_schedule(db, tmp_path, sub
     with db.connect() as conn:
         assert conn.execute(select(Schedule.last_job_id).where(Schedule.id == row.id)).scalar() == \
             submitted[0]["job_id"]
+
+
+def test_schedule_add_takes_every_job_option_of_submit():
+    from producer.job_commands import submit
+    from producer.schedule_commands import add
+
+    submits = {p.name for p in submit.params} - {"sources", "wait"}
+    assert submits - {p.name for p in add.params} == set()
+
+
+def test_schedule_commands_add_list_and_remove(tmp_path, run_cli):
+    import json
+
+    (tmp_path / "images").mkdir()
+    data = str(tmp_path / "data")
+    out = run_cli(["schedule", "add", "--cron", "30 1 * * 1", "--timezone", "Europe/Paris", "--name", "weekly",
+                   str(tmp_path / "images"), "--model", "resnet18", "--topk", "2", "--out", data]).output
+    assert out.startswith("schedule 1 (weekly): '30 1 * * 1' Europe/Paris, next run ")
+    [listed] = [json.loads(line) for line in run_cli(["schedule", "list", "--json", "--out", data]).output.splitlines()]
+    assert (listed["name"], listed["options"]["topk"], listed["last_job"]) == ("weekly", 2, None)
+    moment = datetime.fromisoformat(listed["next_run_at"])
+    assert moment.utcoffset() == timedelta(0)
+    in_paris = moment.astimezone(ZoneInfo("Europe/Paris"))
+    assert (in_paris.weekday(), in_paris.hour, in_paris.minute) == (0, 1, 30)  # Monday 01:30 on Paris clocks
+    assert "not a cron expression" in run_cli(["schedule", "add", "--cron", "daily", str(tmp_path / "images"),
+                                               "--out", data], expect_exit=1).output
+    assert run_cli(["schedule", "remove", "weekly", "--out", data]).output == "schedule weekly removed\n"
+    assert "no schedule weekly" in run_cli(["schedule", "remove", "weekly", "--out", data], expect_exit=1).output
+    assert run_cli(["schedule", "list", "--out", data]).output == ""

@@ -20,6 +20,12 @@ from storage.database import Explanation, Item, Job, Schedule, utcnow
 SALIENT = str(Path(sys.executable).parent / "salient")
 
 
+def _open_folder(pipeline, monkeypatch, folder: Path) -> None:
+    """Let this process, and the workers and beats started after, read the images under ``folder``."""
+    pipeline.env["SALIENT_FILE_ROOTS"] = str(folder)
+    monkeypatch.setenv("SALIENT_FILE_ROOTS", str(folder))
+
+
 def _wait(pipeline, job_id: str):
     from producer.jobs import wait_for_job
 
@@ -29,10 +35,12 @@ def _wait(pipeline, job_id: str):
         pytest.fail(pipeline.log_tail())
 
 
-def test_scheduled_runs_explain_only_new_or_changed_images(pipeline, tiny_images, run_cli, smooth_rgb, encode_image):
+def test_scheduled_runs_explain_only_new_or_changed_images(pipeline, tiny_images, run_cli, smooth_rgb, encode_image,
+                                                            monkeypatch):
     from producer.schedules import fire_due, get_schedule, list_schedules
 
     folder = tiny_images(3)
+    _open_folder(pipeline, monkeypatch, folder)
     run_cli(["schedule", "add", "--cron", "0 2 * * *", "--name", "nightly", str(folder),
              "--model", "resnet18", "--methods", "gradcam", "--topk", "1", "--batch-size", "4"])
     [row] = list_schedules(pipeline.db())
@@ -96,13 +104,14 @@ def test_claims_raced_on_postgresql_have_one_winner(pipeline, tmp_path):
         row = get_schedule(db, row.id)
 
 
-def test_two_beat_processes_fire_each_due_run_once(pipeline, tiny_images, tmp_path):
+def test_two_beat_processes_fire_each_due_run_once(pipeline, tiny_images, tmp_path, monkeypatch):
     import redis
 
     from producer.schedules import add_schedule
 
     db = pipeline.db()
     folder = tiny_images(2)
+    _open_folder(pipeline, monkeypatch, folder)
     ids = [add_schedule(db, "@daily", [str(folder)], {"model": "resnet18"}, name=f"s{i}").id for i in range(4)]
     logs = [tmp_path / f"beat{i}.log" for i in range(2)]
     beats = [subprocess.Popen([SALIENT, "beat", "--interval", "0.2"], env={**os.environ, **pipeline.env},
