@@ -168,3 +168,7 @@ for _command in SCHEDULE_COMMANDS:
 from .api_command import api  # noqa: E402
 
 main.add_command(api)
+
+from .reconcile import reconcile  # noqa: E402
+
+main.add_command(reconcile)

@@ -335,6 +335,17 @@ def claim_items(conn, job_id: str, item_ids: list[int]) -> dict[int, int]:
     return {row.id: row.deliveries for row in rows}
 
 
+def release_items(conn, job_id: str, item_ids: list[int]) -> int:
+    """Take back the delivery ``claim_items`` counted for still-pending items that a live worker gives
+    back (its storage or database was down past the retry budget): they did not kill it, so they must
+    not come closer to failing as poison. Returns how many were released."""
+    return conn.execute(
+        update(Item)
+        .where(Item.job_id == job_id, Item.id.in_(item_ids), Item.status == "pending", Item.deliveries > 0)
+        .values(deliveries=Item.deliveries - 1)
+    ).rowcount
+
+
 def cancel_job(engine: Engine, job_id: str) -> int | None:
     """Cancel a job: items no worker has started are skipped now; started ones finish. Returns the
     number skipped, or None when there is no such job."""

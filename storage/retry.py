@@ -1,4 +1,8 @@
-"""Backoff for errors that go away by themselves: a database restart, a deadlock victim, an S3 hiccup."""
+"""Backoff for errors that go away by themselves: a database restart, a deadlock victim, an S3 outage.
+
+Retries are bounded by time, not by a count (``SALIENT_RETRY_SECONDS``): an outage is measured in
+seconds, and a budget longer than the outage means nothing fails because of it.
+"""
 
 from __future__ import annotations
 
@@ -36,16 +40,24 @@ def backoff_delay(attempt: int, base: float = 0.5, cap: float = 30.0) -> float:
     return random.uniform(0, min(cap, base * 2 ** attempt))
 
 
-def with_backoff(fn: Callable[[], T], attempts: int, what: str, base: float = 0.5) -> T:
-    """Call ``fn``; on a transient error wait and call again, at most ``attempts`` more times."""
-    for attempt in range(attempts + 1):
+def with_backoff(fn: Callable[[], T], budget: float, what: str, base: float = 0.5, cap: float = 10.0) -> T:
+    """Call ``fn``; on a transient error wait and call again, for at most ``budget`` seconds in all.
+
+    The last error is raised once the budget is spent (the last call comes at its end), and at once
+    for an error that is not transient. Waits are capped at ``cap`` seconds, so the end of an outage
+    is noticed soon.
+    """
+    deadline = time.monotonic() + budget
+    attempt = 0
+    while True:
         try:
             return fn()
         except Exception as exc:
-            if attempt == attempts or not is_transient(exc):
+            left = deadline - time.monotonic()
+            if not is_transient(exc) or left <= 0:
                 raise
-            delay = backoff_delay(attempt, base)
-            log.warning("%s failed (%s: %s); retry %d/%d in %.1fs", what, type(exc).__name__, exc,
-                        attempt + 1, attempts, delay)
+            delay = min(backoff_delay(attempt, base, cap), left)
+            attempt += 1
+            log.warning("%s failed (%s: %s); retry %d in %.1fs (%.0fs of the %.0fs retry budget left)", what,
+                        type(exc).__name__, exc, attempt, delay, left, budget)
             time.sleep(delay)
-    raise AssertionError("unreachable")

@@ -45,8 +45,17 @@ class Settings(BaseSettings):
     unacked_restore_interval: float = Field(
         30, gt=0, description="seconds between a worker's sweeps for messages of dead workers")
     max_deliveries: int = Field(3, ge=1, description="an image started this many times without finishing fails")
-    transient_retries: int = Field(5, ge=0, description="retries with backoff of a storage or database error")
-    reconcile_interval: float = Field(60, gt=0, description="seconds between a worker's job-counter reconciliations")
+    retry_seconds: float = Field(
+        300, ge=0, description="seconds a storage or database error is retried with backoff before the work "
+                               "in hand gives up (keep it longer than the outages to ride out)")
+    image_time_limit: float = Field(
+        300, gt=0, description="seconds one image may spend being decoded or in the model (a batch: this times "
+                               "its size); past it the image fails and the worker process exits to be restarted")
+    reconcile_interval: float = Field(
+        60, gt=0, description="seconds between a worker's reconciliations (job counters, lost messages)")
+    pending_timeout: float = Field(
+        900, gt=0, description="seconds an item may stay pending untouched, in no message Redis holds, "
+                               "before the reconciler publishes it again")
 
     # S3 (any S3 API: AWS, MinIO, Ceph, SeaweedFS)
     s3_endpoint_url: str | None = Field(None, description="e.g. http://127.0.0.1:8333; None = AWS")

@@ -16,33 +16,49 @@ Poison images: every image's delivery counter goes up before it is decoded. An i
 worker had started (counter > 0) is a suspect: it is decoded and explained alone while nothing else
 runs in the process (``Gate.exclusive``), so an image that keeps killing workers counts only its own
 deliveries and fails with the reason once past the limit, and the images around it do not.
+
+Faults, and what each does to an image:
+- Storage or database errors (S3 or PostgreSQL down) are retried with backoff for
+  ``SALIENT_RETRY_SECONDS``; past that the images are given back: still pending, their delivery not
+  counted (they killed nobody), and the task retries the message later.
+- Any other error of a batch fails its images with the reason; the job goes on.
+- Time limit (``SALIENT_IMAGE_TIME_LIMIT``): decoding an image and every model call run under a
+  deadline (``Watchdog``; a model call gets the limit times its batch size). Neither a decoder nor a
+  model call can be interrupted from Python, so past a deadline the process exits (status 75) for its
+  supervisor to start a fresh one, and its messages come back: when the watch covered one image, that
+  image is first failed with "exceeded the per-image time limit"; when it covered a batch, its images
+  come back as suspects, are explained one at a time, and the slow one meets the limit alone.
 """
 
 from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import sys
 import threading
 import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Callable, Iterator
 
 from sqlalchemy.engine import Engine
 
-from storage.database import claim_items, finish_item
-from storage.retry import with_backoff
+from storage.database import claim_items, finish_item, release_items
+from storage.retry import is_transient, with_backoff
+from storage.settings import Settings
 
 from .process import ItemProcessor, PendingItem, Prepared
 
 log = logging.getLogger(__name__)
+EXIT_TIME_LIMIT = 75  # the worker's exit status after a time limit (EX_TEMPFAIL): restart it
 
 
 class ModelGuard:
     """Stands in for an object whose named methods run the model, and runs them under a lock."""
 
-    def __init__(self, target, lock: threading.Lock, methods: tuple[str, ...]):
+    def __init__(self, target, lock: "ModelLock", methods: tuple[str, ...]):
         self._target, self._lock, self._methods = target, lock, methods
 
     def __getattr__(self, name: str):
@@ -57,12 +73,93 @@ class ModelGuard:
         return locked
 
 
-def guard_model(processor: ItemProcessor, lock: threading.Lock) -> ItemProcessor:
+def guard_model(processor: ItemProcessor, lock: "ModelLock") -> ItemProcessor:
     """Make every model call of ``processor`` (explanations, faithfulness metrics) take ``lock``."""
     processor.explainer = ModelGuard(processor.explainer, lock, ("explain",))
     if processor.metrics is not None:
         processor.metrics = ModelGuard(processor.metrics, lock, ("evaluate",))
     return processor
+
+
+_batch = threading.local()
+
+
+@contextlib.contextmanager
+def working_on(items: list[PendingItem]) -> Iterator[None]:
+    """Name the images this thread's model calls are for (the watchdog's deadline and culprit)."""
+    _batch.items = items
+    try:
+        yield
+    finally:
+        _batch.items = []
+
+
+@dataclass(eq=False)
+class Watch:
+    items: list[PendingItem]
+    what: str
+    deadline: float
+
+
+class Watchdog:
+    """Deadlines for the work whose length an image's content decides: decoding it, model calls.
+
+    A watch past its deadline is handed to ``on_expired(items, what)`` on the watchdog's own thread
+    (the watched thread cannot be interrupted); ``DeviceLoop`` then fails the image and exits."""
+
+    def __init__(self, limit: float, on_expired: Callable[[list[PendingItem], str], None]):
+        self.limit = limit
+        self._on_expired = on_expired
+        self._watches: set[Watch] = set()
+        self._cond = threading.Condition()
+        threading.Thread(target=self._run, name="salient-watchdog", daemon=True).start()
+
+    @contextlib.contextmanager
+    def watch(self, items: list[PendingItem], what: str) -> Iterator[None]:
+        """Watch the block: its deadline is the limit times the number of images (at least one)."""
+        w = Watch(items, what, time.monotonic() + self.limit * max(1, len(items)))
+        with self._cond:
+            self._watches.add(w)
+            self._cond.notify()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._watches.discard(w)
+
+    def _run(self) -> None:
+        while True:
+            with self._cond:
+                now = time.monotonic()
+                expired = [w for w in self._watches if w.deadline <= now]
+                if not expired:
+                    nearest = min((w.deadline for w in self._watches), default=None)
+                    self._cond.wait(None if nearest is None else nearest - now)
+                    continue
+                self._watches.difference_update(expired)
+            for w in expired:
+                self._on_expired(w.items, w.what)
+
+
+class ModelLock:
+    """The device's lock, taken around every model call (``guard_model``): one call at a time, each
+    watched for the images of the batch its thread is working on (``working_on``)."""
+
+    def __init__(self, watchdog: Watchdog):
+        self._lock = threading.Lock()
+        self._watchdog = watchdog
+        self._watch: contextlib.AbstractContextManager | None = None
+
+    def __enter__(self) -> None:
+        self._lock.acquire()
+        self._watch = self._watchdog.watch(getattr(_batch, "items", []), "in the model")
+        self._watch.__enter__()
+
+    def __exit__(self, *exc_info) -> None:
+        try:
+            self._watch.__exit__(*exc_info)
+        finally:
+            self._lock.release()
 
 
 class Gate:
@@ -111,6 +208,7 @@ class Ticket:
     processor: ItemProcessor
     item: PendingItem
     prepared: Prepared | None = None
+    # A storage or database error that outlasted the retry budget: the image is given back, still pending.
     error: BaseException | None = None
     ended: threading.Event = field(default_factory=threading.Event)
 
@@ -118,14 +216,15 @@ class Ticket:
 class DeviceLoop:
     """The lanes own the model and the device; message tasks feed them images and wait for them."""
 
-    def __init__(self, db: Engine, max_deliveries: int, transient_retries: int, decode_threads: int = 4,
-                 linger: float = 0.1, lanes: int = 2):
+    def __init__(self, db: Engine, settings: Settings, decode_threads: int = 4, linger: float = 0.1, lanes: int = 2,
+                 on_time_limit: Callable[[list[PendingItem], str], None] | None = None):
         self.db = db
-        self.max_deliveries = max_deliveries
-        self.transient_retries = transient_retries
+        self.max_deliveries = settings.max_deliveries
+        self.retry_seconds = settings.retry_seconds
         self.linger = linger
         self.gate = Gate()
-        self.model_lock = threading.Lock()
+        self.watchdog = Watchdog(settings.image_time_limit, on_time_limit or self._time_limit_exceeded)
+        self.model_lock = ModelLock(self.watchdog)
         self._decode = ThreadPoolExecutor(decode_threads, thread_name_prefix="salient-decode")
         self._ready: deque[Ticket] = deque()
         self._decoding: defaultdict[int, int] = defaultdict(int)  # id(processor) -> images still decoding
@@ -140,11 +239,12 @@ class DeviceLoop:
             with self.db.begin() as conn:
                 return claim_items(conn, job_id, item_ids)
 
-        return with_backoff(write, self.transient_retries, "counting deliveries")
+        return with_backoff(write, self.retry_seconds, "counting deliveries")
 
     def explain(self, tickets: list[Ticket]) -> None:
-        """Decode, batch and explain claimed items; returns when every one has ended. Raises the first
-        error that stopped a batch (after its transient retries), leaving those images pending."""
+        """Decode, batch and explain claimed items; returns when every one has ended. When storage or
+        the database stayed down past the retry budget, the images it stopped are given back (still
+        pending, delivery not counted) and the error is raised, for the task to retry the message."""
         with self._cond:
             for t in tickets:
                 self._decoding[id(t.processor)] += 1
@@ -152,13 +252,14 @@ class DeviceLoop:
             self._decode.submit(self._prepare, t)
         for t in tickets:
             t.ended.wait()
-        errors = [t.error for t in tickets if t.error is not None]
-        if errors:
-            raise errors[0]
+        given_back = [t for t in tickets if t.error is not None]
+        if given_back:
+            self._give_back([t.item for t in given_back])
+            raise given_back[0].error
 
     def explain_alone(self, processor: ItemProcessor, item: PendingItem) -> None:
         """A suspect: claim, decode and explain it with nothing else running in this process; past
-        ``max_deliveries`` it fails with the reason instead."""
+        ``max_deliveries`` it fails with the reason instead. Raises like ``explain``."""
         with self.gate.exclusive():
             deliveries = self.claim(item.job_id, [item.id]).get(item.id)
             if deliveries is None:  # it ended meanwhile
@@ -166,21 +267,103 @@ class DeviceLoop:
             if deliveries > self.max_deliveries:
                 reason = (f"killed the worker {self.max_deliveries} times (started {self.max_deliveries} times, "
                           "never finished: a crash, out of memory, or past the visibility timeout)")
-                with_backoff(lambda: self._end(item, "failed", reason), self.transient_retries, "failing an item")
+                with_backoff(lambda: self._end([item], "failed", reason), self.retry_seconds, "failing an image")
                 return
-            prepared = processor.prepare(item)
-            with_backoff(lambda: processor.process_batch([prepared]), self.transient_retries, "explaining an image")
+            try:
+                prepared = self._read(processor, item)
+            except Exception as exc:  # transient, past the retry budget
+                error: BaseException | None = exc
+            else:
+                error = self._run_batch(processor, [prepared])
+        if error is not None:
+            self._give_back([item])
+            raise error
 
-    def _end(self, item: PendingItem, status: str, reason: str) -> None:
+    def _read(self, processor: ItemProcessor, item: PendingItem) -> Prepared:
+        """Read and decode one image; each attempt watched, transient errors retried (and raised past the
+        budget). Any other error fails the image with the reason (a bad image is already one)."""
+        def attempt() -> Prepared:
+            with self.watchdog.watch([item], "reading and decoding"):
+                return processor.prepare(item)
+
+        try:
+            return with_backoff(attempt, self.retry_seconds, "reading an image")
+        except Exception as exc:
+            if is_transient(exc):
+                raise
+            log.exception("reading item %d (%s) failed", item.id, item.uri)
+            return Prepared(item, error=f"reading failed: {type(exc).__name__}: {exc}")
+
+    def _run_batch(self, processor: ItemProcessor, batch: list[Prepared]) -> BaseException | None:
+        """Explain and store a batch (safe to repeat: an ended item is not ended twice, objects are
+        content-addressed, rows are insert-or-ignore). Returns the transient error that outlasted the
+        retry budget, if one did; any other error fails the batch's images with the reason."""
+        items = [p.item for p in batch]
+        try:
+            with working_on(items):
+                with_backoff(lambda: processor.process_batch(batch), self.retry_seconds, "explaining a batch")
+            return None
+        except Exception as exc:
+            if is_transient(exc):
+                log.warning("a batch of %d images is given back after the %.0fs retry budget: %s: %s",
+                            len(batch), self.retry_seconds, type(exc).__name__, exc)
+                return exc
+            log.exception("a batch of %d images failed", len(batch))
+            reason = f"explanation failed: {type(exc).__name__}: {exc}"
+            try:
+                with_backoff(lambda: self._end(items, "failed", reason), self.retry_seconds, "failing a batch")
+            except Exception as write_error:
+                return write_error
+            return None
+
+    def _end(self, items: list[PendingItem], status: str, reason: str) -> None:
         with self.db.begin() as conn:
-            finish_item(conn, item.id, item.job_id, status, error=reason)
+            for item in items:
+                finish_item(conn, item.id, item.job_id, status, error=reason)
+
+    def _give_back(self, items: list[PendingItem]) -> None:
+        """Undo the delivery count of images handed back alive; the database may be the thing that is
+        down, so one short try: a count left standing only brings the image one delivery closer to the limit."""
+        def write() -> int:
+            with self.db.begin() as conn:
+                return sum(release_items(conn, job_id, [i.id for i in items if i.job_id == job_id])
+                           for job_id in {i.job_id for i in items})
+
+        try:
+            with_backoff(write, min(self.retry_seconds, 10.0), "giving images back")
+        except Exception as exc:
+            log.warning("could not take back the delivery count of %d images: %s: %s", len(items),
+                        type(exc).__name__, exc)
+
+    def _time_limit_exceeded(self, items: list[PendingItem], what: str) -> None:
+        """Runs on the watchdog's thread while the slow work goes on: fail the image when it is known,
+        then end the process, the only way to stop a decoder or a model call."""
+        limit = self.watchdog.limit
+        if len(items) == 1:
+            item = items[0]
+            reason = f"exceeded the per-image time limit of {limit:g}s ({what})"
+            try:
+                with_backoff(lambda: self._end(items, "failed", reason), 10.0, "failing an image")
+            except Exception as exc:  # its delivery count still fails it in the end
+                log.error("could not record that item %d failed: %s: %s", item.id, type(exc).__name__, exc)
+            log.error("item %d (%s) %s; the worker exits (status %d) to be restarted, its messages come back",
+                      item.id, item.uri, reason, EXIT_TIME_LIMIT)
+        else:
+            log.error("a batch of %d images was %s for over %gs (the per-image limit of %gs times %d); the worker "
+                      "exits (status %d) to be restarted, its messages come back and their images are explained "
+                      "one at a time", len(items), what, limit * len(items), limit, len(items), EXIT_TIME_LIMIT)
+        for handler in logging.getLogger().handlers:
+            handler.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(EXIT_TIME_LIMIT)
 
     def _prepare(self, ticket: Ticket) -> None:
         try:
             with self.gate.shared():
-                # Reading (file, S3, HTTP) and decoding; a bad image comes back with its reason, not raised.
-                ticket.prepared = ticket.processor.prepare(ticket.item)
-        except BaseException as exc:  # S3 down: this image cannot go on now
+                # A bad image comes back with its reason, not raised.
+                ticket.prepared = self._read(ticket.processor, ticket.item)
+        except BaseException as exc:  # S3 down past the retry budget: this image cannot go on now
             ticket.error = exc
         with self._cond:
             self._decoding[id(ticket.processor)] -= 1
@@ -209,17 +392,13 @@ class DeviceLoop:
     def _serve(self) -> None:
         while True:
             batch = self._next_batch()
+            error: BaseException | None = None
             try:
                 with self.gate.shared():
-                    processor = batch[0].processor
-                    # Safe to repeat: an ended item is not ended twice, objects are content-addressed,
-                    # rows are insert-or-ignore.
-                    with_backoff(lambda: processor.process_batch([t.prepared for t in batch]),
-                                 self.transient_retries, "explaining a batch")
-            except BaseException as exc:
-                log.warning("batch of %d images stopped: %s: %s", len(batch), type(exc).__name__, exc)
-                for t in batch:
-                    t.error = exc
+                    error = self._run_batch(batch[0].processor, [t.prepared for t in batch])
+            except BaseException as exc:  # never leave a message waiting for its images
+                error = exc
             finally:
                 for t in batch:
+                    t.error = error
                     t.ended.set()

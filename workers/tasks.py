@@ -3,7 +3,12 @@
 Each item ends exactly once (``finish_item``'s conditional update): items that already ended (a
 redelivered message) are passed over, items of a cancelled job are skipped, a spec this worker cannot
 run fails its items with the reason, and the rest go to the device loop, which batches them with the
-images of the other messages in hand. Transient storage/DB errors retry the message with backoff.
+images of the other messages in hand. Storage/DB errors are retried with backoff within the retry
+budget, then the message is retried (``self.retry``) with its images given back.
+
+Every worker also runs the reconciler in a thread: job counters recounted from the items, and items
+lost by the queue (Redis restarted without persistence, a flushed queue) published again
+(``storage.requeue``); several workers doing it at once publish each lost item once.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from storage.database import Item, connect, finish_item, job_is_cancelled, reconcile_jobs
+from storage.requeue import requeue_lost
 from storage.messages import TASK_NAME, Chunk, MessageError, parse_chunk
 from storage.objects import open_store
 from storage.retry import backoff_delay, is_transient, with_backoff
@@ -55,7 +61,7 @@ class Runtime:
         settings = Settings()
         db = connect(settings.resolved_database_url)
         store = open_store(settings.resolved_object_store_url, settings)
-        loop = DeviceLoop(db, settings.max_deliveries, settings.transient_retries, options.decode_threads)
+        loop = DeviceLoop(db, settings, options.decode_threads)
         runtime = cls(settings, ProcessorCache(settings, db, store, options.device, model_lock=loop.model_lock), loop)
         threading.Thread(target=runtime._reconcile_forever, name="salient-reconciler", daemon=True).start()
         return runtime
@@ -65,11 +71,17 @@ class Runtime:
         return self.cache.db
 
     def _reconcile_forever(self) -> None:
+        def publish(message: dict) -> None:
+            app.send_task(TASK_NAME, kwargs=message, queue=self.settings.queue)
+
         while True:
             time.sleep(self.settings.reconcile_interval)
             try:
                 if drifted := reconcile_jobs(self.db):
                     log.warning("reconciler corrected the counters of %d job(s)", drifted)
+                requeued = requeue_lost(self.db, self.settings, publish)
+                if requeued.items:
+                    log.warning("reconciler: %s", requeued.summary())
             except Exception as exc:  # the next round tries again
                 log.warning("reconciler: %s: %s", type(exc).__name__, exc)
 
@@ -96,7 +108,7 @@ def run_chunk(chunk: Chunk, rt: Runtime) -> dict[str, int]:
                                 .where(Item.job_id == chunk.job_id, Item.id.in_(ids))).all()
             return {row.id: row for row in rows}, job_is_cancelled(conn, chunk.job_id)
 
-    state, cancelled = with_backoff(read_state, rt.settings.transient_retries, "reading items")
+    state, cancelled = with_backoff(read_state, rt.settings.retry_seconds, "reading items")
     pending = [(item_id, uri) for item_id, uri in chunk.items
                if item_id in state and state[item_id].status == "pending"]
     counts = {"already_ended": len(chunk.items) - len(pending)}
@@ -111,7 +123,7 @@ def run_chunk(chunk: Chunk, rt: Runtime) -> dict[str, int]:
         _end_all(rt, chunk.job_id, pending, "failed", f"cannot explain with this spec: {exc}")
         return {**counts, "failed": len(pending)}
     if (chunk.job_id, processor.digest) not in rt.digests_recorded:
-        with_backoff(lambda: record_digest(rt.db, chunk.job_id, processor.digest), rt.settings.transient_retries,
+        with_backoff(lambda: record_digest(rt.db, chunk.job_id, processor.digest), rt.settings.retry_seconds,
                      "recording the settings digest")
         rt.digests_recorded.add((chunk.job_id, processor.digest))
     # Suspects (started before by a worker that died) first and one at a time, before the others are
@@ -131,7 +143,7 @@ def _end_all(rt: Runtime, job_id: str, items: list[tuple[int, str]], status: str
             for item_id, _ in items:
                 finish_item(conn, item_id, job_id, status, error=reason)
 
-    with_backoff(write, rt.settings.transient_retries, f"marking items {status}")
+    with_backoff(write, rt.settings.retry_seconds, f"marking items {status}")
 
 
 @app.task(name=TASK_NAME, bind=True, acks_late=True, reject_on_worker_lost=True)
