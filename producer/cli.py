@@ -11,13 +11,13 @@ from pathlib import Path
 
 import click
 
-from storage.settings import Settings
-
+from storage.job_options import data_dir_option
 from storage.results import write_results
+from storage.settings import Settings
 
 # Shown in --help without importing the plugin.
 HEAVY_HELP = {
-    "run": "Explain images in-process (no servers): maps, overlays and metadata into --out.",
+    "run": "Explain images in-process (no servers): maps, overlays and metadata into --out/--data.",
     "demo": "Explain scikit-image's sample images with the default model and show where the overlays are.",
     "sanity": "Randomise the model's layers top-down and measure how much each method's maps change.",
     "visualize-class": "Synthesise the image a model finds most like one class (Simonyan 2014) and store it.",
@@ -91,13 +91,13 @@ def main():
     """salient: saliency maps for image classifiers, as a reliable bulk job.
 
     Explain a folder in-process with `salient run`; read what was made with `salient results`.
-    Settings come from SALIENT_* environment variables (see README).
+    Every command takes the data folder (embedded database and objects) as --data; run and results
+    also as --out. Settings come from SALIENT_* environment variables (see README).
     """
 
 
 @main.command()
-@click.option("--out", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Data folder of an embedded run (default ./salient-data or SALIENT_DATA_DIR).")
+@data_dir_option("--out", "--data")
 @click.option("--job", "job_id", default=None, help="Job id (default: the latest job).")
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
 def results(data_dir, job_id, fmt):
@@ -109,18 +109,13 @@ def results(data_dir, job_id, fmt):
         raise click.ClickException(str(exc)) from None
 
 
-data_option = click.option(
-    "--data", "data_dir", type=click.Path(path_type=Path), default=None,
-    help="Data folder of an embedded run (default ./salient-data or SALIENT_DATA_DIR).")
-
-
 @main.command()
 @click.argument("job_id", required=False)
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv", "parquet"]), default="jsonl", show_default=True)
 @click.option("--out", type=click.Path(), default=None,
               help="A file for all records, or a folder (existing, or ending in /) for predictions_00001.FORMAT "
                    "and errors_00001.FORMAT. Default: standard output (jsonl, csv).")
-@data_option
+@data_dir_option("--data")
 def export(job_id, fmt, out, data_dir):
     """Stream a job's records (default: the latest job) as JSON Lines, CSV or Parquet."""
     from storage.results import export_results
@@ -140,7 +135,7 @@ def export(job_id, fmt, out, data_dir):
 @click.option("--copy", is_flag=True,
               help="Copy overlays, thumbnails and maps into the folder (always done for a remote store) "
                    "instead of linking into the local object store.")
-@data_option
+@data_dir_option("--data")
 def report(job_id, out, copy, data_dir):
     """Write a static HTML report of a job (default: the latest): summary, metrics, classes, gallery."""
     from storage.report import build_report

@@ -9,71 +9,16 @@ from pathlib import Path
 import click
 
 from storage.database import cancel_job, connect, schema_revision
+from storage.job_options import data_dir_option as shared_data_dir_option
+from storage.job_options import job_options
 from storage.settings import Settings, mask_url
 from storage.sources import SourceError
 
 from .jobs import JobProgress, get_job, list_jobs, wait_for_job
 
-data_dir_option = click.option(
-    "--out", "data_dir", type=click.Path(path_type=Path), default=None,
-    help="Data folder of the embedded database (default ./salient-data or SALIENT_DATA_DIR); "
-         "ignored when SALIENT_DATABASE_URL is set.")
-
-
-# The same names, types and defaults as `salient run` (tests/pipeline/test_producer.py keeps them in step).
-SPEC_OPTIONS = [
-    click.option("--model", default="efficientnet_lite0", show_default=True,
-                 help="efficientnet_lite0 (bundled ImageNet weights) or a torchvision classifier name."),
-    click.option("--weights", help="State-dict file (a path the workers can read) or an s3:// / http(s):// URI."),
-    click.option("--layer", help="Target layer as a dotted module path (default: last spatial feature map)."),
-    click.option("--methods", default="gradcam,saliency", show_default=True,
-                 help="Comma-separated explanation methods, or 'all'."),
-    click.option("--topk", type=click.IntRange(1, 1000), default=3, show_default=True,
-                 help="Explain the K most probable classes."),
-    click.option("--classes", help="Explain these classes instead of the top-k: ids or names (any case), "
-                                   "comma-separated, e.g. '281,Egyptian cat'; a name with a comma: use its id."),
-    click.option("--labels", help="Class names for a custom model (JSON list or CSV id,name): a path the workers "
-                                  "can read, or an s3:// / http(s):// URI."),
-    click.option("--localize", is_flag=True, default=False,
-                 help="GrabCut each map into a bounding box + mask (Simonyan 2014), stored in each record."),
-    click.option("--score", type=click.Choice(["logit", "probability"]), default=None,
-                 help="Class score that gradient methods differentiate (default logit)."),
-    click.option("--scorecam-weights", type=click.Choice(["probability", "logit-softmax", "cic-softmax"]),
-                 default=None, help="Score-CAM channel weights definition (default probability)."),
-    click.option("--max-channels", type=click.IntRange(1), default=None,
-                 help="Score-CAM: keep only the N channels of largest activation variance."),
-    click.option("--smooth", type=click.IntRange(0), default=None,
-                 help="SmoothGrad: average gradient methods over N noisy copies."),
-    click.option("--noise", type=click.FloatRange(0), default=None,
-                 help="SmoothGrad noise level as a fraction of the input range (e.g. 0.15)."),
-    click.option("--steps", type=click.IntRange(1), default=None, help="Integrated Gradients steps."),
-    click.option("--baseline", type=click.Choice(["black", "blurred"]), default=None,
-                 help="Integrated Gradients baseline."),
-    click.option("--metrics", default=None,
-                 help="Faithfulness metrics per explanation, comma-separated: deletion,insertion,drop."),
-    click.option("--metric-steps", type=click.IntRange(1), default=None, help="Deletion/insertion steps (default 16)."),
-    click.option("--metric-baseline", type=click.Choice(["black", "blurred"]), default=None,
-                 help="Baseline for both curves (default: black for deletion, blurred for insertion)."),
-    click.option("--colormap", default=None, help="Overlay colour map: any OpenCV name (jet, viridis, turbo, ...)."),
-    click.option("--alpha", type=click.FloatRange(0, 1), default=None, help="Overlay opacity (default 0.4)."),
-    click.option("--polarity", type=click.Choice(["positive", "negative", "both"]), default=None,
-                 help="Render the signed attribution (e.g. saliency's gradient) instead of the map."),
-    click.option("--clip-upper", type=click.FloatRange(0, 100), default=None,
-                 help="Percentile above which attributions saturate (default 99.9)."),
-    click.option("--clip-lower", type=click.FloatRange(0, 100), default=None,
-                 help="Percentile below which attributions count as zero (default 0)."),
-    click.option("--overlay", type=click.Choice(["original", "grayscale", "mask-black", "none"]), default=None,
-                 help="What the map is drawn on (default original)."),
-    click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True,
-                 help="Images per model call on the workers."),
-    click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
-]
-
-
-def spec_options(f):
-    for option in reversed(SPEC_OPTIONS):
-        f = option(f)
-    return f
+data_dir_option = shared_data_dir_option("--data", "--out", note="; its database, unless SALIENT_DATABASE_URL is set")
+# `salient run`'s options, but weights and labels may be URIs, and each worker picks its device.
+spec_options = job_options(local=False)
 
 
 def _settings(data_dir: Path | None) -> Settings:

@@ -13,34 +13,24 @@ from typing import IO, Any, Iterable
 from urllib.parse import urlparse
 
 from storage.database import cancel_job, close_listing, connect, create_job, record_items
-from storage.messages import SPEC_DEFAULTS, chunk_message
+from storage.job_options import job_spec
+from storage.messages import chunk_message
 from storage.settings import Settings
 from storage.sources import iter_uris
 
 from .queue import Publisher
 
 
-def build_spec(*, model: str = "efficientnet_lite0", weights: str | Path | None = None,
-               labels: str | Path | None = None, layer: str | None = None,
-               methods: str | list[str] = "gradcam,saliency", topk: int = 3,
-               classes: str | Iterable[int | str] | None = None, precision: str = "fp32", batch_size: int = 16,
-               **options: Any) -> dict[str, Any]:
-    """The ``spec`` of every message of a job (what to explain and how), with the same names as ``salient run``;
-    ``options`` are run's method, metric and overlay options (``score``, ``steps``, ``metrics``, ``colormap``,
-    ``localize``, ...). ``classes``: ids or names ("281,tabby"), resolved by the workers against the model's names.
+def build_spec(*, weights: str | Path | None = None, labels: str | Path | None = None, **options: Any) -> dict[str, Any]:
+    """The ``spec`` of every message of a job (what to explain and how): ``storage.job_options.job_spec``
+    of the same keyword arguments as ``salient run`` (``model``, ``methods``, ``topk``, ``classes``, ``score``,
+    ``steps``, ``metrics``, ``colormap``, ``localize``, ...), with ``weights`` and ``labels`` made readable
+    by the workers.
 
     A local ``weights`` file is named by its absolute path plus its sha256; workers must be able to
     read that path (shared filesystem or the same image), or give an ``s3://``/``http(s)://`` URI.
     """
-    if isinstance(methods, str):
-        methods = [m.strip() for m in methods.split(",") if m.strip()]
-    if isinstance(classes, str):
-        classes = [c.strip() for c in classes.split(",")]
-    classes = [int(c) if isinstance(c, str) and c.lstrip("-").isdigit() else c for c in classes or ()]
-    spec = dict(SPEC_DEFAULTS)
-    spec.update(model=model, layer=layer, methods=list(methods), precision=precision, batch_size=batch_size,
-                targets={"classes": classes} if classes else {"topk": topk},
-                options={k: v for k, v in options.items() if v is not None and v is not False})
+    spec = job_spec(**options)
     if weights is not None:
         spec["weights"] = _shared_location(weights)
         if not _is_remote(spec["weights"]):

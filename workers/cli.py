@@ -10,102 +10,12 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from storage.database import add_items, close_listing, connect, create_job
+from storage.job_options import (DEFAULT_METHODS, METHOD_OPTIONS, data_dir_option, device_option, job_options,
+                                 job_spec, labels_option, model_option, weights_option)
 from storage.objects import open_store
 from storage.results import iter_results, write_results
 from storage.settings import Settings
 from storage.sources import SourceError, iter_uris, with_command_line_roots
-
-
-def job_options(f):
-    options = [
-        click.option("--model", default="efficientnet_lite0", show_default=True,
-                     help="efficientnet_lite0 (bundled ImageNet weights), a torchvision classifier name, or a "
-                          "TorchScript file (scripted or traced; input-gradient methods only)."),
-        click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="State-dict file for --model (loaded with weights_only=True)."),
-        click.option("--layer", help="Target layer as a dotted module path (default: last spatial feature map)."),
-        click.option("--methods", default="gradcam,saliency", show_default=True,
-                     help="Comma-separated explanation methods, or 'all'."),
-        click.option("--topk", type=click.IntRange(1, 1000), default=3, show_default=True,
-                     help="Explain the K most probable classes."),
-        click.option("--classes", help="Explain these classes instead of the top-k: ids or names (any case), "
-                                       "comma-separated, e.g. '281,Egyptian cat'; a name with a comma: use its id."),
-        click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-                     help="Class names for a custom model: JSON list, or CSV rows id,name (count must match)."),
-        click.option("--localize", is_flag=True, default=False,
-                     help="GrabCut each map into a bounding box + mask (Simonyan 2014), stored in each record."),
-        click.option("--score", type=click.Choice(["logit", "probability"]), default=None,
-                     help="Class score that gradient methods differentiate (default logit)."),
-        click.option("--scorecam-weights", type=click.Choice(["probability", "logit-softmax", "cic-softmax"]),
-                     default=None, help="Score-CAM channel weights definition (default probability)."),
-        click.option("--max-channels", type=click.IntRange(1), default=None,
-                     help="Score-CAM: keep only the N channels of largest activation variance."),
-        click.option("--smooth", type=click.IntRange(0), default=None,
-                     help="SmoothGrad: average gradient methods over N noisy copies."),
-        click.option("--noise", type=click.FloatRange(0), default=None,
-                     help="SmoothGrad noise level as a fraction of the input range (e.g. 0.15)."),
-        click.option("--steps", type=click.IntRange(1), default=None, help="Integrated Gradients steps."),
-        click.option("--baseline", type=click.Choice(["black", "blurred"]), default=None,
-                     help="Integrated Gradients baseline."),
-        click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True),
-        click.option("--device", default="auto", show_default=True, help="cpu, cuda, cuda:N or auto."),
-        click.option("--precision", type=click.Choice(["fp32", "bf16", "fp16"]), default="fp32", show_default=True),
-        click.option("--out", "data_dir", type=click.Path(path_type=Path), default=None,
-                     help="Data folder (default ./salient-data or SALIENT_DATA_DIR)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-METHOD_OPTIONS = ("score", "scorecam_weights", "max_channels", "smooth", "noise", "steps", "baseline")
-
-
-def output_options(f):
-    """Faithfulness metrics and overlay rendering (the Vertex AI / pytorch-grad-cam vocabulary)."""
-    options = [
-        click.option("--metrics", default=None,
-                     help="Faithfulness metrics per explanation, comma-separated: deletion,insertion,drop. "
-                          "Cost per image and class: steps+1 forwards per curve, 1 for drop."),
-        click.option("--metric-steps", type=click.IntRange(1), default=None,
-                     help="Deletion/insertion steps (default 16)."),
-        click.option("--metric-baseline", type=click.Choice(["black", "blurred"]), default=None,
-                     help="Baseline for both curves (default: black for deletion, blurred for insertion)."),
-        click.option("--colormap", default=None, help="Overlay colour map: any OpenCV name (jet, viridis, turbo, ...)."),
-        click.option("--alpha", type=click.FloatRange(0, 1), default=None, help="Overlay opacity (default 0.4)."),
-        click.option("--polarity", type=click.Choice(["positive", "negative", "both"]), default=None,
-                     help="Render the signed attribution (e.g. saliency's gradient) instead of the map."),
-        click.option("--clip-upper", type=click.FloatRange(0, 100), default=None,
-                     help="Percentile above which attributions saturate (default 99.9)."),
-        click.option("--clip-lower", type=click.FloatRange(0, 100), default=None,
-                     help="Percentile below which attributions count as zero (default 0)."),
-        click.option("--overlay", type=click.Choice(["original", "grayscale", "mask-black", "none"]), default=None,
-                     help="What the map is drawn on (default original)."),
-    ]
-    for option in reversed(options):
-        f = option(f)
-    return f
-
-
-METRIC_OPTIONS = ("metrics", "metric_steps", "metric_baseline")
-OVERLAY_OPTIONS = ("colormap", "alpha", "polarity", "clip_upper", "clip_lower", "overlay")
-
-
-def _output_settings(options: dict):
-    """(Faithfulness or None, OverlayStyle) from the ``output_options`` values, removed from ``options``."""
-    from .metrics import Faithfulness
-    from .overlays import OverlayStyle
-
-    metric_values = {name: options.pop(name, None) for name in METRIC_OPTIONS}
-    style = OverlayStyle(**{name: value for name in OVERLAY_OPTIONS if (value := options.pop(name, None)) is not None})
-    if not metric_values["metrics"]:
-        return None, style
-    metrics = Faithfulness(
-        metrics=tuple(m.strip() for m in metric_values["metrics"].split(",") if m.strip()),
-        **{key: value for key, value in (("steps", metric_values["metric_steps"]),
-                                         ("baseline", metric_values["metric_baseline"])) if value is not None},
-    )
-    return metrics, style
 
 
 def _versions() -> dict[str, str]:
@@ -122,42 +32,37 @@ def _versions() -> dict[str, str]:
 
 def explain_sources(sources, *, model, weights, layer, methods, topk, classes, batch_size, device, precision,
                     data_dir, show_progress=True, labels=None, localize=False,
-                    **method_options) -> tuple[str, Counter, float, Settings]:
-    """Create a job for the sources and explain it in-process; returns (job id, status counts, seconds, settings)."""
+                    **options) -> tuple[str, Counter, float, Settings]:
+    """Create a job for the sources and explain it in-process; returns (job id, status counts, seconds, settings).
+    ``options``: the spec options of ``storage.job_options`` (method, metric and overlay options)."""
     import torch
 
-    from .engine import Explainer
-    from .methods import MethodError, build_methods
-    from .models import ModelError, load_model, resolve_layer
-    from .targets import Targets, parse_classes
-    from .process import ItemProcessor, pending_items, record_digest
+    from .explainers import SpecError, load_setup
+    from .process import pending_items, record_digest
 
     # What this command line names is readable, as in any in-process command (storage/uri_policy.py).
     named = [str(s) for s in sources] + [str(p) for p in (weights, labels, model) if p and Path(p).is_file()]
     settings = with_command_line_roots(Settings().with_data_dir(data_dir), named)
     torch.use_deterministic_algorithms(True, warn_only=True)
+    spec = job_spec(model=model, weights=weights, labels=labels, layer=layer, methods=methods, topk=topk,
+                    classes=classes, precision=precision, batch_size=batch_size, localize=localize, **options)
     try:
-        metrics, overlay_style = _output_settings(method_options)
-        unknown = set(method_options) - set(METHOD_OPTIONS)
-        if unknown:
-            raise TypeError(f"unknown method options {sorted(unknown)}")
-        method_list = build_methods([m.strip() for m in methods.split(",") if m.strip()], method_options)
-        loaded = load_model(model, weights, labels)
-        layer_name = resolve_layer(loaded, layer, needed=any("layer" in m.needs for m in method_list))
-        targets = Targets(topk=None, classes=parse_classes(classes, loaded.class_names)) if classes \
-            else Targets(topk=topk)
-        explainer = Explainer(loaded, layer_name, method_list, targets, device=device, precision=precision)
-    except (ModelError, MethodError, ValueError, RuntimeError) as exc:
+        setup = load_setup(spec, settings, device)
+    except (SpecError, RuntimeError) as exc:  # RuntimeError: e.g. a device torch does not know
         raise click.ClickException(str(exc)) from None
 
     db = connect(settings.resolved_database_url)
     store = open_store(settings.resolved_object_store_url)
-    job_settings = {"model": model, "weights": str(weights) if weights else None, "layer": layer_name,
-                    "methods": [m.name for m in method_list], "targets": targets.describe(),
+    explainer = setup.explainer
+    job_settings = {"model": model, "weights": str(weights) if weights else None,
+                    "layer": explainer.layer_name if explainer.layer is not None else None,
+                    "methods": [m.name for m in explainer.methods], "targets": explainer.targets.describe(),
                     "precision": precision, "sources": [str(s) for s in sources],
-                    "method_options": {k: v for k, v in method_options.items() if v is not None},
-                    "method_definitions": {m.name: " ".join((type(m).__doc__ or "").split()) for m in method_list},
-                    "metrics": metrics.params() if metrics else None, "overlay": overlay_style.params(),
+                    "method_options": {k: v for k, v in spec["options"].items() if k in METHOD_OPTIONS},
+                    "method_definitions": {m.name: " ".join((type(m).__doc__ or "").split())
+                                           for m in explainer.methods},
+                    "metrics": setup.metrics.params() if setup.metrics else None,
+                    "overlay": setup.overlay_style.params(),
                     "labels": str(labels) if labels else None, "localize": localize,
                     "versions": _versions()}
     job_id = create_job(db, job_settings)
@@ -166,8 +71,7 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
     except SourceError as exc:
         raise click.ClickException(str(exc)) from None
     close_listing(db, job_id)
-    processor = ItemProcessor(settings, db, store, explainer, batch_size=batch_size, metrics=metrics,
-                              overlay_style=overlay_style, localize=localize)
+    processor = setup.processor(settings, db, store)
     record_digest(db, job_id, processor.digest)
 
     from sqlalchemy import select
@@ -205,24 +109,25 @@ def _summary(job_id: str, counts: Counter, seconds: float, settings: Settings) -
 
 @click.command()
 @click.argument("sources", nargs=-1, required=True)
-@job_options
-@output_options
+@job_options(local=True)
+@data_dir_option("--out", "--data")
 def run(sources, **options):
     """Explain every image in SOURCES (files, folders, file:// URIs) in-process, no servers needed.
 
-    Writes maps (.npy) and overlays (.png) under OUT/objects and metadata to OUT/salient.db.
-    Unreadable images become failed records; the run goes on and exits 0.
+    Writes maps (.npy) and overlays (.png) under DATA/objects and metadata to DATA/salient.db (DATA:
+    the folder given as --out or --data). Unreadable images become failed records; the run goes on
+    and exits 0.
     """
     job_id, counts, seconds, settings = explain_sources(sources, **options)
     click.echo(_summary(job_id, counts, seconds, settings))
 
 
 @click.command()
-@click.option("--out", "data_dir", type=click.Path(path_type=Path), default=Path("salient-demo"), show_default=True)
-@click.option("--methods", default="gradcam,saliency", show_default=True)
-@click.option("--device", default="auto", show_default=True)
+@data_dir_option("--out", "--data", default=Path("salient-demo"))
+@click.option("--methods", default=DEFAULT_METHODS, show_default=True)
+@device_option
 def demo(data_dir: Path, methods: str, device: str):
-    """Export scikit-image's sample photos to OUT/images and explain them with the bundled model."""
+    """Export scikit-image's sample photos to DATA/images and explain them with the bundled model."""
     images = export_sample_images(data_dir / "images")
     job_id, counts, seconds, settings = explain_sources(
         [images], model="efficientnet_lite0", weights=None, layer=None, methods=methods, topk=3, classes=None,
@@ -241,20 +146,16 @@ def demo(data_dir: Path, methods: str, device: str):
 
 
 @click.command("visualize-class")
-@click.option("--model", default="efficientnet_lite0", show_default=True,
-              help="efficientnet_lite0, a torchvision classifier name, or a TorchScript file.")
-@click.option("--weights", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="State-dict file for --model.")
-@click.option("--labels", type=click.Path(exists=True, dir_okay=False, path_type=Path),
-              help="Class names for a custom model: JSON list, or CSV rows id,name.")
+@model_option(local=True)
+@weights_option(local=True)
+@labels_option(local=True)
 @click.option("--class", "class_", required=True, help="The class: an id or a name (any case), e.g. 281 or tabby.")
 @click.option("--steps", type=click.IntRange(1), default=200, show_default=True, help="Gradient ascent steps.")
 @click.option("--lr", type=click.FloatRange(0, min_open=True), default=1.0, show_default=True, help="Step size.")
 @click.option("--l2", type=click.FloatRange(0), default=1e-3, show_default=True,
               help="L2 penalty weight on the (normalised) image.")
-@click.option("--device", default="auto", show_default=True)
-@click.option("--out", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Data folder (default ./salient-data or SALIENT_DATA_DIR).")
+@device_option
+@data_dir_option("--data", "--out")
 def visualize_class(model, weights, labels, class_, steps, lr, l2, device, data_dir):
     """Synthesise the image that maximises one class's logit (Simonyan et al. 2014): gradient ascent from
     the mean image with an L2 penalty. The PNG goes to the object store, a row to class_visualizations."""
@@ -299,8 +200,7 @@ def visualize_class(model, weights, labels, class_, steps, lr, l2, device, data_
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("."), show_default=True,
               help="Folder for sanity-JOB.json.")
-@click.option("--data", "data_dir", type=click.Path(path_type=Path), default=None,
-              help="Data folder of the job (default ./salient-data or SALIENT_DATA_DIR).")
+@data_dir_option("--data", note="; with --job, the job's")
 def sanity(sources, job_id, sample, stops, topk, model, weights, layer, methods, seed, device, batch_size,
            out_dir, data_dir):
     """Sanity check (Adebayo et al. 2018): randomise the model's weight layers from the top down and

@@ -1,5 +1,6 @@
-"""Message spec -> ready ItemProcessor, cached: a worker loads each (model, weights digest, layer,
-methods, options, targets, precision) once and reuses it for every later message with that spec."""
+"""Spec -> ready ItemProcessor: the one setup path of ``salient run`` and the queue workers. A worker
+caches processors, so it loads each (model, weights digest, layer, methods, options, targets,
+precision) once and reuses it for every later message with that spec."""
 
 from __future__ import annotations
 
@@ -7,25 +8,30 @@ import hashlib
 import json
 import threading
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
 from sqlalchemy.engine import Engine
 
+from storage.job_options import METHOD_OPTIONS, OVERLAY_OPTIONS, SPEC_OPTIONS
 from storage.objects import ObjectStore
 from storage.settings import Settings
 from storage.sources import allowed_local_path, read_uri
 
 from .batching import guard_model
+from .engine import Explainer
+from .metrics import Faithfulness
+from .overlays import OverlayStyle
 from .process import ItemProcessor
 
 MAX_DOWNLOAD_BYTES = 8 << 30
 
 
 class SpecError(ValueError):
-    """The spec cannot be explained by this worker (unknown model, method or option, bad weights);
-    every item of the message fails with this reason."""
+    """The spec cannot be explained (unknown model, method or option, bad weights, ...): ``salient run``
+    stops with the reason before any image; a worker fails every item of the message with it."""
 
 
 def spec_key(spec: dict[str, Any]) -> str:
@@ -54,14 +60,28 @@ def _local_file(location: str | None, settings: Settings, expected_sha256: str |
     return path
 
 
-def build_processor(spec: dict[str, Any], settings: Settings, db: Engine, store: ObjectStore,
-                    device: str) -> ItemProcessor:
-    """The same construction as ``salient run`` (workers/cli.py), from a message spec."""
+@dataclass(frozen=True)
+class Setup:
+    """What a spec asks for, loaded and checked: the engine and the processor's settings. No database
+    or object store is touched yet, so a bad spec fails before a job exists."""
+
+    explainer: Explainer
+    batch_size: int
+    metrics: Faithfulness | None
+    overlay_style: OverlayStyle
+    localize: bool
+
+    def processor(self, settings: Settings, db: Engine, store: ObjectStore) -> ItemProcessor:
+        return ItemProcessor(settings, db, store, self.explainer, batch_size=self.batch_size, metrics=self.metrics,
+                             overlay_style=self.overlay_style, localize=self.localize)
+
+
+def load_setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
+    """Load and check everything a spec (``storage.job_options.job_spec``) names: model, weights,
+    labels, layer, methods and their options, targets, metrics, overlay style. ``salient run`` and
+    the queue workers both build their pipeline here; raises ``SpecError`` with the reason."""
     from storage.sources import SourceError
 
-    # The run command's own option parsing, so a worker reads the options exactly as `run` does.
-    from .cli import METHOD_OPTIONS, _output_settings
-    from .engine import Explainer
     from .methods import MethodError, build_methods
     from .models import ModelError, _file_digest, load_model, resolve_layer
     from .targets import Targets, parse_classes
@@ -69,11 +89,11 @@ def build_processor(spec: dict[str, Any], settings: Settings, db: Engine, store:
     options = dict(spec.get("options") or {})
     localize = bool(options.pop("localize", False))
     try:
-        metrics, overlay_style = _output_settings(options)
-        unknown = set(options) - set(METHOD_OPTIONS)
+        unknown = set(options) - set(SPEC_OPTIONS)
         if unknown:
             raise SpecError(f"unknown options {sorted(unknown)}")
-        methods = build_methods(spec["methods"], options)
+        metrics, overlay_style = _output_settings(options)
+        methods = build_methods(spec["methods"], {k: v for k, v in options.items() if k in METHOD_OPTIONS})
         expected = spec.get("weights_sha256")
         weights = _local_file(spec.get("weights"), settings, expected)
         if weights is not None and expected and _file_digest(weights) != expected:
@@ -83,14 +103,38 @@ def build_processor(spec: dict[str, Any], settings: Settings, db: Engine, store:
             model = str(allowed_local_path(model, settings))
         loaded = load_model(model, weights, _local_file(spec.get("labels"), settings))
         layer = resolve_layer(loaded, spec.get("layer"), needed=any("layer" in m.needs for m in methods))
+        if loaded.scripted and (python_only := [m.name for m in methods if m.python_model_only]):
+            raise SpecError(
+                f"{', '.join(python_only)} cannot run on a TorchScript model ({loaded.name}): the compiled graph "
+                "calls its ReLUs where the guided rule cannot reach them, so the result would be the plain "
+                "gradient; load the model as Python code (--model ARCH --weights FILE) or use saliency, "
+                "integrated_gradients")
         classes = spec["targets"].get("classes")
         targets = Targets(topk=None, classes=parse_classes(",".join(map(str, classes)), loaded.class_names)) \
             if classes else Targets(topk=spec["targets"]["topk"])
         explainer = Explainer(loaded, layer, methods, targets, device=device, precision=spec["precision"])
     except (ModelError, MethodError, SourceError, FileNotFoundError, TypeError, ValueError) as exc:
         raise SpecError(str(exc)) from None
-    return ItemProcessor(settings, db, store, explainer, batch_size=spec["batch_size"], metrics=metrics,
-                         overlay_style=overlay_style, localize=localize)
+    return Setup(explainer, spec["batch_size"], metrics, overlay_style, localize)
+
+
+def build_processor(spec: dict[str, Any], settings: Settings, db: Engine, store: ObjectStore,
+                    device: str) -> ItemProcessor:
+    """A ready processor for a spec (see ``load_setup``)."""
+    return load_setup(spec, settings, device).processor(settings, db, store)
+
+
+def _output_settings(options: dict[str, Any]) -> tuple[Faithfulness | None, OverlayStyle]:
+    """Faithfulness metrics (None when not asked for) and the overlay style from a spec's options."""
+    style = OverlayStyle(**{name: options[name] for name in OVERLAY_OPTIONS if options.get(name) is not None})
+    if not options.get("metrics"):
+        return None, style
+    metrics = Faithfulness(
+        metrics=tuple(m.strip() for m in options["metrics"].split(",") if m.strip()),
+        **{key: value for key, value in (("steps", options.get("metric_steps")),
+                                         ("baseline", options.get("metric_baseline"))) if value is not None},
+    )
+    return metrics, style
 
 
 class ProcessorCache:

@@ -1,5 +1,5 @@
-"""The producer side: sources and manifests as streams, the light install (no torch), the CLI in step
-with `salient run`, and the message contract as it lands in Redis."""
+"""The producer side: sources and manifests as streams, the light install (no torch), and the message
+contract as it lands in Redis. (`submit` and `run` declare their options once, in storage/job_options.py.)"""
 
 from __future__ import annotations
 
@@ -53,19 +53,6 @@ def test_the_producer_imports_no_torch_and_no_workers():
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
-
-
-def test_submit_takes_every_option_of_run():
-    from producer.job_commands import submit
-    from workers.cli import run
-
-    runs = {p.name: p for p in run.params}
-    submits = {p.name: p for p in submit.params}
-    assert set(runs) - set(submits) == {"device"}  # a worker's own choice
-    for name in set(runs) & set(submits):
-        if name in ("weights", "labels"):  # run reads a local file; a worker may need a URI
-            continue
-        assert (submits[name].default, type(submits[name].type)) == (runs[name].default, type(runs[name].type)), name
 
 
 def test_spec_validation():
