@@ -6,7 +6,7 @@ import io
 import os
 import tempfile
 from pathlib import Path
-from typing import Protocol
+from typing import Callable, Protocol
 from urllib.parse import urlparse
 
 from .s3 import s3_client, split_s3_url
@@ -17,6 +17,11 @@ class ObjectStore(Protocol):
     url: str
 
     def put(self, key: str, data: bytes, content_type: str) -> None: ...
+
+    def put_if_absent(self, key: str, render: Callable[[], bytes], content_type: str) -> None:
+        """Write ``render()`` unless ``key`` exists: a content-addressed key that exists already holds
+        these bytes. Costs one request on a remote store (no existence check first)."""
+        ...
 
     def get(self, key: str) -> bytes: ...
 
@@ -47,6 +52,11 @@ class LocalObjectStore:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+
+    def put_if_absent(self, key: str, render: Callable[[], bytes], content_type: str) -> None:
+        # A local check is free, and skips rendering: a rerun rewrites (and re-encodes) nothing.
+        if not self.exists(key):
+            self.put(key, render(), content_type)
 
     def get(self, key: str) -> bytes:
         return self._path(key).read_bytes()
@@ -84,6 +94,27 @@ class S3ObjectStore:
                                   multipart_chunksize=self.multipart_threshold)
         self.client.upload_fileobj(io.BytesIO(data), self.bucket, self._key(key),
                                    ExtraArgs={"ContentType": content_type}, Config=transfer)
+
+    def put_if_absent(self, key: str, render: Callable[[], bytes], content_type: str) -> None:
+        """One conditional PUT (``If-None-Match: *``): the server keeps an existing object and answers
+        412. A server without conditional writes overwrites it with the same bytes, which is harmless."""
+        from botocore.exceptions import ClientError
+
+        data = render()
+        if len(data) > self.multipart_threshold:  # s3transfer's multipart uploads take no condition
+            self.put(key, data, content_type)
+            return
+        try:
+            self.client.put_object(Bucket=self.bucket, Key=self._key(key), Body=data, ContentType=content_type,
+                                   IfNoneMatch="*")
+        except ClientError as exc:
+            status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode")
+            if status == 412:  # already there
+                return
+            if status == 409:  # a concurrent write of the same key raced this one: make sure one lands
+                self.put(key, data, content_type)
+                return
+            raise
 
     def get(self, key: str) -> bytes:
         return self.client.get_object(Bucket=self.bucket, Key=self._key(key))["Body"].read()

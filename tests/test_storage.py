@@ -228,3 +228,16 @@ def test_results_of_a_missing_job_say_so(finished_job):
     empty = Settings(data_dir=Path(settings.data_dir) / "elsewhere")
     with pytest.raises(LookupError, match="no jobs"):
         list(iter_results(empty, None))
+
+
+def test_local_put_if_absent_neither_renders_nor_writes_an_existing_object(tmp_path):
+    store = LocalObjectStore(tmp_path / "objects")
+    store.put_if_absent("maps/a.npy", lambda: b"first", "application/octet-stream")
+    written = (tmp_path / "objects" / "maps" / "a.npy").stat().st_mtime_ns
+
+    def render() -> bytes:
+        raise AssertionError("rendered an object that exists")
+
+    store.put_if_absent("maps/a.npy", render, "application/octet-stream")
+    assert store.get("maps/a.npy") == b"first"
+    assert (tmp_path / "objects" / "maps" / "a.npy").stat().st_mtime_ns == written

@@ -193,7 +193,8 @@ class ItemProcessor:
         model = ex.model
         base = f"{p.sha256[:2]}/{p.sha256}/{model.tag}/{ex.layer_name}"
         picture = fit_long_side(p.rgb, self.settings.overlay_max_side)
-        self._put(thumbnail_key(p.sha256), lambda: _jpeg(fit_long_side(p.rgb, THUMBNAIL_SIDE)), "image/jpeg")
+        self.store.put_if_absent(thumbnail_key(p.sha256), lambda: _jpeg(fit_long_side(p.rgb, THUMBNAIL_SIDE)),
+                                 "image/jpeg")
         style = self.overlay_style
         ranks = result.probs[i].argsort(descending=True).argsort()
         n_methods = len(ex.methods)
@@ -205,14 +206,14 @@ class ItemProcessor:
                 stem = f"{base}/{mid}/{class_id}"
                 heat = out.maps[i, k].cpu().numpy()
                 map_key = f"maps/{stem}.npy"
-                self._put(map_key, lambda: _npy(heat), "application/octet-stream")
+                self.store.put_if_absent(map_key, lambda: _npy(heat), "application/octet-stream")
                 overlay_key = f"overlays/{stem}.{style.key}.png"
                 shown = _overlay_source(out, i, k, style)
-                self._put(overlay_key, lambda: overlay_png(picture, shown, style), "image/png")
+                self.store.put_if_absent(overlay_key, lambda: overlay_png(picture, shown, style), "image/png")
                 arrays = {}
                 for name, tensor in out.arrays.items():
                     key = f"maps/{stem}.{name}.npy"
-                    self._put(key, lambda: _npy(tensor[i, k].cpu().numpy()), "application/octet-stream")
+                    self.store.put_if_absent(key, lambda: _npy(tensor[i, k].cpu().numpy()), "application/octet-stream")
                     arrays[name] = key
                 rows.append({
                     "sha256": p.sha256, "settings_digest": self.digest, "model": model.tag, "method": mid,
@@ -238,13 +239,8 @@ class ItemProcessor:
         if found is None:
             return {"localization": None}
         mask_key = f"masks/{stem}.png"
-        self._put(mask_key, lambda: mask_png(found.mask), "image/png")
+        self.store.put_if_absent(mask_key, lambda: mask_png(found.mask), "image/png")
         return {"localization": {"bbox": list(found.bbox), "mask_key": mask_key}}
-
-    def _put(self, key: str, render: Callable[[], bytes], content_type: str) -> None:
-        # Content-addressed keys: an existing object is already the right one.
-        if not self.store.exists(key):
-            self.store.put(key, render(), content_type)
 
 
 def _jpeg(rgb: np.ndarray) -> bytes:
