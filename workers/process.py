@@ -156,9 +156,14 @@ class ItemProcessor:
                     todo.append(p)
         if not todo:
             return statuses
+        # One picture under several URIs (same sha256) is explained once; its copies end with it.
+        first: dict[str, Prepared] = {}
+        for p in todo:
+            first.setdefault(p.sha256, p)
+        unique = list(first.values())
         t = time.perf_counter()
         try:
-            x = torch.stack([p.x for p in todo])
+            x = torch.stack([p.x for p in unique])
             result = self.explainer.explain(x)
             scores = self._faithfulness(x, result)
         except Exception as exc:  # one bad batch must not end the job: every item gets the reason
@@ -168,10 +173,16 @@ class ItemProcessor:
                                 error=f"explanation failed: {type(exc).__name__}: {exc}")
                     statuses.append("failed")
             return statuses
-        per_image = (time.perf_counter() - t) / len(todo)
-        for i, p in enumerate(todo):
+        per_image = (time.perf_counter() - t) / len(unique)
+        for i, p in enumerate(unique):
             self._store_image(i, p, result, per_image, scores)
             statuses.append("done")
+        copies = [p for p in todo if first[p.sha256] is not p]
+        if copies:
+            with self.db.begin() as conn:  # after the rows they share are in
+                for p in copies:
+                    finish_item(conn, p.item.id, p.item.job_id, "done", sha256=p.sha256, seconds=p.seconds)
+                    statuses.append("done")
         return statuses
 
     def _faithfulness(self, x: torch.Tensor, result: BatchResult) -> dict[str, dict[str, list]]:

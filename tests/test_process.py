@@ -1,0 +1,43 @@
+"""ItemProcessor: one picture under two URIs in one batch is explained once, and both items end done."""
+
+from __future__ import annotations
+
+from sqlalchemy import func, select
+
+from storage.database import Explanation, Item, Job, add_items, close_listing, connect, create_job
+from storage.job_options import job_spec
+from storage.objects import open_store
+from storage.settings import Settings
+from storage.sources import iter_uris
+from workers.explainers import load_setup
+from workers.process import pending_items
+
+
+def test_two_copies_of_one_image_in_a_batch_are_explained_once(tmp_path, smooth_rgb, encode_image):
+    folder = tmp_path / "images"
+    folder.mkdir()
+    picture = encode_image(smooth_rgb(40, 48, seed=3), "PNG")
+    (folder / "a.png").write_bytes(picture)
+    (folder / "copy of a.png").write_bytes(picture)
+    (folder / "b.png").write_bytes(encode_image(smooth_rgb(40, 48, seed=4), "PNG"))
+    settings = Settings().with_data_dir(tmp_path / "data")
+    db = connect(settings.resolved_database_url)
+    job_id = create_job(db, {})
+    add_items(db, job_id, iter_uris([str(folder)], settings))
+    close_listing(db, job_id)
+    spec = job_spec(model="resnet18", methods="gradcam", topk=2, batch_size=8)
+    processor = load_setup(spec, settings, "cpu").processor(settings, db, open_store(settings.resolved_object_store_url))
+    explained: list[int] = []
+    explain = processor.explainer.explain
+    processor.explainer.explain = lambda x: explained.append(len(x)) or explain(x)
+    statuses: list[str] = []
+    processor.run(pending_items(db, job_id), on_item=statuses.append)
+
+    assert explained == [2] and statuses == ["done"] * 3
+    with db.connect() as conn:
+        job = conn.execute(select(Job.status, Job.total, Job.done, Job.failed, Job.skipped)).one()
+        items = conn.execute(select(Item.status, Item.sha256)).all()
+        rows = conn.execute(select(Explanation.sha256, func.count()).group_by(Explanation.sha256)).all()
+    assert tuple(job) == ("finished", 3, 3, 0, 0)  # each item counted done once
+    assert len({sha for _, sha in items}) == 2 and all(status == "done" for status, _ in items)
+    assert sorted(count for _, count in rows) == [2, 2]  # two pictures × top-2, once each
