@@ -21,7 +21,8 @@ from storage.sources import iter_uris
 from .queue import Publisher
 
 
-def build_spec(*, weights: str | Path | None = None, labels: str | Path | None = None, **options: Any) -> dict[str, Any]:
+def build_spec(*, weights: str | Path | None = None, labels: str | Path | None = None,
+               **options: Any) -> dict[str, Any]:
     """The ``spec`` of every message of a job (what to explain and how): ``storage.job_options.job_spec``
     of the same keyword arguments as ``salient run`` (``model``, ``methods``, ``topk``, ``classes``, ``score``,
     ``steps``, ``metrics``, ``colormap``, ``localize``, ...), with ``weights`` and ``labels`` made readable
