@@ -1,8 +1,8 @@
 """Start real Redis, PostgreSQL and SeaweedFS (S3) servers on loopback, on free ports, in a folder.
 
 Used by the pipeline tests' session fixtures and by bench/pipeline.py. Each ``start_*`` returns a
-running server with ``stop()``; ``missing()`` says which binaries are not installed (run
-tests/servers/install.sh).
+running server with ``stop()`` and ``start()`` (again, on the same port and data folder: the fault
+tests restart servers); ``missing()`` says which binaries are not installed (run tests/servers/install.sh).
 """
 
 from __future__ import annotations
@@ -65,6 +65,12 @@ class Server:
     url: str
     process: subprocess.Popen | None
     stop_command: list[str] | None = None
+    # Starts the server (again) and waits until it answers; returns its process, if it has one of ours.
+    launch: Callable[[], subprocess.Popen | None] | None = None
+
+    def start(self) -> None:
+        """Start a stopped server again: same port, same data folder."""
+        self.process = self.launch()
 
     def stop(self) -> None:
         if self.stop_command:
@@ -78,14 +84,11 @@ class Server:
                 self.process.wait()
 
 
-def start_redis(folder: Path) -> Server:
+def start_redis(folder: Path, appendonly: bool = False) -> Server:
+    """``appendonly``: persist every write (what production runs); off, a restart loses all messages."""
     folder.mkdir(parents=True, exist_ok=True)
     port = free_port()
     log = folder / "redis.log"
-    process = subprocess.Popen(
-        [_which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
-         "--save", "", "--appendonly", "no", "--maxmemory-policy", "noeviction", "--logfile", str(log)],
-        stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
     url = f"redis://127.0.0.1:{port}/0"
 
     def ready() -> bool:
@@ -93,8 +96,16 @@ def start_redis(folder: Path) -> Server:
             s.sendall(b"PING\r\n")
             return s.recv(16).startswith(b"+PONG")
 
-    _wait(ready, "redis-server", process, log)
-    return Server(url, process)
+    def launch() -> subprocess.Popen:
+        process = subprocess.Popen(
+            [_which("redis-server"), "--port", str(port), "--bind", "127.0.0.1", "--dir", str(folder),
+             "--save", "", "--appendonly", "yes" if appendonly else "no", "--maxmemory-policy", "noeviction",
+             "--logfile", str(log)],
+            stdout=subprocess.DEVNULL, stderr=subprocess.STDOUT)
+        _wait(ready, "redis-server", process, log)
+        return process
+
+    return Server(url, launch(), launch=launch)
 
 
 def start_postgres(folder: Path) -> Server:
@@ -118,10 +129,18 @@ def start_postgres(folder: Path) -> Server:
     port = free_port()
     options = (f"-p {port} -k {sockets} -c listen_addresses=127.0.0.1 -c fsync=off -c synchronous_commit=off "
                "-c full_page_writes=off -c max_connections=200")
-    subprocess.run([*as_user, _which("pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w", "start"],
-                   check=True, capture_output=True, timeout=60)
-    stop = [*as_user, _which("pg_ctl"), "-D", str(data), "-m", "immediate", "-w", "stop"]
-    return Server(f"postgresql+psycopg://postgres@127.0.0.1:{port}", None, stop_command=stop)
+
+    def launch() -> None:
+        started = subprocess.run([*as_user, _which("pg_ctl"), "-D", str(data), "-o", options, "-l", str(log), "-w",
+                                  "start"], capture_output=True, text=True, timeout=60)
+        if started.returncode:
+            raise RuntimeError(f"pg_ctl start failed: {started.stdout}{started.stderr}")
+
+    launch()
+    # fast: every connection is cut, committed work kept (immediate would be a crash, and with
+    # synchronous_commit off a crash loses the last commits: not a restart)
+    stop = [*as_user, _which("pg_ctl"), "-D", str(data), "-m", "fast", "-w", "stop"]
+    return Server(f"postgresql+psycopg://postgres@127.0.0.1:{port}", None, stop_command=stop, launch=launch)
 
 
 def start_seaweedfs(folder: Path) -> Server:
@@ -136,15 +155,19 @@ def start_seaweedfs(folder: Path) -> Server:
         "filer.port", "filer.port.grpc", "admin.port", "admin.port.grpc", "s3.port.iceberg", "s3.port.lance")}
     log = folder / "weed.log"
     (folder / "data").mkdir(exist_ok=True)
-    process = subprocess.Popen(
-        [_which("weed"), "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
-         f"-s3.config={identities}", "-webdav=false", "-admin.ui=false",
-         *(f"-{name}={port}" for name, port in ports.items())],
-        stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
     url = f"http://127.0.0.1:{ports['s3.port']}"
     client = s3_client(url)
-    _wait(lambda: client.list_buckets() is not None, "weed mini (S3)", process, log, timeout=60)
-    return Server(url, process)
+
+    def launch() -> subprocess.Popen:
+        process = subprocess.Popen(
+            [_which("weed"), "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
+             f"-s3.config={identities}", "-webdav=false", "-admin.ui=false",
+             *(f"-{name}={port}" for name, port in ports.items())],
+            stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
+        _wait(lambda: client.list_buckets() is not None, "weed mini (S3)", process, log, timeout=60)
+        return process
+
+    return Server(url, launch(), launch=launch)
 
 
 def s3_client(endpoint_url: str):

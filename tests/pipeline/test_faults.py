@@ -1,0 +1,211 @@
+"""Faults survived with a job of 60 images in flight on real servers: a worker SIGKILLed mid-batch, Redis
+restarted with persistence and without it (the reconciler brings the lost messages back), SeaweedFS down
+for 30 s, PostgreSQL restarted, a worker that lost its model cache. After each: every item done once,
+counters equal to the statuses, one row per image and the bucket exactly as the rows say.
+
+These tests stop and start servers, so the module runs its own (not the session's).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import os
+import shutil
+import signal
+import tempfile
+import time
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+
+from faults import CHUNK, SPEC, check_consistent, claimed_ids, item_counts, start_workers, wait_for_end, wait_until
+
+N_IMAGES = 60
+
+
+@pytest.fixture(scope="module")
+def server_folder() -> Path:
+    # Not under pytest's temporary root: every pytest session that starts takes that back to mode 0700,
+    # and PostgreSQL (run as the postgres user) could then not be restarted.
+    folder = Path(tempfile.mkdtemp(prefix="salient-fault-servers-"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def servers(server_folder: Path):
+    """Own servers, since these tests restart them; Redis persists every write, as in production."""
+    import launch
+
+    absent = launch.missing()
+    if absent:
+        pytest.skip(f"servers not installed ({', '.join(absent)}): run tests/servers/install.sh")
+    started: list = []
+    try:
+        started.append(launch.start_redis(server_folder / "redis", appendonly=True))
+        started.append(launch.start_postgres(server_folder / "postgres"))
+        started.append(launch.start_seaweedfs(server_folder / "s3"))
+        yield SimpleNamespace(redis=started[0], postgres=started[1], s3=started[2])
+    finally:
+        for server in reversed(started):
+            server.stop()
+
+
+@pytest.fixture
+def faulty(pipeline, servers, tiny_images):
+    """The pipeline with the reconciler on a short fuse (every 2 s, items pending 5 s), 60 images, the servers."""
+    pipeline.env.update(SALIENT_RECONCILE_INTERVAL="2", SALIENT_PENDING_TIMEOUT="5")
+    return pipeline, tiny_images(N_IMAGES), servers
+
+
+def submit_job(folder: Path, spec: dict | None = None) -> str:
+    from producer import submit
+
+    return submit([folder], spec, chunk=CHUNK) if spec else submit([folder], chunk=CHUNK, **SPEC)
+
+
+def requeue_lines(pipeline) -> list[str]:
+    return [line for log in pipeline.logs for line in log.read_text().splitlines() if "lost items of" in line]
+
+
+def test_a_worker_sigkilled_mid_batch_leaves_its_images_to_the_other(faulty):
+    pipeline, folder, _ = faulty
+    victim, _survivor = start_workers(pipeline, ["victim", "survivor"])
+    job_id = submit_job(folder)
+    db = pipeline.db()
+    # More images started than one worker can hold (2 messages of 4): both are mid-batch.
+    wait_until(lambda: item_counts(db, job_id)["done"] >= 4 and item_counts(db, job_id)["claimed"] > 2 * CHUNK,
+               "both workers mid-batch", pipeline)
+    os.killpg(victim.pid, signal.SIGKILL)
+    victim.wait()
+    in_flight = claimed_ids(db, job_id)  # the victim's and the survivor's
+    wait_for_end(pipeline, job_id)  # the victim's messages come back after the visibility timeout (10 s)
+    items = check_consistent(pipeline, job_id, N_IMAGES)
+    twice = {i.id for i in items if i.deliveries == 2}
+    # The victim's unfinished images were started once more, by the survivor; nothing else was.
+    assert twice and twice <= in_flight
+    assert max(i.deliveries for i in items) == 2
+
+
+def test_redis_restarted_with_persistence_loses_nothing(faulty):
+    pipeline, folder, servers = faulty
+    start_workers(pipeline, ["a", "b"])
+    job_id = submit_job(folder)
+    db = pipeline.db()
+    wait_until(lambda: item_counts(db, job_id)["done"] >= 8, "some images done", pipeline)
+    redis = servers.redis
+    redis.stop()  # SIGTERM: Redis writes its append-only file and exits
+    assert item_counts(db, job_id)["pending"] > 20  # most of the job waits in the queue
+    time.sleep(3)
+    redis.start()
+    wait_for_end(pipeline, job_id)
+    items = check_consistent(pipeline, job_id, N_IMAGES)
+    assert max(i.deliveries for i in items) <= 2
+    # Every message survived the restart, so the reconciler saw nothing lost.
+    assert requeue_lines(pipeline) == []
+
+
+def test_redis_restarted_without_persistence_the_reconciler_requeues_the_lost_images(faulty, server_folder):
+    pipeline, folder, servers = faulty
+    start_workers(pipeline, ["a", "b"])
+    job_id = submit_job(folder)
+    db = pipeline.db()
+    wait_until(lambda: item_counts(db, job_id)["done"] >= 8, "some images done", pipeline)
+    redis = servers.redis
+    redis.stop()
+    lost = item_counts(db, job_id)["pending"]
+    assert lost > 20
+    shutil.rmtree(server_folder / "redis" / "appendonlydir")  # as if it had run without persistence
+    redis.start()
+    wait_for_end(pipeline, job_id)
+    items = check_consistent(pipeline, job_id, N_IMAGES)
+    assert max(i.deliveries for i in items) <= 2
+    published = requeue_lines(pipeline)
+    assert published, pipeline.log_tail()
+    assert sum(int(line.split("published ")[1].split()[0]) for line in published) > 0
+
+
+def test_s3_down_for_30_seconds_fails_nothing(faulty):
+    pipeline, folder, servers = faulty
+    # The writes held up by the outage keep their messages longer than the tests' usual 10 s.
+    pipeline.env["SALIENT_VISIBILITY_TIMEOUT"] = "120"
+    start_workers(pipeline, ["a", "b"])
+    job_id = submit_job(folder)
+    db = pipeline.db()
+    wait_until(lambda: item_counts(db, job_id)["done"] >= 8, "some images done", pipeline)
+    s3 = servers.s3
+    s3.stop()
+    done_at_stop = item_counts(db, job_id)["done"]
+    time.sleep(30)
+    assert item_counts(db, job_id)["done"] - done_at_stop <= 4 * CHUNK  # at most what was already written
+    assert item_counts(db, job_id)["failed"] == 0
+    s3.start()
+    wait_for_end(pipeline, job_id)
+    items = check_consistent(pipeline, job_id, N_IMAGES)
+    assert {i.deliveries for i in items} == {1}  # the outage counted no delivery against any image
+    logs = "".join(log.read_text() for log in pipeline.logs)
+    assert "retry budget left" in logs  # the writes did wait for S3
+
+
+def test_postgres_restarted_the_workers_reconnect(faulty):
+    pipeline, folder, servers = faulty
+    start_workers(pipeline, ["a", "b"])
+    job_id = submit_job(folder)
+    db = pipeline.db()
+    wait_until(lambda: item_counts(db, job_id)["done"] >= 8, "some images done", pipeline)
+    postgres = servers.postgres
+    postgres.stop()  # every connection is cut
+    time.sleep(3)
+    postgres.start()
+    wait_for_end(pipeline, job_id)
+    items = check_consistent(pipeline, job_id, N_IMAGES)
+    # A claim whose commit went through just as its connection was cut is counted twice, at worst.
+    assert {i.deliveries for i in items} <= {1, 2}
+    logs = "".join(log.read_text() for log in pipeline.logs)
+    assert "retry budget left" in logs  # the writes did wait for PostgreSQL
+    assert requeue_lines(pipeline) == []  # every message was in Redis all along
+
+
+def test_a_worker_that_lost_its_model_cache_downloads_the_weights_again(faulty):
+    import torch
+    import torchvision
+
+    from producer.submit import build_spec
+
+    pipeline, folder, _ = faulty
+    torch.manual_seed(1)
+    buffer = io.BytesIO()
+    torch.save(torchvision.models.get_model(SPEC["model"], weights=None).state_dict(), buffer)
+    weights = buffer.getvalue()
+    bucket = pipeline.bucket + "-models"
+    pipeline.s3.create_bucket(Bucket=bucket)
+    pipeline.s3.put_object(Bucket=bucket, Key="weights.pt", Body=weights)
+    sha256 = hashlib.sha256(weights).hexdigest()
+    spec = build_spec(**SPEC, weights=f"s3://{bucket}/weights.pt")
+    spec["weights_sha256"] = sha256  # workers keep the file by this digest
+    cache = Path(pipeline.env["SALIENT_DATA_DIR"]) / "downloads"
+
+    (first,) = start_workers(pipeline, ["first"])
+    job_id = submit_job(folder, spec)
+    db = pipeline.db()
+    wait_until(lambda: item_counts(db, job_id)["done"] >= 4 and item_counts(db, job_id)["claimed"] > 0,
+               "the worker mid-batch", pipeline)
+    assert (cache / sha256).is_file()
+    os.killpg(first.pid, signal.SIGKILL)
+    first.wait()
+    in_flight = claimed_ids(db, job_id)
+    shutil.rmtree(cache)
+    start_workers(pipeline, ["fresh"])
+    wait_for_end(pipeline, job_id)
+    items = check_consistent(pipeline, job_id, N_IMAGES)
+    assert {i.id for i in items if i.deliveries == 2} <= in_flight
+    assert hashlib.sha256((cache / sha256).read_bytes()).hexdigest() == sha256
+    with db.connect() as conn:
+        from sqlalchemy import select
+
+        from storage.database import Explanation
+
+        models = set(conn.execute(select(Explanation.model)).scalars())
+    assert models == {f"{SPEC['model']}-{sha256[:12]}"}  # the downloaded weights, not a random init
