@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import tempfile
 import uuid
 from contextlib import contextmanager
@@ -40,6 +41,7 @@ from storage.sources import SourceError, iter_uris, read_uri
 from .jobs import JobProgress, get_job
 from .submit import build_spec, submit
 
+log = logging.getLogger(__name__)
 MAX_PAGE = 1000
 
 # No NUL characters anywhere: PostgreSQL text cannot hold them.
@@ -67,7 +69,8 @@ class JobRequest(BaseModel):
                                   description="Image URIs; an s3://bucket/prefix stands for the images under it.")
     manifest: ManifestUri | None = Field(
         None, description="A .txt, .csv or .jsonl manifest of absolute image URIs, as `salient submit` reads them.")
-    name: Annotated[Text, StringConstraints(max_length=200)] | None = Field(None, description="A name to find the job by.")
+    name: Annotated[Text, StringConstraints(max_length=200)] | None = Field(
+        None, description="A name to find the job by.")
     chunk: int | None = Field(None, ge=1, description="Images per message (default SALIENT_CHUNK_SIZE).")
     model: Text = "efficientnet_lite0"
     weights: RemoteUri | None = Field(None, description="State dict the workers download.")
@@ -107,7 +110,7 @@ class JobRequest(BaseModel):
 class JobStatus(BaseModel):
     id: str
     name: str | None
-    status: Literal["listing", "running", "finished", "cancelled"]
+    status: str = Field(description="listing (images still being queued), running, finished or cancelled")
     total: int
     done: int
     failed: int
@@ -231,7 +234,10 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
             status = exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 500)
             raise HTTPException(400 if 400 <= status < 500 else 503, str(exc)) from None
         except (KombuError, BotoCoreError, DBAPIError, OSError) as exc:
-            raise HTTPException(503, f"{type(exc).__name__}: {exc}; the job was cancelled") from None
+            # The details (hosts, SQL) go to the server's log, not to the client.
+            log.error("POST /jobs: %s: %s", type(exc).__name__, exc)
+            raise HTTPException(503, f"broker, storage or database unavailable ({type(exc).__name__}); "
+                                     "try again: any job this request started was cancelled") from None
         response.headers["Location"] = f"/jobs/{job_id}"
         return JobStatus.of(get_job(db, job_id))
 

@@ -53,7 +53,8 @@ def check_cron(cron: str) -> str:
     cron = " ".join(cron.split())
     five_fields = len(cron.split()) == 5
     if not (five_fields or cron in CRON_MACROS) or not croniter.is_valid(cron):
-        raise ScheduleError(f"not a cron expression: {cron!r} (five fields, e.g. '0 2 * * *', or {', '.join(CRON_MACROS)})")
+        raise ScheduleError(f"not a cron expression: {cron!r} "
+                            f"(five fields, e.g. '0 2 * * *', or {', '.join(CRON_MACROS)})")
     return cron
 
 

@@ -4,6 +4,7 @@ schemathesis requests generated from the API's own OpenAPI schema, none of which
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import socket
@@ -33,6 +34,12 @@ def _app(tmp_path, **settings):
     from producer.api import create_app
 
     return create_app(Settings(data_dir=tmp_path / "data", api_tokens=TOKEN, **settings))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def test_importing_and_building_the_api_imports_no_torch_and_no_workers(tmp_path):
@@ -155,13 +162,21 @@ def test_post_jobs_takes_remote_uris_only_and_checks_before_submitting(tmp_path)
             assert isinstance(response.json()["detail"], list)  # FastAPI's shape, as the schema declares
 
 
+def test_an_unreachable_broker_is_a_503_and_the_job_is_cancelled(tmp_path):
+    from producer.jobs import list_jobs
+    from storage.database import connect
+
+    app = _app(tmp_path, broker_url=f"redis://127.0.0.1:{_free_port()}/0")  # nothing listens there
+    with TestClient(app) as client:
+        response = client.post("/jobs", json={"uris": ["https://images.example.com/a.png"]},
+                               headers={"Authorization": f"Bearer {TOKEN}"})
+    assert response.status_code == 503 and "try again" in response.json()["detail"]
+    assert "127.0.0.1" not in response.json()["detail"]  # server details stay in the server's log
+    [job] = list_jobs(connect(Settings(data_dir=tmp_path / "data").resolved_database_url))
+    assert job.status == "cancelled"
+
+
 # --- on the real servers -------------------------------------------------------------------------------------
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Http:
@@ -212,12 +227,11 @@ def test_a_job_submitted_over_http_is_explained_and_paged_back(pipeline, api_ser
     s3.put_object(Bucket=bucket, Key="inputs/broken.png", Body=b"not an image")
     spec = {"model": "resnet18", "methods": "gradcam", "topk": 1, "batch_size": 4}
 
-    status, job, headers = http("POST", "/jobs", {"uris": [f"s3://{bucket}/inputs/"], "chunk": 3, "name": "api", **spec})
+    body = {"uris": [f"s3://{bucket}/inputs/"], "chunk": 3, "name": "api", **spec}
+    status, job, headers = http("POST", "/jobs", body)
     assert status == 201, job
     assert headers["location"] == f"/jobs/{job['id']}"
     assert (job["name"], job["status"], job["total"]) == ("api", "running", 4)
-    import base64
-
     raw = redis.Redis.from_url(pipeline.env["SALIENT_BROKER_URL"]).lrange(pipeline.env["SALIENT_QUEUE"], 0, -1)
     chunks = [parse_chunk(json.loads(base64.b64decode(json.loads(m)["body"]))[1]) for m in raw]
     assert sorted(len(c.items) for c in chunks) == [1, 3] and {c.job_id for c in chunks} == {job["id"]}
@@ -260,8 +274,8 @@ def test_a_job_submitted_over_http_is_explained_and_paged_back(pipeline, api_ser
     assert status == 200 and (cancelled["status"], cancelled["skipped"]) == ("cancelled", 3)
     s3.put_object(Bucket=bucket, Key="lists/relative.txt", Body=b"img0.png\n")
     status, refused, _ = http("POST", "/jobs", {"manifest": f"s3://{bucket}/lists/relative.txt", **spec})
-    assert status == 422 and refused["detail"] == [
-        {"type": "value_error", "loc": ["body", "manifest"], "msg": "entry 1 is not an absolute s3:// or http(s):// URI"}]
+    assert status == 422 and refused["detail"] == [{"type": "value_error", "loc": ["body", "manifest"],
+                                                    "msg": "entry 1 is not an absolute s3:// or http(s):// URI"}]
     status, missing, _ = http("POST", "/jobs", {"uris": [f"s3://no-such-bucket-{uuid.uuid4().hex[:8]}/x/"]})
     assert status == 400, missing
     assert Http(http.base, token="wrong")("GET", f"/jobs/{job['id']}")[0] == 401
