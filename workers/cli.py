@@ -196,7 +196,7 @@ def visualize_class(model, weights, labels, class_, steps, lr, l2, device, data_
 @click.option("--layer", default=None, help="With SOURCES: target layer (default: last spatial feature map).")
 @click.option("--methods", default="gradcam,saliency", show_default=True, help="With SOURCES: methods to check.")
 @click.option("--seed", type=int, default=0, show_default=True, help="Sample and randomisation seed.")
-@click.option("--device", default="auto", show_default=True)
+@device_option
 @click.option("--batch-size", type=click.IntRange(1), default=16, show_default=True)
 @click.option("--out", "out_dir", type=click.Path(path_type=Path), default=Path("."), show_default=True,
               help="Folder for sanity-JOB.json.")

@@ -9,10 +9,10 @@ from storage.settings import Settings
 
 def test_s3_put_if_absent_is_one_conditional_put_that_keeps_the_first_object(pipeline):
     store = open_store(f"s3://{pipeline.bucket}/p", Settings())
-    sent: list[tuple[str, str | None]] = []
+    sent: list[tuple[str, bytes | None]] = []
 
     def record(request, **_):
-        sent.append((request.method, request.headers.get("If-None-Match")))
+        sent.append((request.method, request.headers.get("If-None-Match")))  # header values are bytes here
 
     store.client.meta.events.register("before-send.s3", record)
     try:
@@ -20,5 +20,5 @@ def test_s3_put_if_absent_is_one_conditional_put_that_keeps_the_first_object(pip
         store.put_if_absent("maps/a.npy", lambda: b"second", "application/octet-stream")
     finally:
         store.client.meta.events.unregister("before-send.s3", record)
-    assert sent == [("PUT", "*"), ("PUT", "*")]
+    assert sent == [("PUT", b"*"), ("PUT", b"*")]
     assert store.get("maps/a.npy") == b"first"  # the server refused the second write (412), quietly
