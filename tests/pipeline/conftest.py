@@ -74,10 +74,12 @@ class Pipeline:
             keys.extend(obj["Key"] for obj in page.get("Contents", ()))
         return keys
 
-    def start_worker(self, name: str, *args: str, wait: bool = True) -> subprocess.Popen:
+    def start_worker(self, name: str, *args: str, wait: bool = True, program: tuple[str, ...] = (SALIENT,)
+                     ) -> subprocess.Popen:
+        """``program``: what runs ``worker ARGS`` (the poison tests start one with faults injected)."""
         log = Path(self.env["SALIENT_DATA_DIR"]).parent / f"worker-{name}-{len(self.logs)}.log"
         process = subprocess.Popen(
-            [SALIENT, "worker", "--device", "cpu", "--torch-threads", "1", "--hostname", f"{name}@test", *args],
+            [*program, "worker", "--device", "cpu", "--torch-threads", "1", "--hostname", f"{name}@test", *args],
             env={**os.environ, **self.env}, stdout=open(log, "wb"), stderr=subprocess.STDOUT, start_new_session=True)
         self.workers.append(process)
         self.logs.append(log)

@@ -1,0 +1,54 @@
+"""Poison input among 60 images: one image crashes the worker whenever the model gets it, another makes the
+model call hang. Workers run under a supervisor that restarts them (as Kubernetes would). The crashing
+image fails after 3 deliveries, the hanging one at the per-image time limit, each with its reason; every
+other image is explained once, and none waits for the poison ones."""
+
+from __future__ import annotations
+
+import hashlib
+import sys
+from pathlib import Path
+
+from sqlalchemy import select
+
+from faults import CHUNK, SPEC, Supervisor, check_consistent, wait_for_end
+from storage.database import Item
+
+N_IMAGES = 60
+TIME_LIMIT = 2  # seconds per image; a batch of 4 gets 8 s, under the tests' visibility timeout of 10 s
+FAULTY_WORKER = (sys.executable, str(Path(__file__).with_name("faulty_worker.py")))
+
+
+def test_poison_images_fail_with_their_reason_and_the_rest_goes_on(pipeline, tiny_images):
+    from producer import submit
+
+    folder = tiny_images(N_IMAGES)
+    crash, hang = folder / "img001.jpg", folder / "img030.png"  # in the first chunk and in the middle
+    pipeline.env.update(POISON_CRASH_SHA256=hashlib.sha256(crash.read_bytes()).hexdigest(),
+                        POISON_HANG_SHA256=hashlib.sha256(hang.read_bytes()).hexdigest(),
+                        SALIENT_IMAGE_TIME_LIMIT=str(TIME_LIMIT))
+    supervisor = Supervisor(pipeline, lambda name: pipeline.start_worker(
+        name, "--concurrency", "2", wait=False, program=FAULTY_WORKER), ["a", "b"])
+    try:
+        job_id = submit([folder], chunk=CHUNK, **SPEC)
+        wait_for_end(pipeline, job_id, timeout=240)
+    finally:
+        supervisor.stop()
+    db = pipeline.db()
+    with db.connect() as conn:
+        items = {Path(i.uri).name: i for i in conn.execute(select(Item).where(Item.job_id == job_id))}
+    crashed, hung = items[crash.name], items[hang.name]
+    check_consistent(pipeline, job_id, N_IMAGES, failed={
+        crashed.id: "killed the worker 3 times",
+        hung.id: f"exceeded the per-image time limit of {TIME_LIMIT}s (in the model)",
+    })
+    assert crashed.deliveries == 4  # started three times, failed at the fourth
+    assert hung.deliveries <= 2  # in a batch first (the culprit unknown), then alone
+    others = [i for i in items.values() if i.id not in (crashed.id, hung.id)]
+    assert max(i.deliveries for i in others) <= 2  # at most once more, alone, after a crash beside them
+    # Not blocked: the images no crash touched (most of them) all ended before the crashing image failed;
+    # the others were in a worker's hands when it died, and came back with its messages.
+    untouched = [i for i in others if i.deliveries == 1]
+    assert len(untouched) > N_IMAGES // 2
+    assert max(i.updated_at for i in untouched) < crashed.updated_at
+    assert 139 in supervisor.exits and 75 in supervisor.exits  # crashes, and exits at the time limit
