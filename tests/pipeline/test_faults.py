@@ -209,3 +209,100 @@ def test_a_worker_that_lost_its_model_cache_downloads_the_weights_again(faulty):
 
         models = set(conn.execute(select(Explanation.model)).scalars())
     assert models == {f"{SPEC['model']}-{sha256[:12]}"}  # the downloaded weights, not a random init
+
+
+def test_reconcile_publishes_only_the_items_no_message_holds(pipeline, tiny_images, run_cli):
+    """No workers: four messages of four images, and Redis edited by hand into what faults leave behind.
+    A is in a worker's hands (the unacked hash), R was restored from a dead worker to the popping end,
+    B waits, C was lost. Only C's images are published again, once; and once the queue is empty,
+    whatever is old and pending is lost."""
+    import json
+    from datetime import timedelta
+
+    import redis
+    from sqlalchemy import select, update
+
+    from storage.database import Item, close_listing, create_job, record_items, utcnow
+    from storage.messages import TASK_NAME
+
+    folder = tiny_images(16)
+    job_id = submit_job(folder)
+    db = pipeline.db()
+    client = redis.Redis.from_url(pipeline.env["SALIENT_BROKER_URL"])
+    queue = pipeline.env["SALIENT_QUEUE"]
+    assert client.llen(queue) == 4  # [C, B, R, A]: workers pop from the right
+    a = client.rpop(queue)
+    client.hset("unacked", "tag-a", json.dumps([json.loads(a), "", queue]))
+    r = json.loads(client.rpop(queue))
+    r["headers"]["redelivered"] = True
+    client.rpush(queue, json.dumps(r))
+    client.lpop(queue)  # C
+    with db.connect() as conn:
+        ids = conn.execute(select(Item.id).where(Item.job_id == job_id).order_by(Item.id)).scalars().all()
+    groups = dict(zip("ARBC", (ids[i:i + 4] for i in range(0, 16, 4))))
+    now = utcnow()
+    with db.begin() as conn:
+        conn.execute(update(Item).where(Item.job_id == job_id).values(updated_at=now - timedelta(hours=2)))
+        conn.execute(update(Item).where(Item.id.in_(groups["B"])).values(updated_at=now - timedelta(hours=1)))
+    # Another service's job, with rows but no spec salient could publish: reported, left alone.
+    other = create_job(db, {"by": "another service"})
+    for _ in record_items(db, other, ["file:///elsewhere/x.png"]):
+        pass
+    close_listing(db, other)
+    with db.begin() as conn:
+        conn.execute(update(Item).where(Item.job_id == other).values(updated_at=now - timedelta(hours=2)))
+
+    dry = json.loads(run_cli(["reconcile", "--dry-run", "--json", "--pending-timeout", "60"]).output)
+    assert (dry["requeued_items"], dry["messages"], dry["jobs"]) == (4, 1, [job_id])
+    assert dry["in_hand"] == 4 and other in dry["unsendable"]
+    assert client.llen(queue) == 2  # nothing published
+    out = run_cli(["reconcile", "--pending-timeout", "60"]).output
+    assert "published 4 lost items of 1 jobs again in 1 messages" in out
+    assert f"job {other} has lost items but it was not submitted to the queue" in out
+    head = json.loads(client.lindex(queue, 0))
+    assert head["headers"]["task"] == TASK_NAME
+    from storage.requeue import message_items
+
+    assert message_items(head) == groups["C"]
+    again = json.loads(run_cli(["reconcile", "--json", "--pending-timeout", "60"]).output)
+    assert again["requeued_items"] == 0  # C was touched when it was published
+
+    # Redis loses everything: the old items of A, R and B are lost now; C was published a moment ago.
+    client.delete(queue, "unacked")
+    with db.begin() as conn:
+        conn.execute(update(Item).where(Item.id.in_(groups["A"] + groups["R"] + groups["B"]))
+                     .values(updated_at=now - timedelta(hours=2)))
+    flushed = json.loads(run_cli(["reconcile", "--json", "--pending-timeout", "60"]).output)
+    assert (flushed["requeued_items"], flushed["messages"], flushed["waiting_since"]) == (12, 3, None)
+    assert sorted(i for raw in client.lrange(queue, 0, -1) for i in message_items(json.loads(raw))) == \
+        sorted(groups["A"] + groups["R"] + groups["B"])
+
+
+def test_retries_last_the_budget_in_seconds_then_give_up():
+    from storage.retry import with_backoff
+
+    calls: list[float] = []
+
+    def down_for(seconds: float):
+        def call() -> str:
+            calls.append(time.monotonic())
+            if calls[-1] - calls[0] < seconds:
+                raise ConnectionError("connection refused")
+            return "up"
+        return call
+
+    assert with_backoff(down_for(0.5), budget=3, what="a write", base=0.05, cap=0.1) == "up"
+    assert 0.5 <= calls[-1] - calls[0] < 0.7  # the outage was ridden out, and its end noticed within a wait
+    calls.clear()
+    with pytest.raises(ConnectionError):
+        with_backoff(down_for(10), budget=0.5, what="a write", base=0.05, cap=0.1)
+    assert 0.45 <= calls[-1] - calls[0] < 0.6  # the last call comes at the end of the budget
+    calls.clear()
+
+    def bug() -> None:
+        calls.append(time.monotonic())
+        raise ValueError("not transient")
+
+    with pytest.raises(ValueError):
+        with_backoff(bug, budget=3, what="a write")
+    assert len(calls) == 1

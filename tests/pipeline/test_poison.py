@@ -52,3 +52,23 @@ def test_poison_images_fail_with_their_reason_and_the_rest_goes_on(pipeline, tin
     assert len(untouched) > N_IMAGES // 2
     assert max(i.updated_at for i in untouched) < crashed.updated_at
     assert 139 in supervisor.exits and 75 in supervisor.exits  # crashes, and exits at the time limit
+
+
+def test_the_watchdog_hands_over_only_work_past_its_deadline():
+    import time
+
+    from workers.batching import Watchdog
+    from workers.process import PendingItem
+
+    expired: list[tuple[list[int], str, float]] = []
+    dog = Watchdog(0.5, lambda items, what: expired.append(([i.id for i in items], what, time.monotonic())))
+    one, two = PendingItem(1, "job", "file:///a.png"), PendingItem(2, "job", "file:///b.png")
+    with dog.watch([one, two], "in the model"):  # a batch of two gets 1 s
+        time.sleep(0.6)
+    time.sleep(0.6)
+    assert expired == []
+    start = time.monotonic()
+    with dog.watch([one], "reading and decoding"):
+        time.sleep(1.0)
+    assert [(ids, what) for ids, what, _ in expired] == [([1], "reading and decoding")]
+    assert 0.5 <= expired[0][2] - start < 0.7
