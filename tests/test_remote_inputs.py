@@ -106,6 +106,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 except OSError:
                     return
                 time.sleep(0.1)
+        elif path == "/stall.png":  # half the body at once, then silence
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.send_header("Content-Length", str(len(PNG)))
+            self.end_headers()
+            self.wfile.write(PNG[: len(PNG) // 2])
+            self.wfile.flush()
+            time.sleep(TIMEOUT * 4)
+            self.close_connection = True
         elif path == "/huge-announced.png":  # says 1 GB, sends a little and waits
             self.answer(200, PNG[:100], length=10**9)
             time.sleep(TIMEOUT * 2)
@@ -207,7 +216,7 @@ def test_a_5xx_that_stays_fails_after_three_attempts(server):
     assert server.hits("/broken.png") == 3
 
 
-@pytest.mark.parametrize("path", ["/silent.png", "/dribble.png"])
+@pytest.mark.parametrize("path", ["/silent.png", "/dribble.png", "/stall.png"])
 def test_a_slow_server_fails_at_the_deadline_and_is_not_retried(server, path):
     started = time.monotonic()
     fails(server.url(path), r"^no complete answer within 1s \(SALIENT_HTTP_TIMEOUT\)$")
