@@ -252,6 +252,19 @@ def test_unreachable_and_unresolvable_hosts_fail_the_item(monkeypatch):
     fails("http://no-such-host.invalid/a.png", "^cannot resolve no-such-host.invalid: ")
 
 
+@pytest.mark.parametrize("url, reason", [
+    ("http://example.com:99999/a.png", "^the URL's port is not a number from 0 to 65535$"),
+    ("http:///a.png", "^the URL names no host$"),
+    ("http://user@example.com/a.png", "^URLs with a user name or password are not supported$"),
+])
+def test_malformed_urls_fail_before_any_lookup(url, reason, monkeypatch):
+    def no_lookup(*args, **kwargs):
+        raise AssertionError("a name was looked up")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_lookup)
+    fails(url, reason)
+
+
 # --- redirects -------------------------------------------------------------------------------------------------
 
 def test_redirects_are_followed_up_to_the_limit(server):

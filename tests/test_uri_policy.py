@@ -329,6 +329,26 @@ def test_a_manifest_on_the_command_line_opens_its_own_folder_only(tree, monkeypa
     assert records.count("refused: the file is outside the folders of SALIENT_FILE_ROOTS") == 3, records
 
 
+@pytest.mark.parametrize("field, value", [
+    ("weights", "{outside}/model.pt"), ("weights", "file://{outside}/model.pt"), ("labels", "{outside}/labels.json"),
+    ("model", "{outside}/scripted.pt"), ("weights", "{root}/../outside/model.pt"),
+])
+def test_files_a_message_spec_names_are_held_to_the_roots(field, value, tmp_path):
+    """A queue message's spec names weights, labels or a TorchScript model (a program) by path: each must lie
+    under the file roots, like an image; the spec then fails before anything is opened."""
+    from storage.messages import SPEC_DEFAULTS
+    from workers.explainers import SpecError, build_processor
+
+    (tmp_path / "root").mkdir()
+    (tmp_path / "outside").mkdir()
+    for name in ("model.pt", "labels.json", "scripted.pt"):
+        (tmp_path / "outside" / name).write_bytes(b"not read")
+    spec = {**SPEC_DEFAULTS, "model": "resnet18", "methods": ["gradcam"], "targets": {"topk": 1},
+            field: value.format(outside=tmp_path / "outside", root=tmp_path / "root")}
+    with pytest.raises(SpecError, match="^refused: the file is outside the folders of SALIENT_FILE_ROOTS"):
+        build_processor(spec, Settings(file_roots=[tmp_path / "root"]), None, None, "cpu")
+
+
 # --- buckets and schemes ---------------------------------------------------------------------------------------
 
 def test_buckets_outside_the_list_are_refused_before_any_request(monkeypatch):
