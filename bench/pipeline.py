@@ -78,6 +78,7 @@ class Stack:
             "SALIENT_DATABASE_URL": f"{self.postgres.url}/b_{tag}",
             "SALIENT_OBJECT_STORE_URL": f"s3://bench-{tag}/results", "SALIENT_S3_ENDPOINT_URL": self.s3.url,
             "SALIENT_DATA_DIR": str(self.folder / f"data-{tag}"),
+            "SALIENT_FILE_ROOTS": str(self.folder),  # the workers read the bench's images from local files
             "AWS_ACCESS_KEY_ID": launch.S3_ACCESS_KEY, "AWS_SECRET_ACCESS_KEY": launch.S3_SECRET_KEY,
             "AWS_DEFAULT_REGION": "us-east-1",
         }
