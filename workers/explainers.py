@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from storage.sources import allowed_local_path, read_uri
 from .batching import guard_model
 from .engine import Explainer
 from .metrics import Faithfulness
+from .models import _file_digest
 from .overlays import OverlayStyle
 from .process import ItemProcessor
 
@@ -47,14 +49,17 @@ def _local_file(location: str | None, settings: Settings, expected_sha256: str |
     if scheme not in ("s3", "http", "https"):
         return allowed_local_path(location, settings)
     cache = settings.data_dir / "downloads"
-    if expected_sha256 and (cache / expected_sha256).is_file():
-        return cache / expected_sha256
+    cached = cache / expected_sha256 if expected_sha256 else None
+    # A damaged copy (a disk error, a hand edit) is fetched again rather than failing every image.
+    if cached is not None and cached.is_file() and _file_digest(cached) == expected_sha256:
+        return cached
     data = read_uri(location, MAX_DOWNLOAD_BYTES, settings)
     digest = hashlib.sha256(data).hexdigest()
     cache.mkdir(parents=True, exist_ok=True)
     path = cache / digest
-    if not path.is_file():
-        tmp = path.with_suffix(".part")
+    if not path.is_file() or path == cached:
+        # Named per process and thread: workers sharing the folder may download the same file at once.
+        tmp = path.with_name(f"{path.name}.{os.getpid()}.{threading.get_ident()}.part")
         tmp.write_bytes(data)
         tmp.replace(path)
     return path

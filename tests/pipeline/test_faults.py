@@ -306,3 +306,19 @@ def test_retries_last_the_budget_in_seconds_then_give_up():
     with pytest.raises(ValueError):
         with_backoff(bug, budget=3, what="a write")
     assert len(calls) == 1
+
+
+def test_a_damaged_cached_weights_file_is_downloaded_again(pipeline, tmp_path):
+    from storage.settings import Settings
+    from workers.explainers import _local_file
+
+    weights = b"weights " * 1000
+    sha256 = hashlib.sha256(weights).hexdigest()
+    pipeline.s3.put_object(Bucket=pipeline.bucket, Key="w.pt", Body=weights)
+    settings = Settings(data_dir=tmp_path)
+    cached = tmp_path / "downloads" / sha256
+    cached.parent.mkdir()
+    cached.write_bytes(weights[:100])  # cut short: a disk error, an interrupted copy by hand
+    assert _local_file(f"s3://{pipeline.bucket}/w.pt", settings, sha256) == cached
+    assert cached.read_bytes() == weights
+    assert [p.name for p in cached.parent.iterdir()] == [sha256]  # no temporary file left behind
