@@ -9,10 +9,8 @@ connection once a setting opens the address, so a witness that sees nothing is n
 from __future__ import annotations
 
 import ipaddress
-import os
 import socket
 import threading
-from pathlib import Path
 
 import pytest
 

@@ -151,8 +151,6 @@ def test_no_secret_reaches_any_output_of_a_job_with_credentials_everywhere(pipel
     import http.server
     import threading
 
-    import boto3
-
     from producer.jobs import wait_for_job
     from storage.database import connect
 
@@ -212,8 +210,8 @@ def test_no_secret_reaches_any_output_of_a_job_with_credentials_everywhere(pipel
         assert set(items) == set(expected)
         for uri, reason in expected.items():
             status, error = items[uri].status, items[uri].error
-            assert (status == "done" and error is None) if reason is None else (status == "failed" and reason in error), \
-                (uri, status, error)
+            ended_well = status == "done" and error is None
+            assert ended_well if reason is None else (status == "failed" and reason in error), (uri, status, error)
 
         outputs["status"] = _run(["status", job_id], env)
         outputs["status --json"] = _run(["status", job_id, "--json"], env)
