@@ -10,6 +10,7 @@ and caps what it reads: bytes (``max_bytes``) and, over HTTP, time (``http_timeo
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import http.client
 import json
@@ -299,8 +300,9 @@ class _Retryable(Exception):
 
 
 def _read_http(uri: str, max_bytes: int, settings: Settings, expect_image: bool) -> bytes:
-    """GET with the address checks, a byte cap and one deadline (``http_timeout``) for the whole
-    response; redirects are followed up to ``http_max_redirects``, each target checked like the first.
+    """GET with the address checks and a byte cap; redirects are followed up to ``http_max_redirects``,
+    each target checked like the first. An image must arrive whole within ``http_timeout``; any other
+    download (weights, a manifest) may take longer but never waits that long for its next bytes.
     5xx and connection errors are retried a few times, then fail the item (a web server is not
     salient's storage: its being down is the image's problem); a timeout is not retried."""
     for hop in range(settings.http_max_redirects + 1):
@@ -331,7 +333,7 @@ def _get_once(uri: str, max_bytes: int, settings: Settings, expect_image: bool) 
         raise SourceError("the URL's port is not a number from 0 to 65535") from None
     if not host:
         raise SourceError("the URL names no host")
-    deadline = time.monotonic() + settings.http_timeout
+    deadline = time.monotonic() + settings.http_timeout if expect_image else None
     try:
         addresses = vetted_addresses(host, port, settings)
     except socket.gaierror as exc:
@@ -340,24 +342,35 @@ def _get_once(uri: str, max_bytes: int, settings: Settings, expect_image: bool) 
     target = (parts.path or "/") + (f"?{parts.query}" if parts.query else "")
     failure = "no address"
     for address in addresses:
-        connection = _PinnedConnection(host, port, address, max(deadline - time.monotonic(), 0.001), tls)
         try:
-            connection.request("GET", target, headers={"User-Agent": "salient", "Accept": "image/*, */*;q=0.5"})
-            sock = connection.sock  # kept: the response may outlive the connection object's hold on it
-            return _body(connection.getresponse(), sock, max_bytes, deadline, expect_image)
+            timeout = _time_left(deadline, settings.http_timeout)
+            with contextlib.closing(_PinnedConnection(host, port, address, timeout, tls)) as connection:
+                connection.request("GET", target, headers={"User-Agent": "salient", "Accept": "image/*, */*;q=0.5"})
+                sock = connection.sock  # kept: the response may outlive the connection object's hold on it
+                return _body(connection.getresponse(), sock, max_bytes, deadline, settings.http_timeout,
+                             expect_image)
         except TimeoutError:
-            raise SourceError(f"no complete answer within {settings.http_timeout:g}s (SALIENT_HTTP_TIMEOUT)") from None
+            waited = "no complete answer within" if deadline else "no data for"
+            raise SourceError(f"{waited} {settings.http_timeout:g}s (SALIENT_HTTP_TIMEOUT)") from None
         except ssl.SSLError as exc:
             raise SourceError(f"TLS failed: {getattr(exc, 'verify_message', None) or exc.reason or exc}") from None
         except (http.client.HTTPException, OSError) as exc:  # refused, reset, not HTTP: try the next address
             failure = (exc.strerror if isinstance(exc, OSError) else None) or type(exc).__name__
-        finally:
-            connection.close()
     raise _Retryable(f"cannot fetch: {failure}")
 
 
-def _body(response: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, deadline: float,
-          expect_image: bool) -> bytes:
+def _time_left(deadline: float | None, idle: float) -> float:
+    """Seconds the next network wait may take: ``idle``, cut short by the deadline when there is one."""
+    if deadline is None:
+        return idle
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise TimeoutError
+    return min(left, idle)
+
+
+def _body(response: http.client.HTTPResponse, sock: socket.socket, max_bytes: int, deadline: float | None,
+          idle: float, expect_image: bool) -> bytes:
     """The response's bytes, read in chunks against the cap and the deadline. A Content-Length over the
     cap refuses at once; a missing one changes nothing, and a wrong one cannot make salient read more
     (http.client stops at the length announced; fewer bytes than announced fail)."""
@@ -381,10 +394,7 @@ def _body(response: http.client.HTTPResponse, sock: socket.socket, max_bytes: in
     chunks: list[bytes] = []
     received = 0
     while True:
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            raise TimeoutError
-        sock.settimeout(remaining)  # a server sending a byte at a time still ends at the deadline
+        sock.settimeout(_time_left(deadline, idle))  # a server sending a byte at a time still ends at the deadline
         chunk = response.read1(HTTP_CHUNK)
         if not chunk:
             break

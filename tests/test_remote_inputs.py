@@ -106,6 +106,15 @@ class Handler(http.server.BaseHTTPRequestHandler):
                 except OSError:
                     return
                 time.sleep(0.1)
+        elif path == "/trickle.bin":  # 20 bytes over 2 s: a slow but steady download
+            self.send_response(200)
+            self.send_header("Content-Type", "application/octet-stream")
+            self.send_header("Content-Length", "20")
+            self.end_headers()
+            for i in range(20):
+                self.wfile.write(bytes([i]))
+                self.wfile.flush()
+                time.sleep(0.1)
         elif path == "/stall.png":  # half the body at once, then silence
             self.send_response(200)
             self.send_header("Content-Type", "image/png")
@@ -226,6 +235,16 @@ def test_a_slow_server_fails_at_the_deadline_and_is_not_retried(server, path):
     took = time.monotonic() - started
     assert TIMEOUT * 0.9 <= took < TIMEOUT + 1.5, took  # the dribble alone would take ~ len(PNG) / 10 s
     assert server.hits(path) == 1
+
+
+def test_other_downloads_may_take_long_but_never_stall(server):
+    """Weights and manifests are not images: they may take longer than the timeout while bytes keep coming."""
+    started = time.monotonic()
+    assert read(server.url("/trickle.bin"), image=False) == bytes(range(20))
+    assert time.monotonic() - started > TIMEOUT
+    fails(server.url("/trickle.bin"), r"^no complete answer within 1s")  # an image may not
+    with pytest.raises(SourceError, match=r"^no data for 1s \(SALIENT_HTTP_TIMEOUT\)$"):
+        read(server.url("/stall.png"), image=False)
 
 
 @pytest.mark.parametrize("path, reason", [
