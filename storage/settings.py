@@ -84,7 +84,8 @@ class Settings(BaseSettings):
         [], description="CIDRs http(s):// may reach although not public, e.g. 10.1.0.0/16 (link-local too)")
     s3_buckets: Annotated[list[str], NoDecode] = Field(
         [], description="the only buckets s3:// image URIs may name; none listed: any the credentials reach")
-    http_timeout: float = Field(30, gt=0, description="seconds an http(s):// image may take, connect to last byte")
+    http_timeout: float = Field(30, gt=0, description="seconds an http(s):// image may take, connect to last "
+                                                     "byte; other downloads: the longest wait for their next bytes")
     http_max_redirects: int = Field(5, ge=0, description="redirects followed (each target checked again)")
 
     @field_validator("file_roots", "allowed_networks", "s3_buckets", mode="before")
