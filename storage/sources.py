@@ -333,6 +333,10 @@ def _get_once(uri: str, max_bytes: int, settings: Settings, expect_image: bool) 
         raise SourceError("the URL's port is not a number from 0 to 65535") from None
     if not host:
         raise SourceError("the URL names no host")
+    try:
+        host = host.encode("idna").decode("ascii")  # http.client sends the Host header as ASCII
+    except UnicodeError:
+        raise SourceError("the URL's host name is not a valid international domain name") from None
     deadline = time.monotonic() + settings.http_timeout if expect_image else None
     try:
         addresses = vetted_addresses(host, port, settings)

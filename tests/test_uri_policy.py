@@ -225,6 +225,13 @@ def test_a_name_is_resolved_once_and_only_its_allowed_addresses_are_dialled(conn
     assert fake_dns.lookups.count("rebind.test") == 1
 
 
+def test_an_international_name_is_checked_by_its_ascii_form(connect_spy, fake_dns):
+    fake_dns["xn--bcher-kva.test"] = ["127.0.0.1"]
+    assert "xn--bcher-kva.test resolves to 127.0.0.1, a loopback address" in refused("http://bücher.test/a.png",
+                                                                                    Settings())
+    assert connect_spy == []
+
+
 def test_every_refusal_names_the_setting_that_would_open_it():
     assert "SALIENT_ALLOW_PRIVATE_NETWORKS=true or SALIENT_ALLOWED_NETWORKS" in refused("http://10.1.1.1/", Settings())
     assert "only SALIENT_ALLOWED_NETWORKS opens it" in refused("http://169.254.169.254/", Settings())
