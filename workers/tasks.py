@@ -129,7 +129,8 @@ def run_chunk(chunk: Chunk, rt: Runtime) -> dict[str, int]:
     # Suspects (started before by a worker that died) first and one at a time, before the others are
     # counted as delivered: a poison image among them then costs only its own deliveries. Fewest
     # deliveries first: a poison image, counted again at every crash, falls behind the images beside it.
-    suspects = sorted(((i, uri) for i, uri in pending if state[i].deliveries > 0), key=lambda s: state[s[0]].deliveries)
+    suspects = sorted(((i, uri) for i, uri in pending if state[i].deliveries > 0),
+                      key=lambda suspect: state[suspect[0]].deliveries)
     for item_id, uri in suspects:
         rt.loop.explain_alone(processor, PendingItem(item_id, chunk.job_id, uri))
     fresh = [(i, uri) for i, uri in pending if state[i].deliveries == 0]
