@@ -31,7 +31,7 @@ def test_poison_images_fail_with_their_reason_and_the_rest_goes_on(pipeline, tin
         name, "--concurrency", "2", wait=False, program=FAULTY_WORKER), ["a", "b"])
     try:
         job_id = submit([folder], chunk=CHUNK, **SPEC)
-        wait_for_end(pipeline, job_id, timeout=240)
+        wait_for_end(pipeline, job_id, timeout=480)  # generous: CI machines are noisy
     finally:
         supervisor.stop()
     db = pipeline.db()
