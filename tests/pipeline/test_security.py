@@ -132,7 +132,8 @@ def _postgres_user_with_password(admin_url: str, database: str, user: str, passw
         conn.execute(sa.text(f"ALTER SCHEMA public OWNER TO {user}"))
     owner.dispose()
     host = admin_url.split("@", 1)[1]
-    wrong = sa.create_engine(f"postgresql+psycopg://{user}:not-it@{host}/{database}")
+    # No pool: a connection made before the reload took effect must not be handed back on the next try.
+    wrong = sa.create_engine(f"postgresql+psycopg://{user}:not-it@{host}/{database}", poolclass=sa.pool.NullPool)
     deadline = time.monotonic() + 10
     while True:  # the reload applies to new connections within moments
         try:
