@@ -29,8 +29,8 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
-import copy
 import json
+import multiprocessing
 import os
 import resource
 import statistics
@@ -163,34 +163,90 @@ def align_corners_false_upsampling() -> None:
     torch.nn.UpsamplingBilinear2d = lambda size: nn.Upsample(size=size, mode="bilinear", align_corners=False)
 
 
-def best_competitor_batch(model: str, size: int, candidates: tuple[int, ...]) -> dict:
-    """The ``cam.batch_size`` at which pytorch-grad-cam's Score-CAM explains one photo's top class fastest."""
-    from pytorch_grad_cam import ScoreCAM
+class Competitor:
+    """pytorch-grad-cam in a process of its own, as its users run it: the model in its default memory
+    format with weights that take gradients, and glibc's default malloc (or, with ``malloc_fix``, ours),
+    so that salient's allocator setting is not lent to it."""
+
+    def __init__(self, malloc_fix: bool):
+        context = multiprocessing.get_context("spawn")
+        self.conn, child = context.Pipe()
+        self.process = context.Process(target=_competitor_loop, args=(child, malloc_fix), daemon=True)
+        self.process.start()
+
+    def setup(self, model: str, method: str, x: Tensor, batch: int | None) -> None:
+        """Load ``model`` and build its ``method`` ("scorecam"/"gradcam") CAM for inputs ``x``."""
+        self._ask(("setup", model, method, x, batch))
+
+    def explain(self, classes: Tensor) -> tuple[float, Tensor]:
+        """(seconds, B×H×W maps) of one call explaining class ``classes[b]`` of each image b."""
+        return self._ask(("explain", classes))
+
+    def close(self) -> None:
+        self.conn.send(None)
+        self.process.join()
+
+    def _ask(self, message: tuple):
+        self.conn.send(message)
+        reply = self.conn.recv()
+        if isinstance(reply, BaseException):
+            raise reply
+        return reply
+
+
+def _competitor_loop(conn, malloc_fix: bool) -> None:
+    from pytorch_grad_cam import GradCAM, ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
     from workers.models import load_model, resolve_layer
+    from workers.runtime import keep_freed_memory
+
+    torch.set_num_threads(THREADS)
+    if malloc_fix:
+        keep_freed_memory()
+    align_corners_false_upsampling()
+    cam, x = None, None
+    while (message := conn.recv()) is not None:
+        try:
+            if message[0] == "setup":
+                _, model, method, x, batch = message
+                loaded = load_model(model)
+                module = loaded.module.requires_grad_(method == "gradcam")
+                cam = (ScoreCAM if method == "scorecam" else GradCAM)(
+                    model=module, target_layers=[module.get_submodule(resolve_layer(loaded, None))])
+                if batch:
+                    cam.batch_size = batch
+                    warm_up(module, batch, x.shape[-1], "fp32")
+                conn.send(None)
+            else:
+                targets = [ClassifierOutputTarget(int(c)) for c in message[1]]
+                start = time.perf_counter()
+                maps = cam(input_tensor=x, targets=targets)
+                conn.send((time.perf_counter() - start, torch.from_numpy(maps)))
+        except Exception as exc:  # the parent re-raises it
+            conn.send(exc)
+
+
+def best_competitor_batch(competitor: Competitor, model: str, size: int, candidates: tuple[int, ...]) -> dict:
+    """The ``cam.batch_size`` at which pytorch-grad-cam's Score-CAM explains one photo's top class fastest."""
+    from workers.models import load_model
 
     loaded = load_model(model)
-    module, layer = loaded.module, loaded.module.get_submodule(resolve_layer(loaded, None))
     x = photos(loaded, 1, size)
     with torch.inference_mode():
-        classes = module(x).argmax(1)
-    targets = [ClassifierOutputTarget(int(c)) for c in classes]
+        classes = loaded.module(x).argmax(1)
     timings = {}
-    with ScoreCAM(model=module, target_layers=[layer]) as cam:
-        for batch in candidates:
-            cam.batch_size = batch
-            timings[batch] = seconds(lambda: cam(input_tensor=x, targets=targets))
+    for batch in candidates:
+        competitor.setup(model, "scorecam", x, batch)
+        timings[batch] = competitor.explain(classes)[0]
     return {"batch": min(timings, key=timings.get), "seconds_by_batch": timings}
 
 
-def compare(model: str, method: str, size: int, n_images: int, competitor_batch: int | None, repeats: int,
-            limits: dict | None) -> dict:
-    """salient vs pytorch-grad-cam for one method ("scorecam" or "gradcam") on one model, side by side."""
-    from pytorch_grad_cam import GradCAM as TheirGradCAM
-    from pytorch_grad_cam import ScoreCAM as TheirScoreCAM
-    from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-
+def compare(model: str, method: str, size: int, n_images: int, competitors: dict[str, Competitor],
+            competitor_batch: int | None, repeats: int, limits: dict | None) -> dict:
+    """salient vs pytorch-grad-cam for one method ("scorecam" or "gradcam") on one model, side by side:
+    each round runs salient (every precision, top-1 and top-3), the plain forward (for the efficiency) and
+    one call of each competitor process (class rank 1, 2, 3 in turn)."""
     from workers.engine import Explainer
     from workers.methods.base import scale_to_unit
     from workers.methods.gradcam import GradCAM
@@ -200,9 +256,6 @@ def compare(model: str, method: str, size: int, n_images: int, competitor_batch:
 
     loaded = load_model(model)
     layer_name = resolve_layer(loaded, None)
-    # pytorch-grad-cam as its users run it: its own copy, default memory format, weights that take gradients.
-    theirs_module = copy.deepcopy(loaded.module).requires_grad_(method == "gradcam")
-    theirs_layer = theirs_module.get_submodule(layer_name)
     x = photos(loaded, n_images, size)
     precisions = ("fp32", "bf16") if method == "scorecam" else ("fp32",)
 
@@ -213,61 +266,56 @@ def compare(model: str, method: str, size: int, n_images: int, competitor_batch:
                   for p in precisions for k in (1, 3)}
     if method == "scorecam":  # oneDNN builds its kernels for a shape on first sight: not part of the timing
         for p in precisions:
-            masked_batch = ours().batch_size_for((size, size), 2 if p == "bf16" else 4)
-            warm_up(loaded.module.to(memory_format=torch.channels_last), masked_batch, size, p)
-        warm_up(theirs_module, competitor_batch, size, "fp32")
-    their_class = TheirScoreCAM if method == "scorecam" else TheirGradCAM
+            warm_up(loaded.module, ours().batch_size_for((size, size), 2 if p == "bf16" else 4), size, p)
+    for competitor in competitors.values():
+        competitor.setup(model, method, x, competitor_batch)
     times: dict[tuple, list[float]] = {key: [] for key in explainers}
     cpu_times: dict[tuple, list[float]] = {key: [] for key in explainers}
     # The forward limit again, in the same rounds: the efficiency compares neighbours in time.
     plain = {p: torch.randn(limits[p]["batch"], 3, size, size).contiguous(memory_format=torch.channels_last)
              for p in precisions} if limits else {}
     plain_times: dict[str, list[tuple[float, float]]] = {p: [] for p in plain}
-    their_times, their_maps, results = [], [], {}
-    top3 = None
-    with their_class(model=theirs_module, target_layers=[theirs_layer]) as cam:
-        if competitor_batch:
-            cam.batch_size = competitor_batch
-        for round_ in range(max(repeats, 3)):  # three competitor calls: class ranks 1, 2, 3
+    their_times: dict[str, list[float]] = {name: [] for name in competitors}
+    their_maps: list[Tensor] = []
+    results = {}
+    for round_ in range(max(repeats, 3)):  # three competitor calls: class ranks 1, 2, 3
+        if round_ < repeats:
             for key, explainer in explainers.items():
-                if round_ < repeats:
-                    wall, cpu, results[key] = clocked(lambda: explainer.explain(x))
-                    times[key].append(wall)
-                    cpu_times[key].append(cpu)
+                wall, cpu, results[key] = clocked(lambda: explainer.explain(x))
+                times[key].append(wall)
+                cpu_times[key].append(cpu)
             for p, batch in plain.items():
-                if round_ < repeats:
-                    plain_times[p].append(plain_forward_seconds(loaded.module, batch, p))
-            top3 = results[("fp32", 3)].targets
-            targets = [ClassifierOutputTarget(int(c)) for c in top3[:, round_]]
-            start = time.perf_counter()
-            their_maps.append(torch.from_numpy(cam(input_tensor=x, targets=targets)))
-            their_times.append(time.perf_counter() - start)
+                plain_times[p].append(plain_forward_seconds(loaded.module, batch, p))
+        for name, competitor in competitors.items():
+            wall, maps = competitor.explain(results[("fp32", 3)].targets[:, round_])
+            their_times[name].append(wall)
+            if name == "as_shipped":
+                their_maps.append(maps)
 
     ours_maps = {p: results[(p, 3)].outputs[method].maps for p in precisions}
     median = {key: statistics.median(v) for key, v in times.items()}
-    their_top1, their_top3 = statistics.median(their_times), sum(their_times)
+    theirs = {name: {"top1": statistics.median(t), "top3": sum(t)} for name, t in their_times.items()}
     figures = {
-        "input": size, "images": n_images, "competitor_batch": competitor_batch,
-        "pytorch_grad_cam_s": {"top1": their_top1, "top3": their_top3},
+        "input": size, "images": n_images, "competitor_batch": competitor_batch, "pytorch_grad_cam_s": theirs,
         "max_abs_diff_vs_pytorch_grad_cam": max(
             float((scale_to_unit(ours_maps["fp32"][:, k]) - their_maps[k]).abs().max()) for k in range(3)),
     }
     for p in precisions:
         figures[p] = {
             "salient_s": {"top1": median[(p, 1)], "top3": median[(p, 3)]},
-            "speedup": {"top1": their_top1 / median[(p, 1)], "top3": their_top3 / median[(p, 3)]},
+            "speedup": {name: {k: t[k] / median[(p, 1 if k == "top1" else 3)] for k in ("top1", "top3")}
+                        for name, t in theirs.items()},
         }
     if method == "scorecam":
         passes = nonconstant_channels(loaded.module, loaded.module.get_submodule(layer_name), x)
         figures["masked_passes"] = passes
         for p in precisions:
             figures[p]["masked_passes_per_s"] = passes / median[(p, 1)]
-            if plain:
-                per_image = statistics.median(w for w, _ in plain_times[p])
-                cpu_per_image = statistics.median(c for _, c in plain_times[p])
-                figures[p]["forward_limit_in_rounds"] = 1 / per_image
-                figures[p]["efficiency"] = per_image * passes / median[(p, 1)]
-                figures[p]["cpu_efficiency"] = cpu_per_image * passes / statistics.median(cpu_times[(p, 1)])
+            per_image = statistics.median(w for w, _ in plain_times[p])
+            cpu_per_image = statistics.median(c for _, c in plain_times[p])
+            figures[p]["forward_limit_in_rounds"] = 1 / per_image
+            figures[p]["efficiency"] = per_image * passes / median[(p, 1)]
+            figures[p]["cpu_efficiency"] = cpu_per_image * passes / statistics.median(cpu_times[(p, 1)])
         figures["bf16_vs_fp32"] = {
             "min_map_correlation": min_map_correlation(ours_maps["fp32"], ours_maps["bf16"]),
             "same_top1": bool(torch.equal(results[("fp32", 1)].targets, results[("bf16", 1)].targets)),
@@ -356,6 +404,12 @@ def malloc_effect(rounds: int, seconds_: float) -> dict:
             / (med["on"]["user_ms_per_image"] + med["on"]["sys_ms_per_image"])}
 
 
+def speedups(figures: dict) -> str:
+    s = figures["speedup"]
+    return "speedup vs pytorch-grad-cam " + ", ".join(
+        f"{name.replace('_', ' ')}: top-1 {v['top1']:.2f}x top-3 {v['top3']:.2f}x" for name, v in s.items())
+
+
 def rounded(value):
     if isinstance(value, float):
         return float(f"{value:.4g}")
@@ -380,8 +434,8 @@ def main() -> None:
     from workers.models import load_model
     from workers.runtime import keep_freed_memory
 
-    keep_freed_memory()  # both sides run in this process, so both get it
-    align_corners_false_upsampling()
+    keep_freed_memory()  # salient's engine does this itself; done here too for the forward-limit loops
+    competitors = {"as_shipped": Competitor(malloc_fix=False), "with_malloc_fix": Competitor(malloc_fix=True)}
     repeats = args.repeats or (1 if args.quick else 3)
     plans = QUICK if args.quick else FULL
     batch_sizes = (64,) if args.quick else (64, 128)
@@ -403,31 +457,29 @@ def main() -> None:
     report["forward_limit"] = limits
 
     candidates = (64,) if args.quick else (16, 64, 128)
-    probe = best_competitor_batch(plans[0].model, plans[0].size, candidates)
+    probe = best_competitor_batch(competitors["as_shipped"], plans[0].model, plans[0].size, candidates)
     competitor_batch = probe["batch"]
     report["pytorch_grad_cam_scorecam_batch"] = probe
     log(f"pytorch-grad-cam ScoreCAM best cam.batch_size {competitor_batch} ({probe['seconds_by_batch']})")
 
     report["scorecam"], report["gradcam"] = {}, {}
     for plan in plans:
-        sc = compare(plan.model, "scorecam", plan.size, plan.images, competitor_batch, repeats,
+        sc = compare(plan.model, "scorecam", plan.size, plan.images, competitors, competitor_batch, repeats,
                      limits[plan.model][plan.size])
         report["scorecam"][plan.model] = sc
         for p in ("fp32", "bf16"):
             f = sc[p]
             log(f"Score-CAM {plan.model} {sc['input']}px {p}: {f['masked_passes_per_s']:.1f} masked passes/s, "
                 f"forward limit {f['forward_limit_in_rounds']:.1f}/s at batch {limits[plan.model][plan.size][p]['batch']}"
-                f", efficiency {f['efficiency']:.3f} (CPU time {f['cpu_efficiency']:.3f}); speedup vs pytorch-grad-cam "
-                f"top-1 {f['speedup']['top1']:.2f}x top-3 {f['speedup']['top3']:.2f}x")
+                f", efficiency {f['efficiency']:.3f} (CPU time {f['cpu_efficiency']:.3f}); " + speedups(f))
         log(f"Score-CAM {plan.model}: max |ours - theirs| {sc['max_abs_diff_vs_pytorch_grad_cam']:.2e}, "
             f"bf16 vs fp32 min corr {sc['bf16_vs_fp32']['min_map_correlation']:.4f}, "
             f"same top-1 {sc['bf16_vs_fp32']['same_top1']}")
-        gc = compare(plan.model, "gradcam", plan.size if args.quick else 224, 1 if args.quick else 8, None,
-                     repeats, None)
+        gc = compare(plan.model, "gradcam", plan.size if args.quick else 224, 1 if args.quick else 8, competitors,
+                     None, repeats, None)
         report["gradcam"][plan.model] = gc
-        log(f"Grad-CAM {plan.model} {gc['input']}px fp32 ({gc['images']} images): speedup top-1 "
-            f"{gc['fp32']['speedup']['top1']:.2f}x top-3 {gc['fp32']['speedup']['top3']:.2f}x, "
-            f"max |ours - theirs| {gc['max_abs_diff_vs_pytorch_grad_cam']:.2e}")
+        log(f"Grad-CAM {plan.model} {gc['input']}px fp32 ({gc['images']} images): " + speedups(gc["fp32"])
+            + f"; max |ours - theirs| {gc['max_abs_diff_vs_pytorch_grad_cam']:.2e}")
 
     fidelity_plan = next((p for p in plans if p.model == "efficientnet_lite0"), plans[0])
     sc = report["scorecam"][fidelity_plan.model]
@@ -450,6 +502,8 @@ def main() -> None:
             f"img/s ({m['speedup']:.2f}x); CPU ms/image {m['off']['user_ms_per_image'] + m['off']['sys_ms_per_image']:.1f}"
             f" -> {m['on']['user_ms_per_image'] + m['on']['sys_ms_per_image']:.1f}; page faults/image "
             f"{m['off']['page_faults_per_image']:.0f} -> {m['on']['page_faults_per_image']:.0f}")
+    for competitor in competitors.values():
+        competitor.close()
     report["seconds"] = time.perf_counter() - started
     print(json.dumps(rounded(report)))
 
