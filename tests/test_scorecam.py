@@ -23,7 +23,7 @@ from torch import Tensor, nn
 from workers.engine import Explainer
 from workers.methods import build_methods
 from workers.methods.base import ForwardPass, cam_to_maps, scale_to_unit
-from workers.methods.scorecam import WEIGHT_DEFINITIONS, ScoreCAM
+from workers.methods.scorecam import WEIGHT_DEFINITIONS, ScoreCAM, upsampled_range
 from workers.models import LoadedModel
 from workers.targets import Targets
 
@@ -40,10 +40,10 @@ def one_thread():
 
 
 class TinyNet(nn.Module):
-    """conv-relu-conv-relu-pool-linear, 10 classes (top probability ~0.25). The target layer is ``features.2`` (the second conv,
-    before its ReLU), so activations are signed; its channels 0-2 have zero weights, so each is the
-    constant ``constants[i]`` (a constant channel adds its value times its weight to the whole CAM,
-    which matters once the ReLU clips part of it)."""
+    """conv-relu-conv-relu-pool-linear, 10 classes (top probability ~0.25). The target layer is
+    ``features.2`` (the second conv, before its ReLU), so activations are signed; its channels 0-2 have
+    zero weights, so each is the constant ``constants[i]`` (a constant channel adds its value times its
+    weight to the whole CAM, which matters once the ReLU clips part of it)."""
 
     def __init__(self, constants: tuple[float, float, float] = (-1.0, 0.5, 0.0)):
         super().__init__()
@@ -90,7 +90,8 @@ def forward_pass(model: nn.Module, layer: nn.Module, x: Tensor, k: int = 3) -> F
                        targets=logits.topk(k, dim=1).indices, autocast=contextlib.nullcontext)
 
 
-def brute_force_maps(model: nn.Module, fp: ForwardPass, definition: str, channels: list[list[int]] | None = None) -> Tensor:
+def brute_force_maps(model: nn.Module, fp: ForwardPass, definition: str,
+                     channels: list[list[int]] | None = None) -> Tensor:
     """The definition read literally: for every image and every channel (or the listed ``channels``),
     one forward of the input times that channel's upsampled, min-max scaled map (all zeros if constant)."""
     x, acts, targets = fp.x, fp.activations.detach(), fp.targets
@@ -118,6 +119,15 @@ def brute_force_maps(model: nn.Module, fp: ForwardPass, definition: str, channel
 def constant_channels(acts: Tensor) -> Tensor:
     flat = acts.flatten(2)
     return flat.amax(-1) == flat.amin(-1)  # B×C
+
+
+@pytest.mark.parametrize(("small", "size"), [(7, (224, 224)), (13, (100, 64)), (2, (64, 64)), (1, (9, 9)), (5, (3, 4))])
+def test_upsampled_range_equals_the_range_of_the_resized_map(small: int, size: tuple[int, int]):
+    maps = torch.randn(3, 8, small, small, generator=torch.Generator().manual_seed(small))
+    resized = F.interpolate(maps, size=size, mode="bilinear", align_corners=False).flatten(2)
+    lo, hi = upsampled_range(maps, size)
+    torch.testing.assert_close(lo, resized.amin(-1), rtol=0, atol=1e-6)
+    torch.testing.assert_close(hi, resized.amax(-1), rtol=0, atol=1e-6)
 
 
 @pytest.mark.parametrize("definition", WEIGHT_DEFINITIONS)
