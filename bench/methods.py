@@ -6,8 +6,9 @@
    Target >= 0.95.
 3. pytorch-grad-cam ScoreCAM (at its best ``cam.batch_size``) and GradCAM on the same inputs, top-1 and
    top-3 (three calls: its top-1 time is their median, its top-3 time their sum); salient's speedup for
-   each, fp32 and bf16. salient runs Score-CAM's ``logit-softmax`` definition here (pytorch-grad-cam's; all
-   three cost the same).
+   each, fp32 and bf16. pytorch-grad-cam runs in processes of its own, one as shipped (glibc's default
+   malloc) and one with salient's malloc fix, called in turn with salient's runs. salient runs Score-CAM's
+   ``logit-softmax`` definition here (pytorch-grad-cam's; all three cost the same).
 4. Max abs difference of the maps (salient's scaled to [0, 1] as pytorch-grad-cam scales its own; target
    <= 1e-3) and the bf16-vs-fp32 map correlation and top-1 agreement.
 5. Peak RSS of a fresh process running resnet50 Score-CAM (fp32, 224 px) at the default masked batch for 1, 4
@@ -116,13 +117,15 @@ def forward_limit(module: nn.Module, size: int, precision: str, batch_sizes: tup
 
 def warm_up(module: nn.Module, batch: int, size: int, precision: str) -> None:
     """One plain forward at this shape (in the module's own memory format)."""
-    channels_last = next(p for p in module.parameters() if p.dim() == 4).is_contiguous(memory_format=torch.channels_last)
+    conv_weight = next(p for p in module.parameters() if p.dim() == 4)
+    channels_last = conv_weight.is_contiguous(memory_format=torch.channels_last)
     x = torch.zeros(batch, 3, size, size)
     with torch.inference_mode(), autocast(precision):
         module(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
 
-def plain_forward_seconds(module: nn.Module, batch: Tensor, precision: str, at_least: float = 1.0) -> tuple[float, float]:
+def plain_forward_seconds(module: nn.Module, batch: Tensor, precision: str,
+                          at_least: float = 1.0) -> tuple[float, float]:
     """(wall, CPU) seconds per image of plain inference on ``batch``, over calls lasting ``at_least`` seconds."""
     wall = cpu = 0.0
     images = 0
@@ -437,7 +440,10 @@ def main() -> None:
     torch.set_num_threads(THREADS)
     if args.probe:
         kind, *rest = args.probe
-        result = probe_rss(int(rest[0]), int(rest[1])) if kind == "rss" else probe_malloc(rest[0] == "on", float(rest[1]))
+        if kind == "rss":
+            result = probe_rss(int(rest[0]), int(rest[1]))
+        else:
+            result = probe_malloc(rest[0] == "on", float(rest[1]))
         print(json.dumps(result))
         return
 
@@ -480,7 +486,8 @@ def main() -> None:
         for p in ("fp32", "bf16"):
             f = sc[p]
             log(f"Score-CAM {plan.model} {sc['input']}px {p}: {f['masked_passes_per_s']:.1f} masked passes/s, "
-                f"forward limit {f['forward_limit_in_rounds']:.1f}/s at batch {limits[plan.model][plan.size][p]['batch']}"
+                f"forward limit {f['forward_limit_in_rounds']:.1f}/s "
+                f"at batch {limits[plan.model][plan.size][p]['batch']}"
                 f", efficiency {f['efficiency']:.3f} (CPU time {f['cpu_efficiency']:.3f}); " + speedups(f))
         log(f"Score-CAM {plan.model}: max |ours - theirs| {sc['max_abs_diff_vs_pytorch_grad_cam']:.2e}, "
             f"bf16 vs fp32 min corr {sc['bf16_vs_fp32']['min_map_correlation']:.4f}, "
@@ -508,9 +515,9 @@ def main() -> None:
                 f"{r['masked_passes']} passes: {r['peak_rss_mb']:.0f} MB")
         report["malloc_fix"] = malloc_effect(3, 8.0)
         m = report["malloc_fix"]
+        cpu = {s: m[s]["user_ms_per_image"] + m[s]["sys_ms_per_image"] for s in ("off", "on")}
         log(f"malloc fix, resnet18 fp32 forward: {m['off']['images_per_s']:.1f} -> {m['on']['images_per_s']:.1f} "
-            f"img/s ({m['speedup']:.2f}x); CPU ms/image {m['off']['user_ms_per_image'] + m['off']['sys_ms_per_image']:.1f}"
-            f" -> {m['on']['user_ms_per_image'] + m['on']['sys_ms_per_image']:.1f}; page faults/image "
+            f"img/s ({m['speedup']:.2f}x); CPU ms/image {cpu['off']:.1f} -> {cpu['on']:.1f}; page faults/image "
             f"{m['off']['page_faults_per_image']:.0f} -> {m['on']['page_faults_per_image']:.0f}")
     for competitor in competitors.values():
         competitor.close()
