@@ -22,8 +22,12 @@ takes minutes per image on resnet50 at 224 px, so resnet50's Score-CAM compariso
 Models are random-init except EfficientNet-Lite0 (bundled ImageNet weights); inputs are scikit-image's
 sample photos. Timings on a shared machine are noisy: each figure is a median of rounds run side by side.
 
-    .venv/bin/python bench/methods.py            # ~20-25 min
-    .venv/bin/python bench/methods.py --quick    # smoke run, resnet18 at 64 px (~1 min)
+    .venv/bin/python bench/methods.py                 # ~20-25 min
+    .venv/bin/python bench/methods.py --quick         # smoke run, resnet18 at 64 px (~1 min)
+    python bench/methods.py --device cuda             # on a GPU: all three models at 224 px (~3 min on an H200)
+
+On a GPU the same figures are measured on the device (forward limit at batch 64-1024; pytorch-grad-cam in
+its own process on the same GPU); the RSS and malloc probes are CPU matters and are left out.
 
 The last line printed is one JSON object with every figure.
 """
@@ -31,6 +35,7 @@ The last line printed is one JSON object with every figure.
 from __future__ import annotations
 
 import argparse
+import copy
 import json
 import multiprocessing
 import os
@@ -54,6 +59,7 @@ from torch import Tensor, nn  # noqa: E402
 
 THREADS = 2
 PHOTOS = ("chelsea", "coffee", "astronaut", "rocket")
+DEVICE = torch.device("cpu")  # --device
 
 
 @dataclass(frozen=True)
@@ -67,19 +73,32 @@ class Plan:
 
 FULL = (Plan("resnet18", 224, 2), Plan("efficientnet_lite0", 224, 1), Plan("resnet50", 112, 1))
 QUICK = (Plan("resnet18", 64, 1),)
+# A GPU runs pytorch-grad-cam's resnet50 Score-CAM at 224 px in seconds, and needs many images to fill
+# salient's masked batches.
+FULL_CUDA = (Plan("resnet18", 224, 16), Plan("efficientnet_lite0", 224, 8), Plan("resnet50", 224, 8))
+
+
+def sync() -> None:
+    """Wait for the GPU's queued work, so that a clock read after it counts that work."""
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize(DEVICE)
 
 
 def seconds(fn: Callable[[], object]) -> float:
+    sync()
     start = time.perf_counter()
     fn()
+    sync()
     return time.perf_counter() - start
 
 
 def clocked(fn: Callable[[], object]) -> tuple[float, float, object]:
     """(wall seconds, CPU seconds of this process, result). CPU time is the steadier of the two while
     other processes compete for the cores."""
+    sync()
     wall, cpu = time.perf_counter(), time.process_time()
     result = fn()
+    sync()
     return time.perf_counter() - wall, time.process_time() - cpu, result
 
 
@@ -94,15 +113,21 @@ def photos(model, n: int, size: int) -> Tensor:
 
 
 def autocast(precision: str):
-    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16")
+    return torch.autocast(DEVICE.type, dtype=torch.bfloat16, enabled=precision == "bf16")
+
+
+def engine_layout(precision: str) -> torch.memory_format:
+    """The memory format salient's engine runs the model in (workers/engine.py)."""
+    return torch.channels_last if DEVICE.type == "cpu" or precision != "fp32" else torch.contiguous_format
 
 
 def forward_limit(module: nn.Module, size: int, precision: str, batch_sizes: tuple[int, ...],
                   repeats: int) -> dict:
     """Plain inference images/s at each batch size (median of ``repeats`` rounds in which the batch sizes
     take turns, so all see the same background load) and the best of them."""
-    module = module.to(memory_format=torch.channels_last)
-    inputs = {b: torch.randn(b, 3, size, size).contiguous(memory_format=torch.channels_last) for b in batch_sizes}
+    layout = engine_layout(precision)
+    module = module.to(DEVICE, memory_format=layout)
+    inputs = {b: torch.randn(b, 3, size, size, device=DEVICE).contiguous(memory_format=layout) for b in batch_sizes}
     runs: dict[int, list[float]] = {b: [] for b in batch_sizes}
     with torch.inference_mode(), autocast(precision):
         for x in inputs.values():
@@ -119,7 +144,7 @@ def warm_up(module: nn.Module, batch: int, size: int, precision: str) -> None:
     """One plain forward at this shape (in the module's own memory format)."""
     conv_weight = next(p for p in module.parameters() if p.dim() == 4)
     channels_last = conv_weight.is_contiguous(memory_format=torch.channels_last)
-    x = torch.zeros(batch, 3, size, size)
+    x = torch.zeros(batch, 3, size, size, device=next(module.parameters()).device)
     with torch.inference_mode(), autocast(precision):
         module(x.contiguous(memory_format=torch.channels_last) if channels_last else x)
 
@@ -141,7 +166,7 @@ def nonconstant_channels(module: nn.Module, layer: nn.Module, x: Tensor) -> int:
     captured = []
     handle = layer.register_forward_hook(lambda _m, _i, out: captured.append(out))
     with torch.inference_mode():
-        module(x)
+        module(x.to(next(module.parameters()).device))
     handle.remove()
     flat = captured[0].flatten(2)
     return int((flat.amax(-1) > flat.amin(-1)).sum())
@@ -175,7 +200,7 @@ class Competitor:
     def __init__(self, malloc_fix: bool):
         context = multiprocessing.get_context("spawn")
         self.conn, child = context.Pipe()
-        self.process = context.Process(target=_competitor_loop, args=(child, malloc_fix), daemon=True)
+        self.process = context.Process(target=_competitor_loop, args=(child, malloc_fix, str(DEVICE)), daemon=True)
         self.process.start()
 
     def setup(self, model: str, method: str, x: Tensor, batch: int | None) -> None:
@@ -198,7 +223,8 @@ class Competitor:
         return reply
 
 
-def _competitor_loop(conn, malloc_fix: bool) -> None:
+def _competitor_loop(conn, malloc_fix: bool, device: str) -> None:
+    global DEVICE
     from pytorch_grad_cam import GradCAM, ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
@@ -206,6 +232,7 @@ def _competitor_loop(conn, malloc_fix: bool) -> None:
     from workers.runtime import keep_freed_memory
 
     torch.set_num_threads(THREADS)
+    DEVICE = torch.device(device)
     if malloc_fix:
         keep_freed_memory()
     align_corners_false_upsampling()
@@ -215,7 +242,8 @@ def _competitor_loop(conn, malloc_fix: bool) -> None:
             if message[0] == "setup":
                 _, model, method, x, batch = message
                 loaded = load_model(model)
-                module = loaded.module.requires_grad_(method == "gradcam")
+                module = loaded.module.requires_grad_(method == "gradcam").to(DEVICE)
+                x = x.to(DEVICE)
                 cam = (ScoreCAM if method == "scorecam" else GradCAM)(
                     model=module, target_layers=[module.get_submodule(resolve_layer(loaded, None))])
                 if batch:
@@ -224,9 +252,8 @@ def _competitor_loop(conn, malloc_fix: bool) -> None:
                 conn.send(None)
             else:
                 targets = [ClassifierOutputTarget(int(c)) for c in message[1]]
-                start = time.perf_counter()
-                maps = cam(input_tensor=x, targets=targets)
-                conn.send((time.perf_counter() - start, torch.from_numpy(maps)))
+                wall, _, maps = clocked(lambda: cam(input_tensor=x, targets=targets))
+                conn.send((wall, torch.from_numpy(maps)))
         except Exception as exc:  # the parent re-raises it
             conn.send(exc)
 
@@ -266,18 +293,21 @@ def compare(model: str, method: str, size: int, n_images: int, competitors: dict
     def ours():
         return ScoreCAM("logit-softmax") if method == "scorecam" else GradCAM()
 
-    explainers = {(p, k): Explainer(loaded, layer_name, [ours()], Targets(topk=k), device="cpu", precision=p)
+    # A model per precision: the engine may lay out its weights differently for each (CUDA: NCHW in fp32).
+    models = {p: copy.deepcopy(loaded) for p in precisions}
+    explainers = {(p, k): Explainer(models[p], layer_name, [ours()], Targets(topk=k), device=str(DEVICE), precision=p)
                   for p in precisions for k in (1, 3)}
-    if method == "scorecam":  # oneDNN builds its kernels for a shape on first sight: not part of the timing
+    if method == "scorecam":  # oneDNN and cuDNN pick their kernels for a shape on first sight: not timed
         for p in precisions:
-            warm_up(loaded.module, ours().batch_size_for((size, size), 2 if p == "bf16" else 4), size, p)
+            batch = ours().batch_size_for((size, size), 2 if p == "bf16" else 4, DEVICE)
+            warm_up(models[p].module, batch, size, p)
     for competitor in competitors.values():
         competitor.setup(model, method, x, competitor_batch)
     times: dict[tuple, list[float]] = {key: [] for key in explainers}
     cpu_times: dict[tuple, list[float]] = {key: [] for key in explainers}
     # The forward limit again, in the same rounds: the efficiency compares neighbours in time.
-    plain = {p: torch.randn(limits[p]["batch"], 3, size, size).contiguous(memory_format=torch.channels_last)
-             for p in precisions} if limits else {}
+    plain = {p: torch.randn(limits[p]["batch"], 3, size, size, device=DEVICE).contiguous(
+        memory_format=engine_layout(p)) for p in precisions} if limits else {}
     plain_times: dict[str, list[tuple[float, float]]] = {p: [] for p in plain}
     their_times: dict[str, list[float]] = {name: [] for name in competitors}
     their_maps: list[Tensor] = []
@@ -289,14 +319,14 @@ def compare(model: str, method: str, size: int, n_images: int, competitors: dict
                 times[key].append(wall)
                 cpu_times[key].append(cpu)
             for p, batch in plain.items():
-                plain_times[p].append(plain_forward_seconds(loaded.module, batch, p))
+                plain_times[p].append(plain_forward_seconds(models[p].module, batch, p))
         for name, competitor in competitors.items():
-            wall, maps = competitor.explain(results[("fp32", 3)].targets[:, round_])
+            wall, maps = competitor.explain(results[("fp32", 3)].targets[:, round_].cpu())
             their_times[name].append(wall)
             if name == "as_shipped":
                 their_maps.append(maps)
 
-    ours_maps = {p: results[(p, 3)].outputs[method].maps for p in precisions}
+    ours_maps = {p: results[(p, 3)].outputs[method].maps.cpu() for p in precisions}
     median = {key: statistics.median(v) for key, v in times.items()}
     theirs = {name: {"top1": statistics.median(t), "top3": sum(t)} for name, t in their_times.items()}
     figures = {
@@ -324,7 +354,7 @@ def compare(model: str, method: str, size: int, n_images: int, competitors: dict
             "min_map_correlation": min_map_correlation(ours_maps["fp32"], ours_maps["bf16"]),
             "same_top1": bool(torch.equal(results[("fp32", 1)].targets, results[("bf16", 1)].targets)),
         }
-        figures["_maps_fp32_top1"] = results[("fp32", 1)].outputs[method].maps
+        figures["_maps_fp32_top1"] = results[("fp32", 1)].outputs[method].maps.cpu()
         figures["_seconds_fp32_top1"] = median[("fp32", 1)]
         figures["_inputs"] = x
     return figures
@@ -342,14 +372,10 @@ def max_channels_fidelity(model: str, full_maps: Tensor, full_seconds: float, x:
     out = {}
     for n in counts:
         explainer = Explainer(loaded, layer, [ScoreCAM("logit-softmax", max_channels=n)], Targets(topk=1),
-                              device="cpu")
-        explainer.explain(x)  # first sight of the last, partial masked batch's shape
-        runs = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            result = explainer.explain(x)
-            runs.append(time.perf_counter() - start)
-        out[n] = {"min_map_correlation": min_map_correlation(result.outputs["scorecam"].maps, full_maps),
+                              device=str(DEVICE))
+        result = explainer.explain(x)  # first sight of the last, partial masked batch's shape
+        runs = [seconds(lambda: explainer.explain(x)) for _ in range(repeats)]
+        out[n] = {"min_map_correlation": min_map_correlation(result.outputs["scorecam"].maps.cpu(), full_maps),
                   "speedup": full_seconds / statistics.median(runs)}
     return out
 
@@ -435,8 +461,13 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="smoke run: resnet18 at 64 px, one round, no probes")
     parser.add_argument("--repeats", type=int, default=None, help="rounds per figure (default 3; 1 with --quick)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (on a GPU: bf16 and fp32 on the device; "
+                        "no RSS or malloc probes)")
     parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    global DEVICE
+    DEVICE = torch.device(args.device)
+    gpu = DEVICE.type == "cuda"
     torch.set_num_threads(THREADS)
     if args.probe:
         kind, *rest = args.probe
@@ -451,12 +482,15 @@ def main() -> None:
     from workers.runtime import keep_freed_memory
 
     keep_freed_memory()  # salient's engine does this itself; done here too for the forward-limit loops
-    competitors = {"as_shipped": Competitor(malloc_fix=False), "with_malloc_fix": Competitor(malloc_fix=True)}
+    competitors = {"as_shipped": Competitor(malloc_fix=False)}
+    if not gpu:  # the allocator setting matters to CPU kernels only
+        competitors["with_malloc_fix"] = Competitor(malloc_fix=True)
     repeats = args.repeats or (1 if args.quick else 3)
-    plans = QUICK if args.quick else FULL
-    batch_sizes = (64,) if args.quick else (64, 128)
+    plans = QUICK if args.quick else FULL_CUDA if gpu else FULL
+    batch_sizes = (64,) if args.quick else (64, 256, 1024) if gpu else (64, 128)
     started = time.perf_counter()
-    report: dict = {"threads": THREADS, "repeats": repeats, "torch": torch.__version__}
+    report: dict = {"device": torch.cuda.get_device_name(DEVICE) if gpu else f"cpu, {THREADS} threads",
+                    "threads": THREADS, "repeats": repeats, "torch": torch.__version__}
 
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f}s] {text}", flush=True)
@@ -472,7 +506,7 @@ def main() -> None:
                 log(f"forward limit {plan.model} {s}px {p}: {f['images_per_s']:.1f} img/s at batch {f['batch']}")
     report["forward_limit"] = limits
 
-    candidates = (64,) if args.quick else (16, 64, 128)
+    candidates = (64,) if args.quick else (32, 128, 512) if gpu else (16, 64, 128)
     probe = best_competitor_batch(competitors["as_shipped"], plans[0].model, plans[0].size, candidates)
     competitor_batch = probe["batch"]
     report["pytorch_grad_cam_scorecam_batch"] = probe
@@ -488,12 +522,13 @@ def main() -> None:
             log(f"Score-CAM {plan.model} {sc['input']}px {p}: {f['masked_passes_per_s']:.1f} masked passes/s, "
                 f"forward limit {f['forward_limit_in_rounds']:.1f}/s "
                 f"at batch {limits[plan.model][plan.size][p]['batch']}"
-                f", efficiency {f['efficiency']:.3f} (CPU time {f['cpu_efficiency']:.3f}); " + speedups(f))
+                f", efficiency {f['efficiency']:.3f} (CPU time {f['cpu_efficiency']:.3f}); "
+                f"{1000 * f['salient_s']['top1'] / plan.images:.1f} ms per image; " + speedups(f))
         log(f"Score-CAM {plan.model}: max |ours - theirs| {sc['max_abs_diff_vs_pytorch_grad_cam']:.2e}, "
             f"bf16 vs fp32 min corr {sc['bf16_vs_fp32']['min_map_correlation']:.4f}, "
             f"same top-1 {sc['bf16_vs_fp32']['same_top1']}")
-        gc = compare(plan.model, "gradcam", plan.size if args.quick else 224, 1 if args.quick else 8, competitors,
-                     None, repeats, None)
+        gc = compare(plan.model, "gradcam", plan.size if args.quick else 224,
+                     1 if args.quick else 32 if gpu else 8, competitors, None, repeats, None)
         report["gradcam"][plan.model] = gc
         log(f"Grad-CAM {plan.model} {gc['input']}px fp32 ({gc['images']} images): " + speedups(gc["fp32"])
             + f"; max |ours - theirs| {gc['max_abs_diff_vs_pytorch_grad_cam']:.2e}")
@@ -508,7 +543,10 @@ def main() -> None:
         log(f"--max-channels {n} on {fidelity_plan.model}: min map correlation with full "
             f"{f['min_map_correlation']:.3f}, speedup {f['speedup']:.1f}x")
 
-    if not args.quick:
+    if gpu:
+        report["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(DEVICE) / 2**20
+        log(f"peak GPU memory (all runs): {report['peak_gpu_memory_mb']:.0f} MB")
+    elif not args.quick:
         report["peak_rss_resnet50_scorecam"] = [run_probe("rss", str(n), "64") for n in (1, 4, 16)]
         for r in report["peak_rss_resnet50_scorecam"]:
             log(f"peak RSS resnet50 Score-CAM fp32, {r['images']} image(s), masked batch {r['masked_batch']}, "

@@ -84,6 +84,7 @@ class JobRequest(BaseModel):
     score: Literal["logit", "probability"] | None = None
     scorecam_weights: Literal["probability", "logit-softmax", "cic-softmax"] | None = None
     max_channels: int | None = Field(None, ge=1)
+    masked_batch: int | None = Field(None, ge=1)
     smooth: int | None = Field(None, ge=0)
     noise: float | None = Field(None, ge=0, allow_inf_nan=False)
     steps: int | None = Field(None, ge=1)

@@ -15,7 +15,7 @@ import click
 from .messages import SPEC_DEFAULTS
 
 # Keys of a spec's ``options``: what each group configures (see workers/explainers.py).
-METHOD_OPTIONS = ("score", "scorecam_weights", "max_channels", "smooth", "noise", "steps", "baseline")
+METHOD_OPTIONS = ("score", "scorecam_weights", "max_channels", "masked_batch", "smooth", "noise", "steps", "baseline")
 METRIC_OPTIONS = ("metrics", "metric_steps", "metric_baseline")
 OVERLAY_OPTIONS = ("colormap", "alpha", "polarity", "clip_upper", "clip_lower", "overlay")
 SPEC_OPTIONS = (*METHOD_OPTIONS, *METRIC_OPTIONS, *OVERLAY_OPTIONS, "localize")
@@ -76,6 +76,9 @@ def _method_options() -> list[Callable]:
                      default=None, help="Score-CAM channel weights definition (default probability)."),
         click.option("--max-channels", type=click.IntRange(1), default=None,
                      help="Score-CAM: keep only the N channels of largest activation variance."),
+        click.option("--masked-batch", type=click.IntRange(1), default=None,
+                     help="Score-CAM: masked images per forward (default: as many as a memory budget holds; "
+                          "changes speed and memory, not the maps)."),
         click.option("--smooth", type=click.IntRange(0), default=None,
                      help="SmoothGrad: average input-gradient methods (saliency, integrated_gradients, "
                           "guided_backprop) over N noisy copies."),

@@ -78,6 +78,8 @@ class Explainer:
             # overwrite the activations the methods read.
             return out.clone()
 
+        if self.device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
+            x = x.pin_memory()  # page-locked: the copy below then runs without blocking the host
         # detach: on the same device .to() returns the caller's tensor, whose flags are not ours to change
         x = x.to(self.device, non_blocking=True).contiguous(memory_format=self.memory_format)
         x = x.detach().requires_grad_(any("input" in m.needs for m in self.methods))

@@ -36,10 +36,12 @@ def forward_again(fp: ForwardPass, x: Tensor, targets: Tensor) -> ForwardPass:
 
 
 def smoothgrad_noise(n: int, x: Tensor) -> Tensor:
-    """N×3×H×W standard normal noise from a fixed seed on ``x``'s device: every image of every batch
-    gets the same N patterns, so a result depends neither on the run nor on the image's batch mates."""
-    generator = torch.Generator(device=x.device).manual_seed(NOISE_SEED)
-    return torch.randn((n, *x.shape[1:]), generator=generator, device=x.device, dtype=torch.float32)
+    """N×3×H×W standard normal noise from a fixed seed, moved to ``x``'s device: every image of every batch
+    gets the same N patterns, so a result depends neither on the run, nor on the image's batch mates, nor
+    on the device (CPU and CUDA generators draw different numbers from one seed, so it is drawn on the CPU)."""
+    generator = torch.Generator().manual_seed(NOISE_SEED)
+    noise = torch.randn((n, *x.shape[1:]), generator=generator, dtype=torch.float32)
+    return noise.to(x.device)
 
 
 def smoothgrad(attribute: Callable[[ForwardPass], Tensor], fp: ForwardPass, n: int, noise: float) -> Tensor:

@@ -11,7 +11,7 @@ WEIGHT_DEFINITIONS = ("probability", "logit-softmax", "cic-softmax")
 # its input plus the few largest activations alive at once (measured: resnet50, 224 px, fp32, 64
 # masked images per forward, ~27 MB each, i.e. ~130).
 _BYTES_PER_PIXEL_BYTE = 128
-_MAX_AUTO_BATCH = 256
+_MAX_AUTO_BATCH = {"cpu": 256, "cuda": 1024}
 
 
 class ScoreCAM(Method):
@@ -50,12 +50,22 @@ class ScoreCAM(Method):
     def params(self) -> dict:
         return {"weights": self.weights, "max_channels": self.max_channels}
 
-    def batch_size_for(self, input_size: tuple[int, int], element_bytes: int) -> int:
-        """Masked images per forward: the fixed ``masked_batch``, or as many as the budget holds."""
+    def batch_size_for(self, input_size: tuple[int, int], element_bytes: int,
+                       device: torch.device = torch.device("cpu")) -> int:
+        """Masked images per forward: the fixed ``masked_batch``, or as many as the budget holds. On a
+        GPU the budget is at least a quarter of its free memory: a GPU needs far larger batches than a
+        CPU to reach its forward limit, and it holds nothing else of ours."""
         if self.masked_batch is not None:
             return self.masked_batch
+        budget = self.memory_budget_mb << 20
+        if device.type == "cuda":
+            # What PyTorch's allocator holds in reserve is free to us too: without it the batch would
+            # shrink (and change shape) as the cache grows.
+            free = torch.cuda.mem_get_info(device)[0] + torch.cuda.memory_reserved(device) \
+                - torch.cuda.memory_allocated(device)
+            budget = max(budget, free // 4)
         per_image = _BYTES_PER_PIXEL_BYTE * element_bytes * input_size[0] * input_size[1]
-        return max(1, min(_MAX_AUTO_BATCH, (self.memory_budget_mb << 20) // per_image))
+        return max(1, min(_MAX_AUTO_BATCH.get(device.type, _MAX_AUTO_BATCH["cpu"]), budget // per_image))
 
     def explain(self, fp: ForwardPass) -> MethodOutput:
         if fp.activations is None:
@@ -92,7 +102,7 @@ class ScoreCAM(Method):
         with fp.autocast():
             dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
-        batch = self.batch_size_for(size, torch.finfo(dtype).bits // 8)
+        batch = self.batch_size_for(size, torch.finfo(dtype).bits // 8, x.device)
         masked = torch.empty((min(batch, max(len(rows), 1)), *x.shape[1:]), dtype=dtype, device=x.device,
                              memory_format=layout)
         row_scores = torch.empty(len(rows), k, device=x.device)
