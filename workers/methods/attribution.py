@@ -41,7 +41,7 @@ def smoothgrad_noise(n: int, x: Tensor) -> Tensor:
     on the device (CPU and CUDA generators draw different numbers from one seed, so it is drawn on the CPU)."""
     generator = torch.Generator().manual_seed(NOISE_SEED)
     noise = torch.randn((n, *x.shape[1:]), generator=generator, dtype=torch.float32)
-    return noise.to(x.device)
+    return noise.to(x.device, x.dtype)
 
 
 def smoothgrad(attribute: Callable[[ForwardPass], Tensor], fp: ForwardPass, n: int, noise: float) -> Tensor:
@@ -51,7 +51,7 @@ def smoothgrad(attribute: Callable[[ForwardPass], Tensor], fp: ForwardPass, n: i
     The copies of all B images go through the model together, as many copies per pass as
     ``rows_per_pass`` allows; noisy passes are not hooked.
     """
-    x = fp.x.detach().float()
+    x = fp.x.detach()
     b = x.shape[0]
     sigma = noise * (x.amax(dim=(1, 2, 3)) - x.amin(dim=(1, 2, 3)))  # B
     eps = smoothgrad_noise(n, x)

@@ -14,12 +14,12 @@ BASELINES = ("black", "blurred")
 BLUR_SIGMA_FRACTION = 1 / 16
 
 
-def gauss_legendre(steps: int, device: torch.device) -> tuple[Tensor, Tensor]:
+def gauss_legendre(steps: int, device: torch.device, dtype: torch.dtype) -> tuple[Tensor, Tensor]:
     """Nodes α in (0, 1) and weights (summing to 1) of ``steps``-point Gauss–Legendre quadrature on
     [0, 1]: captum's default ``method="gausslegendre"``, computed the same way."""
     nodes, weights = np.polynomial.legendre.leggauss(steps)
-    alphas = torch.tensor(0.5 * (nodes + 1), dtype=torch.float32, device=device)
-    return alphas, torch.tensor(0.5 * weights, dtype=torch.float32, device=device)
+    alphas = torch.tensor(0.5 * (nodes + 1), dtype=dtype, device=device)
+    return alphas, torch.tensor(0.5 * weights, dtype=dtype, device=device)
 
 
 def baseline_input(x: Tensor, kind: str, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
@@ -63,9 +63,9 @@ class IntegratedGradients(InputAttribution):
         return {"score": self.score, "steps": self.steps, "baseline": self.baseline, **super().params()}
 
     def attribute(self, fp: ForwardPass) -> Tensor:
-        x = fp.x.detach().float()
+        x = fp.x.detach()
         base = baseline_input(x, self.baseline, fp.mean, fp.std)
-        alphas, weights = gauss_legendre(self.steps, x.device)
+        alphas, weights = gauss_legendre(self.steps, x.device, x.dtype)
         b = x.shape[0]
         steps_per_pass = max(1, rows_per_pass(b) // b)
         integral: Tensor | None = None  # B×K×3×H×W, Σ_s w_s ∇score(point_s)
