@@ -202,6 +202,8 @@ class Competitor:
         self.conn, child = context.Pipe()
         self.process = context.Process(target=_competitor_loop, args=(child, malloc_fix, str(DEVICE)), daemon=True)
         self.process.start()
+        # Its start-up (imports) must not overlap a measurement: it takes a core for seconds.
+        self._ask(("ping",))
 
     def setup(self, model: str, method: str, x: Tensor, batch: int | None) -> None:
         """Load ``model`` and build its ``method`` ("scorecam"/"gradcam") CAM for inputs ``x``."""
@@ -239,7 +241,9 @@ def _competitor_loop(conn, malloc_fix: bool, device: str) -> None:
     cam, x = None, None
     while (message := conn.recv()) is not None:
         try:
-            if message[0] == "setup":
+            if message[0] == "ping":
+                conn.send(None)
+            elif message[0] == "setup":
                 _, model, method, x, batch = message
                 loaded = load_model(model)
                 module = loaded.module.requires_grad_(method == "gradcam").to(DEVICE)
@@ -487,7 +491,7 @@ def main() -> None:
         competitors["with_malloc_fix"] = Competitor(malloc_fix=True)
     repeats = args.repeats or (1 if args.quick else 3)
     plans = QUICK if args.quick else FULL_CUDA if gpu else FULL
-    batch_sizes = (64,) if args.quick else (64, 256, 1024) if gpu else (64, 128)
+    batch_sizes = (64,) if args.quick else (64, 256, 1024) if gpu else (32, 64, 128)
     started = time.perf_counter()
     report: dict = {"device": torch.cuda.get_device_name(DEVICE) if gpu else f"cpu, {THREADS} threads",
                     "threads": THREADS, "repeats": repeats, "torch": torch.__version__}
