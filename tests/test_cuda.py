@@ -28,7 +28,7 @@ OPTIONS = {"integrated_gradients": {"steps": 8}, "saliency": {"smooth": 4}}
 def resnet18_f64() -> LoadedModel:
     """A random-init resnet18 in float64. In float32 the CPU and the GPU sum in other orders, and in a
     random deep ReLU net a rounding difference can flip a near-zero unit and move a pixel gradient by
-    1e-2 (seen on an H200 with TF32 off): float64 leaves only real differences."""
+    1e-2 (seen on an H200 with TF32 off): float64 leaves only real differences and float32 round-off."""
     torch.manual_seed(0)
     module = torchvision.models.resnet18(weights=None).eval().requires_grad_(False).double()
     return LoadedModel(name="resnet18-random", module=module, weights_digest="0" * 64,
@@ -60,7 +60,8 @@ def test_maps_on_cuda_equal_the_cpu_maps(name: str):
     assert gpu.outputs[name].maps.device.type == "cuda"
     assert torch.equal(cpu.targets, gpu.targets.cpu())
     diff = (cpu.outputs[name].maps - gpu.outputs[name].maps.cpu()).abs().max().item()
-    assert diff < 1e-6, f"{name}: max |cpu - cuda| = {diff:.2e}"
+    # Maps leave the methods in float32 (Score-CAM and Eigen-CAM also compute in it): 2.3e-6 seen on an H200.
+    assert diff < 1e-5, f"{name}: max |cpu - cuda| = {diff:.2e}"
 
 
 @pytest.mark.parametrize("name", ["gradcam", "scorecam"])
