@@ -175,6 +175,15 @@ def test_masked_batch_size_does_not_change_the_maps():
     torch.testing.assert_close(maps[0], maps[2], rtol=0, atol=1e-5)
 
 
+def test_masked_batch_option_sets_the_batch_and_not_the_result_identity():
+    [method] = build_methods(["scorecam"], {"masked_batch": 3, "smooth": 2})
+    assert method.batch_size_for((224, 224), 4) == 3
+    assert "masked_batch" not in method.params()  # speed and memory only: a rerun with another batch is skipped
+    # automatic: the 1.5 GB budget at ~128 bytes per input pixel per element byte
+    assert ScoreCAM().batch_size_for((224, 224), 4) == 1536 * 2**20 // (128 * 4 * 224 * 224)
+    assert ScoreCAM(memory_budget_mb=1).batch_size_for((224, 224), 4) == 1
+
+
 def test_images_explained_together_equal_images_explained_alone():
     model = TinyNet()
     x = images(3)

@@ -27,7 +27,9 @@ class ScoreCAM(Method):
     Cost: one forward per (image, non-constant channel), streamed through the model in batches of
     ``masked_batch`` masked images (if None, as many as ``memory_budget_mb`` holds: 62 fp32 or 125
     bf16 at 224 px; on a 2-core CPU larger batches than ~64 gain little and smaller ones lose up to
-    20 %); every target class of an image is read off the same passes, so top-3 costs what top-1 costs.
+    20 %; on a GPU as many as a quarter of its free memory holds, up to 1024, where an H200 reaches
+    its forward limit); every target class of an image is read off the same passes, so top-3 costs
+    what top-1 costs.
     Masks are upsampled with align_corners=False (the paper's code, torchcam; pytorch-grad-cam uses True).
     """
 
