@@ -25,6 +25,8 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
+from .folding import folded
+
 METRICS = ("deletion", "insertion", "drop")
 BASELINES = ("black", "blurred")
 # RISE's insertion blur (11 px kernel, sigma 5 at 224 px), scaled with the input size.
@@ -81,8 +83,10 @@ class Faithfulness:
         # Black in pixel space is -mean/std once normalised.
         black = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1).expand_as(x)
 
+        plain = folded(model)  # (steps + 1) forwards per image and class: batch norms folded away
+
         def probabilities(make: Callable[[Tensor], Tensor], classes: Tensor) -> Tensor:
-            return _class_probabilities(model, make, classes, self.batch_size, autocast)
+            return _class_probabilities(plain, make, classes, self.batch_size, autocast)
 
         out: dict[str, Tensor] = {}
         with torch.inference_mode():
