@@ -7,7 +7,7 @@ import torch
 import torchvision
 from torch import nn
 
-from workers.folding import folded
+from workers.folding import folded, for_plain_passes
 from workers.models import load_model
 
 
@@ -89,3 +89,10 @@ def test_what_cannot_be_folded_safely_is_run_as_it_is():
         assert folded(net) is net
     training = with_running_statistics(torchvision.models.resnet18(weights=None)).train()
     assert folded(training) is training
+
+
+def test_plain_passes_run_folded_except_in_cuda_half_precision():
+    model = with_running_statistics(torchvision.models.resnet18(weights=None))
+    assert norms(for_plain_passes(model, torch.device("cpu"), torch.bfloat16)) == 0
+    assert norms(for_plain_passes(model, torch.device("cuda"), torch.float32)) == 0
+    assert for_plain_passes(model, torch.device("cuda"), torch.bfloat16) is model

@@ -25,6 +25,16 @@ class _LeafTracer(fx.Tracer):
         return isinstance(m, (nn.Conv2d, nn.BatchNorm2d)) or super().is_leaf_module(m, qualified_name)
 
 
+def for_plain_passes(module: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
+    """The model to run many plain forwards through on ``device`` in ``dtype``: the folded copy, except
+    under CUDA half-precision autocast, where an H200 ran it 5-15 % slower than the model itself (cuDNN
+    fuses its bf16 batch norms well; the folded biases cost more), while on a CPU it gains 3-6 % and
+    in CUDA float32 0-9 % (bench/methods.py)."""
+    if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
+        return module
+    return folded(module)
+
+
 def folded(module: nn.Module) -> nn.Module:
     """``module`` with its conv→batch-norm pairs folded (a copy, cached while ``module``'s tensors stay
     the same), or ``module`` itself where nothing can be folded or it cannot be traced."""

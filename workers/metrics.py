@@ -25,7 +25,8 @@ import torch
 import torchvision.transforms.functional as TF
 from torch import Tensor, nn
 
-from .folding import folded
+from .folding import for_plain_passes
+from .methods.base import compute_dtype
 
 METRICS = ("deletion", "insertion", "drop")
 BASELINES = ("black", "blurred")
@@ -83,7 +84,7 @@ class Faithfulness:
         # Black in pixel space is -mean/std once normalised.
         black = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1).expand_as(x)
 
-        plain = folded(model)  # (steps + 1) forwards per image and class: batch norms folded away
+        plain = for_plain_passes(model, device, compute_dtype(autocast, x))  # (steps + 1) forwards per image and class
 
         def probabilities(make: Callable[[Tensor], Tensor], classes: Tensor) -> Tensor:
             return _class_probabilities(plain, make, classes, self.batch_size, autocast)

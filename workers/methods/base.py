@@ -109,3 +109,9 @@ def cam_to_maps(cam: Tensor, size: tuple[int, int]) -> Tensor:
     b, k = cam.shape[:2]
     up = F.interpolate(cam.reshape(b * k, 1, *cam.shape[-2:]), size=size, mode="bilinear", align_corners=False)
     return up.view(b, k, *size).clamp_(0, 1)
+
+
+def compute_dtype(autocast: Callable[[], contextlib.AbstractContextManager], x: Tensor) -> torch.dtype:
+    """The dtype the model computes in on ``x``: the autocast one if ``autocast`` enables it, else x's."""
+    with autocast():
+        return torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype

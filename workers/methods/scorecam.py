@@ -4,8 +4,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..folding import folded
-from .base import ForwardPass, Method, MethodOutput, cam_to_maps
+from ..folding import for_plain_passes
+from .base import ForwardPass, Method, MethodOutput, cam_to_maps, compute_dtype
 
 WEIGHT_DEFINITIONS = ("probability", "logit-softmax", "cic-softmax")
 # Memory one masked image costs in flight, in bytes per input pixel per byte of the element type:
@@ -26,7 +26,7 @@ class ScoreCAM(Method):
     ``max_channels`` keeps only the N channels of largest spatial variance ("Faster Score-CAM").
 
     Cost: one forward per (image, non-constant channel), streamed through the model (its copy with
-    batch norms folded into the convolutions, workers/folding.py: 3-6 % less on a CPU) in batches of
+    batch norms folded into the convolutions where that is faster, workers/folding.py) in batches of
     ``masked_batch`` masked images (if None, as many as ``memory_budget_mb`` holds: 62 fp32 or 125
     bf16 at 224 px; on a 2-core CPU larger batches than ~64 gain little and smaller ones lose up to
     20 %; on a GPU as many as a quarter of its free memory holds, up to 1024, where an H200 reaches
@@ -103,14 +103,13 @@ class ScoreCAM(Method):
         unit = torch.where(varies, 1 / (hi - lo), 0.0)[..., None, None] * (acts - lo[..., None, None])
         rows = varies.nonzero()  # R×2 (image, channel); the one host sync per batch
         x = fp.x.detach()
-        with fp.autocast():
-            dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        dtype = compute_dtype(fp.autocast, x)
         layout = torch.channels_last if x.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         batch = self.batch_size_for(size, torch.finfo(dtype).bits // 8, x.device)
         masked = torch.empty((min(batch, max(len(rows), 1)), *x.shape[1:]), dtype=dtype, device=x.device,
                              memory_format=layout)
         row_scores = torch.empty(len(rows), k, device=x.device)
-        model = folded(fp.model)
+        model = for_plain_passes(fp.model, x.device, dtype)
         for start in range(0, len(rows), batch):
             image, channel = rows[start:start + batch].unbind(1)
             n = len(image)
