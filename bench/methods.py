@@ -3,7 +3,7 @@
 1. Forward limit: plain inference images/s at the best batch size, fp32 and bf16 (both channels_last, as
    the engine runs them), 224 px.
 2. Score-CAM masked passes/s and efficiency = masked passes/s / forward limit (same model, size, precision).
-   Target >= 0.95.
+   Target >= 0.95. Score-CAM runs the model's batch-norm-folded copy (workers/folding.py), so it can pass 1.
 3. pytorch-grad-cam ScoreCAM (at its best ``cam.batch_size``) and GradCAM on the same inputs, top-1 and
    top-3 (three calls: its top-1 time is their median, its top-3 time their sum); salient's speedup for
    each, fp32 and bf16. pytorch-grad-cam runs in processes of its own, one as shipped (glibc's default
