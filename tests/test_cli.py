@@ -22,6 +22,7 @@ from sqlalchemy import func, select
 
 from storage.database import Explanation, Image, Item, connect
 from storage.results import FIELDS
+from workers import process
 
 REQUIRED_FIELDS = ("job_id", "uri", "sha256", "model", "method", "layer", "class_id", "class_name", "score", "rank",
                    "map_key", "overlay_key", "status", "error", "seconds")
@@ -106,9 +107,13 @@ def run(tmp_path_factory, tiny_images, run_cli, smooth_rgb, encode_image):
         patch.setenv("SALIENT_MAX_IMAGE_BYTES", str(BYTE_LIMIT))
         first = run_cli(args)
         listing, db_counts = object_listing(out / "objects"), counts(f"sqlite:///{out / 'salient.db'}")
+        decoded: list[str] = []  # sha256 of what the rerun decodes
+        real_decode = process.decode_image
+        patch.setattr(process, "decode_image",
+                      lambda data, limit: decoded.append(hashlib.sha256(data).hexdigest()) or real_decode(data, limit))
         second = run_cli(args)
     return {"good": good, "out": out, "first": first.output, "second": second.output,
-            "listing": listing, "counts": db_counts}
+            "listing": listing, "counts": db_counts, "decoded_on_rerun": decoded}
 
 
 def summary(output: str) -> dict[str, str]:
@@ -198,6 +203,10 @@ def test_stored_arrays_exist_for_every_key(run):
 
 
 def test_rerun_adds_nothing(run):
+    db = connect(f"sqlite:///{run['out'] / 'salient.db'}")
+    with db.connect() as conn:
+        explained = set(conn.execute(select(Item.sha256).where(Item.status == "done")).scalars())
+    assert explained and not explained & set(run["decoded_on_rerun"])  # read and hashed, never decoded again
     second = summary(run["second"])
     assert (int(second["done"]), int(second["failed"]), int(second["skipped"])) == (0, len(BAD), len(run["good"]))
     assert counts(f"sqlite:///{run['out'] / 'salient.db'}") == run["counts"]

@@ -48,6 +48,7 @@ class Prepared:
     x: torch.Tensor | None = None
     error: str | None = None
     seconds: float = 0.0
+    explained: bool = False  # these bytes already have results under these settings: not decoded
 
 
 def settings_digest(explainer: Explainer, metrics: Faithfulness | None = None,
@@ -100,12 +101,18 @@ class ItemProcessor:
 
     def prepare(self, item: PendingItem) -> Prepared:
         """Read, hash and decode one item (a bad image gets its reason in ``error``); thread-safe, so
-        the queue workers decode the images of several messages at once."""
+        the queue workers decode the images of several messages at once. An image already explained
+        under these settings is not decoded: a nightly rerun over a folder pays reading and hashing only."""
         t = time.perf_counter()
         prepared = Prepared(item)
         try:
             data = read_uri(item.uri, self.settings.max_image_bytes, self.settings, expect_image=True)
             prepared.sha256 = hashlib.sha256(data).hexdigest()
+            with self.db.connect() as conn:
+                prepared.explained = already_explained(conn, prepared.sha256, self.digest)
+            if prepared.explained:
+                prepared.seconds = time.perf_counter() - t
+                return prepared
             prepared.rgb = decode_image(data, self.settings.max_image_pixels)
             m = self.explainer.model
             prepared.x = to_input(prepared.rgb, m.input_size, m.mean, m.std)
@@ -149,7 +156,7 @@ class ItemProcessor:
                 if p.error is not None:
                     finish_item(conn, p.item.id, p.item.job_id, "failed", sha256=p.sha256, error=p.error, seconds=p.seconds)
                     statuses.append("failed")
-                elif already_explained(conn, p.sha256, self.digest):
+                elif p.explained or already_explained(conn, p.sha256, self.digest):  # or by a peer since
                     finish_item(conn, p.item.id, p.item.job_id, "skipped", sha256=p.sha256, seconds=p.seconds)
                     statuses.append("skipped")
                 else:
