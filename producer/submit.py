@@ -7,7 +7,6 @@ rows), so nothing here keeps a set of seen URIs, and at most one page of items w
 
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 from typing import IO, Any, Iterable
 from urllib.parse import urlparse
@@ -16,7 +15,7 @@ from storage.database import cancel_job, close_listing, connect, create_job, rec
 from storage.job_options import job_spec
 from storage.messages import chunk_message
 from storage.settings import Settings
-from storage.sources import iter_uris
+from storage.sources import file_sha256, iter_uris
 
 from .queue import Publisher
 
@@ -35,7 +34,7 @@ def build_spec(*, weights: str | Path | None = None, labels: str | Path | None =
     if weights is not None:
         spec["weights"] = _shared_location(weights)
         if not _is_remote(spec["weights"]):
-            spec["weights_sha256"] = _file_sha256(Path(spec["weights"]))
+            spec["weights_sha256"] = file_sha256(Path(spec["weights"]))
     if labels is not None:
         spec["labels"] = _shared_location(labels)
     return spec
@@ -54,14 +53,6 @@ def _shared_location(location: str | Path) -> str:
     if not path.is_file():
         raise FileNotFoundError(f"no such file: {path}")
     return str(path)
-
-
-def _file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def submit(sources: Iterable[str | Path], spec: dict[str, Any] | None = None, *, name: str | None = None,

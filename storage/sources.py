@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import hashlib
 import http.client
 import json
 import os
@@ -411,3 +412,12 @@ def _body(response: http.client.HTTPResponse, sock: socket.socket, max_bytes: in
     if not received:
         raise SourceError("empty response")
     return b"".join(chunks)
+
+
+def file_sha256(path: Path) -> str:
+    """Hex SHA-256 of a local file (weights, TorchScript models), read a megabyte at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()

@@ -18,13 +18,13 @@ from sqlalchemy.engine import Engine
 
 from storage.job_options import METHOD_OPTIONS, OVERLAY_OPTIONS, SPEC_OPTIONS
 from storage.objects import ObjectStore
+from storage.sources import file_sha256
 from storage.settings import Settings
 from storage.sources import allowed_local_path, read_uri
 
 from .batching import guard_model
 from .engine import Explainer
 from .metrics import Faithfulness
-from .models import _file_digest
 from .overlays import OverlayStyle
 from .process import ItemProcessor
 
@@ -51,7 +51,7 @@ def _local_file(location: str | None, settings: Settings, expected_sha256: str |
     cache = settings.data_dir / "downloads"
     cached = cache / expected_sha256 if expected_sha256 else None
     # A damaged copy (a disk error, a hand edit) is fetched again rather than failing every image.
-    if cached is not None and cached.is_file() and _file_digest(cached) == expected_sha256:
+    if cached is not None and cached.is_file() and file_sha256(cached) == expected_sha256:
         return cached
     data = read_uri(location, MAX_DOWNLOAD_BYTES, settings)
     digest = hashlib.sha256(data).hexdigest()
@@ -88,7 +88,7 @@ def load_setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
     from storage.sources import SourceError
 
     from .methods import MethodError, build_methods
-    from .models import ModelError, _file_digest, load_model, resolve_layer
+    from .models import ModelError, load_model, resolve_layer
     from .targets import Targets, parse_classes
 
     options = dict(spec.get("options") or {})
@@ -101,7 +101,7 @@ def load_setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
         methods = build_methods(spec["methods"], {k: v for k, v in options.items() if k in METHOD_OPTIONS})
         expected = spec.get("weights_sha256")
         weights = _local_file(spec.get("weights"), settings, expected)
-        if weights is not None and expected and _file_digest(weights) != expected:
+        if weights is not None and expected and file_sha256(weights) != expected:
             raise SpecError(f"weights {spec['weights']} differ from the file that was submitted (sha256 {expected})")
         model = spec["model"]
         if "/" in model or "." in model:  # a TorchScript file is a program: only from under the file roots

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import re
@@ -14,6 +13,8 @@ from pathlib import Path
 import torch
 import torchvision
 from torch import nn
+
+from storage.sources import file_sha256
 
 DEFAULT_MODEL = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -72,15 +73,7 @@ def _bundled_efficientnet_lite0() -> tuple[nn.Module, str]:
             raise ModelError(f"bundled weights: {src_key} {tuple(src.shape)} does not fit {dst_key} {tuple(dst.shape)}")
         renamed[dst_key] = src
     module.load_state_dict(renamed, strict=True)
-    return module, _file_digest(path)
-
-
-def _file_digest(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
+    return module, file_sha256(path)
 
 
 def _weights_error(path: Path, exc: Exception) -> ModelError:
@@ -185,7 +178,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
     if scripted:
         if weights is not None:
             raise ModelError("--weights is for architectures by name; a TorchScript file carries its weights")
-        module, digest = _load_torchscript(Path(name)), _file_digest(Path(name))
+        module, digest = _load_torchscript(Path(name)), file_sha256(Path(name))
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).stem)
     elif name == DEFAULT_MODEL:
         module, digest = _bundled_efficientnet_lite0()
@@ -200,7 +193,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
                          " or give a TorchScript file's path")
     if weights is not None:
         _load_state_dict(module, Path(weights))
-        digest = _file_digest(Path(weights))
+        digest = file_sha256(Path(weights))
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
