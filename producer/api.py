@@ -226,7 +226,7 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         try:
             with _manifest_source(request.manifest, settings) as manifest:
                 job_id = submit(request.uris + ([manifest] if manifest else []), build_spec(**options),
-                                name=request.name, chunk=request.chunk, settings=settings)
+                                name=request.name, chunk=request.chunk, settings=settings, db=db)
         except RequestValidationError:
             raise
         except (SourceError, ValueError, ParamValidationError, InvalidURL) as exc:

@@ -172,7 +172,7 @@ def _run(db: Engine, settings: Settings, schedule: Row, following: datetime, now
         return firing
     try:
         job_id = submit(schedule.sources, build_spec(**schedule.options), name=schedule.name or label,
-                        chunk=schedule.chunk, settings=settings)
+                        chunk=schedule.chunk, settings=settings, db=db)
     except Exception as exc:  # submit has cancelled the job; the run is tried again soon
         retry_at = min(following, now + timedelta(seconds=settings.schedule_retry))
         firing = Firing(schedule.id, error=f"{type(exc).__name__}: {exc}")

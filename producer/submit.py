@@ -11,6 +11,8 @@ from pathlib import Path
 from typing import IO, Any, Iterable
 from urllib.parse import urlparse
 
+from sqlalchemy.engine import Engine
+
 from storage.database import cancel_job, close_listing, connect, create_job, record_items
 from storage.job_options import job_spec
 from storage.messages import chunk_message
@@ -57,12 +59,13 @@ def _shared_location(location: str | Path) -> str:
 
 def submit(sources: Iterable[str | Path], spec: dict[str, Any] | None = None, *, name: str | None = None,
            chunk: int | None = None, settings: Settings | None = None, stdin: IO[str] | None = None,
-           **spec_options: Any) -> str:
+           db: Engine | None = None, **spec_options: Any) -> str:
     """Create a job for the images in ``sources`` and queue them; returns the job id at once (workers do the rest).
 
     ``spec`` from ``build_spec``, or its keyword arguments here: ``submit(["s3://b/photos"], model="resnet50",
     methods="gradcam", topk=1)``. If listing or publishing fails, the job is cancelled (items already queued
-    are skipped) and the error is raised.
+    are skipped) and the error is raised. ``db``: the caller's engine (the API and the scheduler submit many
+    jobs); without it one is made for this call and disposed of after it.
     """
     settings = settings or Settings()
     if spec is None:
@@ -71,7 +74,17 @@ def submit(sources: Iterable[str | Path], spec: dict[str, Any] | None = None, *,
         raise TypeError("give either spec or its keyword arguments, not both")
     chunk = chunk or settings.chunk_size
     sources = [str(s) for s in sources]
-    db = connect(settings.resolved_database_url)
+    own_engine = db is None
+    db = db or connect(settings.resolved_database_url)
+    try:
+        return _submit(db, settings, sources, spec, name, chunk, stdin)
+    finally:
+        if own_engine:
+            db.dispose()
+
+
+def _submit(db: Engine, settings: Settings, sources: list[str], spec: dict[str, Any], name: str | None,
+            chunk: int, stdin: IO[str] | None) -> str:
     job_id = create_job(db, {**spec, "sources": sources, "chunk": chunk}, name=name)
     try:
         with Publisher(settings) as publisher:

@@ -54,11 +54,12 @@ def submitted(monkeypatch, db):
     calls = []
     lock = threading.Lock()
 
-    def fake_submit(sources, spec, *, name=None, chunk=None, settings=None):
+    def fake_submit(sources, spec, *, name=None, chunk=None, settings=None, **engine):
         job_id = create_job(db, {**spec, "sources": sources}, name=name)
         close_listing(db, job_id)  # no items: finished at once
         with lock:
-            calls.append({"sources": sources, "spec": spec, "name": name, "chunk": chunk, "job_id": job_id})
+            calls.append({"sources": sources, "spec": spec, "name": name, "chunk": chunk, "job_id": job_id,
+                          "engine": engine.get("db")})
         return job_id
 
     monkeypatch.setattr(schedules, "submit", fake_submit)
@@ -102,6 +103,7 @@ def test_a_due_schedule_fires_once_then_waits_for_its_next_time(db, tmp_path, su
     assert firing.job_id == submitted[0]["job_id"] and firing.error is None
     call = submitted[0]
     assert (call["sources"], call["name"], call["chunk"]) == ([str(tmp_path / "images")], "nightly", 7)
+    assert call["engine"] is db  # the scheduler's own engine: no new pool per firing
     assert call["spec"]["model"] == "resnet18" and call["spec"]["methods"] == ["gradcam"]
     assert fire_due(db, Settings(), now=at_two + timedelta(minutes=1)) == []
     row = get_schedule(db, row.id)
