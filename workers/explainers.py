@@ -18,9 +18,8 @@ from sqlalchemy.engine import Engine
 
 from storage.job_options import METHOD_OPTIONS, OVERLAY_OPTIONS, SPEC_OPTIONS
 from storage.objects import ObjectStore
-from storage.sources import file_sha256
 from storage.settings import Settings
-from storage.sources import allowed_local_path, read_uri
+from storage.sources import allowed_local_path, file_sha256, read_uri
 
 from .batching import guard_model
 from .engine import Explainer

@@ -29,7 +29,7 @@ def for_plain_passes(module: nn.Module, device: torch.device, dtype: torch.dtype
     """The model to run many plain forwards through on ``device`` in ``dtype``: the folded copy, except
     under CUDA half-precision autocast, where an H200 ran it 5-15 % slower than the model itself (cuDNN
     fuses its bf16 batch norms well; the folded biases cost more), while on a CPU it gains 3-6 % and
-    in CUDA float32 0-9 % (bench/methods.py)."""
+    in CUDA float32 0-14 % (bench/methods.py)."""
     if device.type == "cuda" and dtype in (torch.bfloat16, torch.float16):
         return module
     return folded(module)

@@ -84,7 +84,8 @@ class Faithfulness:
         # Black in pixel space is -mean/std once normalised.
         black = (-torch.tensor(mean, device=device) / torch.tensor(std, device=device)).view(1, 3, 1, 1).expand_as(x)
 
-        plain = for_plain_passes(model, device, compute_dtype(autocast, x))  # (steps + 1) forwards per image and class
+        # (steps + 1) forwards per image and class
+        plain = for_plain_passes(model, device, compute_dtype(autocast, x))
 
         def probabilities(make: Callable[[Tensor], Tensor], classes: Tensor) -> Tensor:
             return _class_probabilities(plain, make, classes, self.batch_size, autocast)
