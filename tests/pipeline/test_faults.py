@@ -66,6 +66,15 @@ def submit_job(folder: Path, spec: dict | None = None) -> str:
     return submit([folder], spec, chunk=CHUNK) if spec else submit([folder], chunk=CHUNK, **SPEC)
 
 
+def running_job(pipeline, folder: Path):
+    """Two workers on a job of ``folder``, some of it done and most of it still queued: (job id, engine)."""
+    start_workers(pipeline, ["a", "b"])
+    job_id = submit_job(folder)
+    db = pipeline.db()
+    wait_until(lambda: item_counts(db, job_id)["done"] >= 8, "some images done", pipeline)
+    return job_id, db
+
+
 def requeue_lines(pipeline) -> list[str]:
     return [line for log in pipeline.logs for line in log.read_text().splitlines() if "lost items of" in line]
 
@@ -91,10 +100,7 @@ def test_a_worker_sigkilled_mid_batch_leaves_its_images_to_the_other(faulty):
 
 def test_redis_restarted_with_persistence_loses_nothing(faulty):
     pipeline, folder, servers = faulty
-    start_workers(pipeline, ["a", "b"])
-    job_id = submit_job(folder)
-    db = pipeline.db()
-    wait_until(lambda: item_counts(db, job_id)["done"] >= 8, "some images done", pipeline)
+    job_id, db = running_job(pipeline, folder)
     redis = servers.redis
     redis.stop()  # SIGTERM: Redis writes its append-only file and exits
     assert item_counts(db, job_id)["pending"] > 20  # most of the job waits in the queue
@@ -109,10 +115,7 @@ def test_redis_restarted_with_persistence_loses_nothing(faulty):
 
 def test_redis_restarted_without_persistence_the_reconciler_requeues_the_lost_images(faulty, server_folder):
     pipeline, folder, servers = faulty
-    start_workers(pipeline, ["a", "b"])
-    job_id = submit_job(folder)
-    db = pipeline.db()
-    wait_until(lambda: item_counts(db, job_id)["done"] >= 8, "some images done", pipeline)
+    job_id, db = running_job(pipeline, folder)
     redis = servers.redis
     redis.stop()
     lost = item_counts(db, job_id)["pending"]
@@ -131,10 +134,7 @@ def test_s3_down_for_30_seconds_fails_nothing(faulty):
     pipeline, folder, servers = faulty
     # The writes held up by the outage keep their messages longer than the tests' usual 10 s.
     pipeline.env["SALIENT_VISIBILITY_TIMEOUT"] = "120"
-    start_workers(pipeline, ["a", "b"])
-    job_id = submit_job(folder)
-    db = pipeline.db()
-    wait_until(lambda: item_counts(db, job_id)["done"] >= 8, "some images done", pipeline)
+    job_id, db = running_job(pipeline, folder)
     s3 = servers.s3
     s3.stop()
     done_at_stop = item_counts(db, job_id)["done"]
@@ -151,10 +151,7 @@ def test_s3_down_for_30_seconds_fails_nothing(faulty):
 
 def test_postgres_restarted_the_workers_reconnect(faulty):
     pipeline, folder, servers = faulty
-    start_workers(pipeline, ["a", "b"])
-    job_id = submit_job(folder)
-    db = pipeline.db()
-    wait_until(lambda: item_counts(db, job_id)["done"] >= 8, "some images done", pipeline)
+    job_id, db = running_job(pipeline, folder)
     postgres = servers.postgres
     postgres.stop()  # every connection is cut
     time.sleep(3)
