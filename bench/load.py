@@ -98,7 +98,7 @@ def counters_match_statuses(db) -> list[str]:
     """Each job's counters against its item statuses, in one snapshot; returns the mismatches."""
     from sqlalchemy import func, select
 
-    from storage.database import Item, Job
+    from salient_maps.storage.database import Item, Job
 
     problems = []
     with db.connect().execution_options(isolation_level="REPEATABLE READ") as conn:
@@ -135,8 +135,8 @@ def stored_keys(env: dict[str, str]) -> list[str]:
 def final_checks(db, env: dict[str, str]) -> dict:
     from sqlalchemy import select
 
-    from storage.database import Explanation, Image, Item
-    from storage.results import thumbnail_key
+    from salient_maps.storage.database import Explanation, Image, Item
+    from salient_maps.storage.results import thumbnail_key
 
     with db.connect() as conn:
         done = conn.execute(select(Item.sha256).where(Item.status == "done")).scalars().all()
@@ -174,7 +174,7 @@ def main() -> None:
         if args.store == "local":
             env["SALIENT_OBJECT_STORE_URL"] = (folder / "objects").as_uri()
         os.environ.update(env)
-        from storage.database import connect
+        from salient_maps.storage.database import connect
 
         db = connect(env["SALIENT_DATABASE_URL"])
         stack.start_workers(env, args.workers, "--concurrency", "2", "--torch-threads", "1")
@@ -188,7 +188,7 @@ def main() -> None:
         def poll_recorded() -> None:
             from sqlalchemy import func, select
 
-            from storage.database import Item
+            from salient_maps.storage.database import Item
 
             with db.connect() as conn:
                 top = conn.execute(select(func.max(Item.id))).scalar() or 0
@@ -216,7 +216,7 @@ def main() -> None:
         poll_recorded()
         recorder.stop()
 
-        from producer.jobs import get_job
+        from salient_maps.producer.jobs import get_job
 
         last_report = 0.0
         while (job := get_job(db, job_id)).finished_at is None:
@@ -233,7 +233,7 @@ def main() -> None:
 
         from sqlalchemy import select
 
-        from storage.database import Item
+        from salient_maps.storage.database import Item
 
         with db.connect() as conn:
             rows = conn.execute(select(Item.id, Item.updated_at).where(Item.job_id == job_id)).all()

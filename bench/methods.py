@@ -106,7 +106,7 @@ def photos(model, n: int, size: int) -> Tensor:
     """n×3×size×size normalised inputs from scikit-image's sample photos."""
     import skimage.data
 
-    from workers.images import to_input
+    from salient_maps.workers.images import to_input
 
     return torch.stack([to_input(getattr(skimage.data, PHOTOS[i % len(PHOTOS)])(), size, model.mean, model.std)
                         for i in range(n)])
@@ -230,8 +230,8 @@ def _competitor_loop(conn, malloc_fix: bool, device: str) -> None:
     from pytorch_grad_cam import GradCAM, ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from workers.models import load_model, resolve_layer
-    from workers.runtime import keep_freed_memory
+    from salient_maps.workers.models import load_model, resolve_layer
+    from salient_maps.workers.runtime import keep_freed_memory
 
     torch.set_num_threads(THREADS)
     DEVICE = torch.device(device)
@@ -264,7 +264,7 @@ def _competitor_loop(conn, malloc_fix: bool, device: str) -> None:
 
 def best_competitor_batch(competitor: Competitor, model: str, size: int, candidates: tuple[int, ...]) -> dict:
     """The ``cam.batch_size`` at which pytorch-grad-cam's Score-CAM explains one photo's top class fastest."""
-    from workers.models import load_model
+    from salient_maps.workers.models import load_model
 
     loaded = load_model(model)
     x = photos(loaded, 1, size)
@@ -282,12 +282,12 @@ def compare(model: str, method: str, size: int, n_images: int, competitors: dict
     """salient vs pytorch-grad-cam for one method ("scorecam" or "gradcam") on one model, side by side:
     each round runs salient (every precision, top-1 and top-3), the plain forward (for the efficiency) and
     one call of each competitor process (class rank 1, 2, 3 in turn)."""
-    from workers.engine import Explainer
-    from workers.methods.base import scale_to_unit
-    from workers.methods.gradcam import GradCAM
-    from workers.methods.scorecam import ScoreCAM
-    from workers.models import load_model, resolve_layer
-    from workers.targets import Targets
+    from salient_maps.workers.engine import Explainer
+    from salient_maps.workers.methods.base import scale_to_unit
+    from salient_maps.workers.methods.gradcam import GradCAM
+    from salient_maps.workers.methods.scorecam import ScoreCAM
+    from salient_maps.workers.models import load_model, resolve_layer
+    from salient_maps.workers.targets import Targets
 
     loaded = load_model(model)
     layer_name = resolve_layer(loaded, None)
@@ -366,10 +366,10 @@ def compare(model: str, method: str, size: int, n_images: int, competitors: dict
 
 def max_channels_fidelity(model: str, full_maps: Tensor, full_seconds: float, x: Tensor,
                           counts: tuple[int, ...], repeats: int) -> dict:
-    from workers.engine import Explainer
-    from workers.methods.scorecam import ScoreCAM
-    from workers.models import load_model, resolve_layer
-    from workers.targets import Targets
+    from salient_maps.workers.engine import Explainer
+    from salient_maps.workers.methods.scorecam import ScoreCAM
+    from salient_maps.workers.models import load_model, resolve_layer
+    from salient_maps.workers.targets import Targets
 
     loaded = load_model(model)
     layer = resolve_layer(loaded, None)
@@ -395,10 +395,10 @@ def peak_rss_mb() -> float:
 
 
 def probe_rss(images: int, max_channels: int) -> dict:
-    from workers.engine import Explainer
-    from workers.methods.scorecam import ScoreCAM
-    from workers.models import load_model, resolve_layer
-    from workers.targets import Targets
+    from salient_maps.workers.engine import Explainer
+    from salient_maps.workers.methods.scorecam import ScoreCAM
+    from salient_maps.workers.models import load_model, resolve_layer
+    from salient_maps.workers.targets import Targets
 
     loaded = load_model("resnet50")
     method = ScoreCAM(max_channels=max_channels)
@@ -412,7 +412,7 @@ def probe_rss(images: int, max_channels: int) -> dict:
 def probe_malloc(fixed: bool, seconds_: float) -> dict:
     import torchvision
 
-    from workers.runtime import keep_freed_memory
+    from salient_maps.workers.runtime import keep_freed_memory
 
     if fixed:
         keep_freed_memory()
@@ -482,8 +482,8 @@ def main() -> None:
         print(json.dumps(result))
         return
 
-    from workers.models import load_model
-    from workers.runtime import keep_freed_memory
+    from salient_maps.workers.models import load_model
+    from salient_maps.workers.runtime import keep_freed_memory
 
     keep_freed_memory()  # salient's engine does this itself; done here too for the forward-limit loops
     competitors = {"as_shipped": Competitor(malloc_fix=False)}

@@ -114,10 +114,10 @@ def with_env(env: dict[str, str]):
 
 def timed_job(folder: Path, spec: dict = SPEC) -> float:
     """Seconds from submit to the job's end (submit lists, records and publishes in that time)."""
-    from producer import submit
-    from producer.jobs import wait_for_job
-    from storage.database import connect
-    from storage.settings import Settings
+    from salient_maps.producer import submit
+    from salient_maps.producer.jobs import wait_for_job
+    from salient_maps.storage.database import connect
+    from salient_maps.storage.settings import Settings
 
     db = connect(Settings().resolved_database_url)
     start = time.perf_counter()
@@ -129,7 +129,7 @@ def timed_job(folder: Path, spec: dict = SPEC) -> float:
 
 def in_process(folder: Path, data_dir: Path) -> float:
     """`salient run`'s own loop; seconds of explaining (the model is already loaded)."""
-    from workers.cli import explain_sources
+    from salient_maps.workers.cli import explain_sources
 
     _, counts, seconds, _ = explain_sources(
         [str(folder)], weights=None, layer=None, classes=None, device="cpu", data_dir=data_dir,
@@ -141,7 +141,7 @@ def in_process(folder: Path, data_dir: Path) -> float:
 def overhead(stack: Stack, images: Path, n: int, rounds: int) -> dict:
     import torch
 
-    from workers.runtime import keep_freed_memory
+    from salient_maps.workers.runtime import keep_freed_memory
 
     keep_freed_memory()  # as the worker does
     local, piped = [], []

@@ -33,10 +33,10 @@ from sqlalchemy import select
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
-from storage.database import Item, cancel_job, connect
-from storage.results import iter_results
-from storage.settings import Settings
-from storage.sources import SourceError, iter_uris, read_uri
+from salient_maps.storage.database import Item, cancel_job, connect
+from salient_maps.storage.results import iter_results
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import SourceError, iter_uris, read_uri
 
 from .jobs import JobProgress, get_job
 from .submit import build_spec, submit

@@ -6,7 +6,7 @@ import ipaddress
 
 import click
 
-from storage.settings import Settings
+from salient_maps.storage.settings import Settings
 
 from .job_commands import data_dir_option
 
@@ -37,7 +37,7 @@ def api(host, port, insecure_no_auth, data_dir):
         from .api import api_tokens, create_app
     except ImportError as exc:
         raise click.ClickException(f"'salient api' needs the api extra ({exc.name or exc} is not installed): "
-                                   "pip install 'salient[api]'") from None
+                                   "pip install 'salient-maps[api]'") from None
     settings = Settings().with_data_dir(data_dir)
     tokens = api_tokens(settings)
     if not tokens and not insecure_no_auth:

@@ -13,8 +13,8 @@ import logging
 from celery import Celery
 from celery.beat import Scheduler
 
-from storage.database import connect
-from storage.settings import Settings
+from salient_maps.storage.database import connect
+from salient_maps.storage.settings import Settings
 
 from .queue import celery_client
 from .schedules import fire_due

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import click
 
-from storage.job_options import data_dir_option
-from storage.results import write_results
-from storage.settings import Settings
+from salient_maps.storage.job_options import data_dir_option
+from salient_maps.storage.results import write_results
+from salient_maps.storage.settings import Settings
 
 # Shown in --help without importing the plugin.
 HEAVY_HELP = {
@@ -57,7 +57,7 @@ class SalientGroup(click.Group):
 def _worker_extra_error(name: str, exc: ImportError) -> click.ClickException:
     return click.ClickException(
         f"'salient {name}' needs the worker extra ({exc.name or exc} is not installed): "
-        "pip install 'salient[worker]'"
+        "pip install 'salient-maps[worker]'"
     )
 
 
@@ -78,7 +78,7 @@ def _hinting_missing_extra(name: str, command: click.Command) -> click.Command:
         try:
             return command.invoke(ctx)
         except ImportError as exc:
-            if (exc.name or "").split(".")[0] in ("producer", "workers", "storage"):
+            if (exc.name or "").split(".")[0] == "salient_maps":
                 raise
             raise _worker_extra_error(name, exc) from None
 
@@ -118,7 +118,7 @@ def results(data_dir, job_id, fmt):
 @data_dir_option("--data")
 def export(job_id, fmt, out, data_dir):
     """Stream a job's records (default: the latest job) as JSON Lines, CSV or Parquet."""
-    from storage.results import export_results
+    from salient_maps.storage.results import export_results
 
     try:
         counts = export_results(Settings().with_data_dir(data_dir), job_id, fmt, out, stdout=sys.stdout)
@@ -138,7 +138,7 @@ def export(job_id, fmt, out, data_dir):
 @data_dir_option("--data")
 def report(job_id, out, copy, data_dir):
     """Write a static HTML report of a job (default: the latest): summary, metrics, classes, gallery."""
-    from storage.report import build_report
+    from salient_maps.storage.report import build_report
 
     settings = Settings().with_data_dir(data_dir)
     try:

@@ -8,11 +8,11 @@ from pathlib import Path
 
 import click
 
-from storage.database import cancel_job, connect, schema_revision
-from storage.job_options import data_dir_option as shared_data_dir_option
-from storage.job_options import job_options
-from storage.settings import Settings, mask_url
-from storage.sources import SourceError
+from salient_maps.storage.database import cancel_job, connect, schema_revision
+from salient_maps.storage.job_options import data_dir_option as shared_data_dir_option
+from salient_maps.storage.job_options import job_options
+from salient_maps.storage.settings import Settings, mask_url
+from salient_maps.storage.sources import SourceError
 
 from .jobs import JobProgress, get_job, list_jobs, wait_for_job
 

@@ -9,7 +9,7 @@ from datetime import datetime
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from storage.database import Job
+from salient_maps.storage.database import Job
 
 
 @dataclass

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from celery import Celery
 
-from storage.messages import TASK_NAME, broker_config
-from storage.settings import Settings
+from salient_maps.storage.messages import TASK_NAME, broker_config
+from salient_maps.storage.settings import Settings
 
 
 def celery_client(settings: Settings) -> Celery:

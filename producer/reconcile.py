@@ -12,9 +12,9 @@ import json
 
 import click
 
-from storage.database import connect, reconcile_jobs
-from storage.requeue import requeue_lost
-from storage.settings import Settings, mask_url
+from salient_maps.storage.database import connect, reconcile_jobs
+from salient_maps.storage.requeue import requeue_lost
+from salient_maps.storage.settings import Settings, mask_url
 
 from .queue import Publisher
 

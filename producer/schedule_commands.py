@@ -7,8 +7,8 @@ from datetime import datetime, timezone
 
 import click
 
-from storage.database import connect
-from storage.settings import Settings
+from salient_maps.storage.database import connect
+from salient_maps.storage.settings import Settings
 
 from .job_commands import data_dir_option, spec_options
 from .jobs import get_job

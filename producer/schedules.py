@@ -24,9 +24,9 @@ from sqlalchemy import Row, delete, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from storage.database import Schedule, utcnow
-from storage.settings import Settings
-from storage.sources import URI_SCHEMES
+from salient_maps.storage.database import Schedule, utcnow
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import URI_SCHEMES
 
 from .jobs import get_job
 from .submit import build_spec, submit

@@ -13,11 +13,11 @@ from urllib.parse import urlparse
 
 from sqlalchemy.engine import Engine
 
-from storage.database import cancel_job, close_listing, connect, create_job, record_items
-from storage.job_options import job_spec
-from storage.messages import chunk_message
-from storage.settings import Settings
-from storage.sources import file_sha256, iter_uris
+from salient_maps.storage.database import cancel_job, close_listing, connect, create_job, record_items
+from salient_maps.storage.job_options import job_spec
+from salient_maps.storage.messages import chunk_message
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import file_sha256, iter_uris
 
 from .queue import Publisher
 

@@ -13,8 +13,8 @@ from typing import IO, Iterator, Protocol
 from sqlalchemy import and_, select
 from sqlalchemy.engine import Engine
 
-from storage.database import Explanation, Item, Job, connect
-from storage.settings import Settings
+from salient_maps.storage.database import Explanation, Item, Job, connect
+from salient_maps.storage.settings import Settings
 
 # Scalar faithfulness metrics copied from an explanation's extra JSON (null where not computed).
 METRIC_FIELDS = ("deletion_auc", "insertion_auc", "drop", "increase")
@@ -149,7 +149,7 @@ class _Parquet:
             import pyarrow as pa
             import pyarrow.parquet as pq
         except ImportError:
-            raise ValueError("parquet export needs pyarrow: pip install 'salient[parquet]'") from None
+            raise ValueError("parquet export needs pyarrow: pip install 'salient-maps[parquet]'") from None
         types = {"class_id": pa.int32(), "rank": pa.int32(), "score": pa.float64(), "seconds": pa.float64(),
                  "deletion_auc": pa.float64(), "insertion_auc": pa.float64(), "drop": pa.float64(),
                  "increase": pa.bool_()}

@@ -77,7 +77,7 @@ def tiny_images(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]
 @pytest.fixture(scope="session")
 def run_cli() -> Callable[..., Result]:
     """Run ``salient ARGS`` in-process; fails the test with the output when the exit code is unexpected."""
-    from producer.cli import main
+    from salient_maps.producer.cli import main
 
     def invoke(args: list[str], expect_exit: int = 0) -> Result:
         result = CliRunner().invoke(main, [str(a) for a in args], catch_exceptions=True)

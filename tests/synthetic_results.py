@@ -16,8 +16,8 @@ from urllib.parse import quote
 import numpy as np
 from sqlalchemy import update
 
-from storage.database import Explanation, Image, Item, Job, connect, create_job, utcnow
-from storage.results import thumbnail_key
+from salient_maps.storage.database import Explanation, Image, Item, Job, connect, create_job, utcnow
+from salient_maps.storage.results import thumbnail_key
 
 POOL = 64
 # Item 1's URI ends in this name percent-encoded (a "/" cannot be in a file name, but can be in a URL);

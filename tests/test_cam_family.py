@@ -19,11 +19,11 @@ from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 from pytorch_grad_cam.utils.svd_on_activations import get_2d_projection
 from torch import Tensor, nn
 
-from workers.engine import BatchResult, Explainer
-from workers.methods import build_methods
-from workers.methods.base import scale_to_unit
-from workers.models import LoadedModel
-from workers.targets import Targets
+from salient_maps.workers.engine import BatchResult, Explainer
+from salient_maps.workers.methods import build_methods
+from salient_maps.workers.methods.base import scale_to_unit
+from salient_maps.workers.models import LoadedModel
+from salient_maps.workers.targets import Targets
 
 SIZE = 112
 CAMS = {"gradcampp": GradCAMPlusPlus, "xgradcam": XGradCAM, "hirescam": HiResCAM, "layercam": LayerCAM,

@@ -20,9 +20,9 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from storage.database import Explanation, Image, Item, connect
-from storage.results import FIELDS
-from workers import process
+from salient_maps.storage.database import Explanation, Image, Item, connect
+from salient_maps.storage.results import FIELDS
+from salient_maps.workers import process
 
 REQUIRED_FIELDS = ("job_id", "uri", "sha256", "model", "method", "layer", "class_id", "class_name", "score", "rank",
                    "map_key", "overlay_key", "status", "error", "seconds")

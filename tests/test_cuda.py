@@ -13,11 +13,11 @@ import pytest
 import torch
 import torchvision
 
-from workers.engine import BatchResult, Explainer
-from workers.methods import METHODS, build_methods
-from workers.methods.scorecam import ScoreCAM
-from workers.models import LoadedModel, load_model, resolve_layer
-from workers.targets import Targets
+from salient_maps.workers.engine import BatchResult, Explainer
+from salient_maps.workers.methods import METHODS, build_methods
+from salient_maps.workers.methods.scorecam import ScoreCAM
+from salient_maps.workers.models import LoadedModel, load_model, resolve_layer
+from salient_maps.workers.targets import Targets
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
@@ -38,7 +38,7 @@ def resnet18_f64() -> LoadedModel:
 def photos(model: LoadedModel, size: int) -> torch.Tensor:
     import skimage.data
 
-    from workers.images import to_input
+    from salient_maps.workers.images import to_input
 
     return torch.stack([to_input(getattr(skimage.data, name)(), size, model.mean, model.std)
                         for name in ("chelsea", "coffee", "astronaut")])
@@ -92,9 +92,9 @@ def test_salient_run_on_cuda(tmp_path, tiny_images):
     """``salient run`` (the worker side alone: a GPU machine needs no queue packages) on the device in bf16."""
     from click.testing import CliRunner
 
-    from storage.results import iter_results
-    from storage.settings import Settings
-    from workers.cli import run
+    from salient_maps.storage.results import iter_results
+    from salient_maps.storage.settings import Settings
+    from salient_maps.workers.cli import run
 
     data = tmp_path / "data"
     args = [str(tiny_images(5, size=(80, 96))), "--model", "resnet18", "--topk", "2", "--device", "cuda",

@@ -10,8 +10,8 @@ import tracemalloc
 import pyarrow.parquet as pq
 import pytest
 
-from storage.results import ERROR_FIELDS, FIELDS, export_results
-from storage.settings import Settings
+from salient_maps.storage.results import ERROR_FIELDS, FIELDS, export_results
+from salient_maps.storage.settings import Settings
 from synthetic_results import EVIL_CLASS, make_job
 
 

@@ -7,8 +7,8 @@ import torch
 import torchvision
 from torch import nn
 
-from workers.folding import folded, for_plain_passes
-from workers.models import load_model
+from salient_maps.workers.folding import folded, for_plain_passes
+from salient_maps.workers.models import load_model
 
 
 def with_running_statistics(module: nn.Module, seed: int = 0) -> nn.Module:

@@ -14,11 +14,11 @@ import pytest
 import torch
 from torch import Tensor, nn
 
-from workers.engine import BatchResult, Explainer
-from workers.methods import build_methods
-from workers.methods.base import cam_to_maps, scale_to_unit
-from workers.models import LoadedModel, load_model
-from workers.targets import Targets
+from salient_maps.workers.engine import BatchResult, Explainer
+from salient_maps.workers.methods import build_methods
+from salient_maps.workers.methods.base import cam_to_maps, scale_to_unit
+from salient_maps.workers.models import LoadedModel, load_model
+from salient_maps.workers.targets import Targets
 
 MAP_TOL = 1e-4
 GRAD_TOL = 1e-5

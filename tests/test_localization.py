@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from storage.database import Explanation, connect
-from workers.localization import WORK_SIDE, localize
+from salient_maps.storage.database import Explanation, connect
+from salient_maps.workers.localization import WORK_SIDE, localize
 
 SQUARE = (260, 150, 420, 290)  # x0, y0, x1, y1 in a 480×640 image (larger than GrabCut's working size)
 

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import nn
 
-from workers.metrics import Faithfulness
+from salient_maps.workers.metrics import Faithfulness
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 

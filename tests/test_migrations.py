@@ -7,8 +7,8 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from storage.database import SCHEMA_REVISION, Base, Item, Job, connect, create_job, schema_revision
-from storage.migrations import alembic_config, head_revision, upgrade
+from salient_maps.storage.database import SCHEMA_REVISION, Base, Item, Job, connect, create_job, schema_revision
+from salient_maps.storage.migrations import alembic_config, head_revision, upgrade
 
 
 def test_schema_revision_is_the_newest_migration():

@@ -12,8 +12,8 @@ import pytest
 import torch
 import torchvision
 
-from workers.images import to_input
-from workers.models import ModelError, load_model, resolve_layer
+from salient_maps.workers.images import to_input
+from salient_maps.workers.models import ModelError, load_model, resolve_layer
 
 # (auto layer, its output channels, its spatial size at 224 px): the last spatial map before global pooling
 # (or, for VGG/AlexNet, before the last max-pool that feeds the classifier).

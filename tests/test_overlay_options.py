@@ -10,7 +10,7 @@ import cv2
 import numpy as np
 import pytest
 
-from workers.overlays import OverlayStyle, attribution_to_unit, colormap_names, overlay_png
+from salient_maps.workers.overlays import OverlayStyle, attribution_to_unit, colormap_names, overlay_png
 
 
 def decode(png: bytes) -> np.ndarray:

@@ -4,13 +4,13 @@ from __future__ import annotations
 
 from sqlalchemy import func, select
 
-from storage.database import Explanation, Item, Job, add_items, close_listing, connect, create_job
-from storage.job_options import job_spec
-from storage.objects import open_store
-from storage.settings import Settings
-from storage.sources import iter_uris
-from workers.explainers import load_setup
-from workers.process import pending_items
+from salient_maps.storage.database import Explanation, Item, Job, add_items, close_listing, connect, create_job
+from salient_maps.storage.job_options import job_spec
+from salient_maps.storage.objects import open_store
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import iter_uris
+from salient_maps.workers.explainers import load_setup
+from salient_maps.workers.process import pending_items
 
 
 def test_two_copies_of_one_image_in_a_batch_are_explained_once(tmp_path, smooth_rgb, encode_image):

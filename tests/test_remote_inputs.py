@@ -21,8 +21,8 @@ from urllib.parse import parse_qs, urlsplit
 
 import pytest
 
-from storage.settings import Settings
-from storage.sources import SourceError, read_uri
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import SourceError, read_uri
 
 CAP = 50_000  # bytes
 TIMEOUT = 1.0  # seconds
@@ -264,7 +264,7 @@ def test_a_content_length_below_the_truth_cannot_make_salient_read_more(server):
 
 
 def test_unreachable_and_unresolvable_hosts_fail_the_item(monkeypatch):
-    from storage import sources
+    from salient_maps.storage import sources
 
     monkeypatch.setattr(sources, "HTTP_ATTEMPTS", 1)  # these are retried; the retry is test_a_transient_5xx's
     with socket.socket() as s:

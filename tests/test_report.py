@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from chromium import Chromium, find_chromium
-from storage.report import PAGE_SIZE, build_report
-from storage.settings import Settings
+from salient_maps.storage.report import PAGE_SIZE, build_report
+from salient_maps.storage.settings import Settings
 from synthetic_results import EVIL_CLASS, EVIL_FILE_NAME, EVIL_NAME, make_job
 
 REPO = Path(__file__).resolve().parent.parent
@@ -140,8 +140,8 @@ def test_screenshot_for_the_readme(browser, tmp_path):
         pytest.skip("set UPDATE_REPORT_SCREENSHOT=1 to refresh docs/report-screenshot.png")
     from click.testing import CliRunner
 
-    from producer.cli import main
-    from workers.cli import export_sample_images
+    from salient_maps.producer.cli import main
+    from salient_maps.workers.cli import export_sample_images
 
     data = tmp_path / "demo"
     images = export_sample_images(tmp_path / "images")

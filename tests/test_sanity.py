@@ -12,11 +12,11 @@ import torch
 import torch.nn.functional as F
 from scipy.stats import spearmanr
 
-from workers.images import to_input
-from workers.methods.base import ForwardPass, Method, MethodOutput, scale_to_unit
-from workers.methods.gradcam import GradCAM
-from workers.models import load_model
-from workers.sanity import cascade_stops, run_cascade, spearman, ssim, weight_layers
+from salient_maps.workers.images import to_input
+from salient_maps.workers.methods.base import ForwardPass, Method, MethodOutput, scale_to_unit
+from salient_maps.workers.methods.gradcam import GradCAM
+from salient_maps.workers.models import load_model
+from salient_maps.workers.sanity import cascade_stops, run_cascade, spearman, ssim, weight_layers
 
 
 class EdgeDetector(Method):

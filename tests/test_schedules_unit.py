@@ -11,11 +11,11 @@ from zoneinfo import ZoneInfo
 import pytest
 from sqlalchemy import select, update
 
-from producer import schedules
-from producer.schedules import (ScheduleError, add_schedule, check_cron, claim, due_schedules, fire_due,
+from salient_maps.producer import schedules
+from salient_maps.producer.schedules import (ScheduleError, add_schedule, check_cron, claim, due_schedules, fire_due,
                                 get_schedule, next_run)
-from storage.database import Job, Schedule, close_listing, connect, create_job
-from storage.settings import Settings
+from salient_maps.storage.database import Job, Schedule, close_listing, connect, create_job
+from salient_maps.storage.settings import Settings
 
 UTC = timezone.utc
 
@@ -201,7 +201,7 @@ def test_celery_beat_ticks_in_process_and_fires_a_due_schedule(db, tmp_path, sub
     """The real celery.beat.Service loop with salient's scheduler: nothing is published to a broker."""
     from celery.beat import Service
 
-    from producer.beat import InProcessScheduler, beat_app
+    from salient_maps.producer.beat import InProcessScheduler, beat_app
 
     row = _add(db, tmp_path, datetime(2026, 11, 1, tzinfo=UTC))  # long overdue
     settings = Settings(database_url=f"sqlite:///{tmp_path / 'salient.db'}", beat_interval=0.2,
@@ -223,8 +223,8 @@ def test_celery_beat_ticks_in_process_and_fires_a_due_schedule(db, tmp_path, sub
 
 
 def test_schedule_add_takes_every_job_option_of_submit():
-    from producer.job_commands import submit
-    from producer.schedule_commands import add
+    from salient_maps.producer.job_commands import submit
+    from salient_maps.producer.schedule_commands import add
 
     submits = {p.name for p in submit.params} - {"sources", "wait"}
     assert submits - {p.name for p in add.params} == set()

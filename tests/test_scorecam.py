@@ -20,12 +20,12 @@ import torch.nn.functional as F
 import torchvision
 from torch import Tensor, nn
 
-from workers.engine import Explainer
-from workers.methods import build_methods
-from workers.methods.base import ForwardPass, cam_to_maps, scale_to_unit
-from workers.methods.scorecam import WEIGHT_DEFINITIONS, ScoreCAM, upsampled_range
-from workers.models import LoadedModel
-from workers.targets import Targets
+from salient_maps.workers.engine import Explainer
+from salient_maps.workers.methods import build_methods
+from salient_maps.workers.methods.base import ForwardPass, cam_to_maps, scale_to_unit
+from salient_maps.workers.methods.scorecam import WEIGHT_DEFINITIONS, ScoreCAM, upsampled_range
+from salient_maps.workers.models import LoadedModel
+from salient_maps.workers.targets import Targets
 
 SIZE = 32
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 import pytest
 import sqlalchemy as sa
 
-from storage.settings import Settings, mask_url
+from salient_maps.storage.settings import Settings, mask_url
 
 SECRET = "s3cr3t-Pa55"
 
@@ -57,7 +57,7 @@ def test_an_unreachable_broker_is_named_masked(run_cli, tiny_images, tmp_path, m
 def test_reading_errors_never_carry_the_uri(tmp_path):
     """An item's reason is shown next to its URI by every results command, so it never repeats the URI (a
     presigned URL's signature, a user name): the reasons are fixed phrases plus numbers and addresses."""
-    from storage.sources import SourceError, read_uri
+    from salient_maps.storage.sources import SourceError, read_uri
 
     settings = Settings(file_roots=[tmp_path])
     for uri in (f"http://user:{SECRET}@example.com/a.png", f"http://169.254.169.254/?X-Amz-Signature={SECRET}",

@@ -10,12 +10,12 @@ import pytest
 import torch
 from sqlalchemy import select
 
-from producer.submit import build_spec
-from storage.database import Explanation, Job, connect
-from storage.messages import chunk_message, parse_chunk
-from storage.objects import open_store
-from storage.settings import Settings
-from workers.explainers import SpecError, build_processor, load_setup
+from salient_maps.producer.submit import build_spec
+from salient_maps.storage.database import Explanation, Job, connect
+from salient_maps.storage.messages import chunk_message, parse_chunk
+from salient_maps.storage.objects import open_store
+from salient_maps.storage.settings import Settings
+from salient_maps.workers.explainers import SpecError, build_processor, load_setup
 
 OPTIONS = {"model": "resnet18", "methods": "gradcam,saliency", "classes": "thing 5,7", "localize": True,
            "colormap": "viridis", "metrics": "drop", "smooth": 2, "batch_size": 4}

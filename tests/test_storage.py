@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select
 
-from storage.database import (
+from salient_maps.storage.database import (
     Explanation,
     Image,
     Item,
@@ -24,9 +24,9 @@ from storage.database import (
     finish_item,
     insert_ignore,
 )
-from storage.objects import LocalObjectStore
-from storage.results import FIELDS, iter_results, write_results
-from storage.settings import Settings
+from salient_maps.storage.objects import LocalObjectStore
+from salient_maps.storage.results import FIELDS, iter_results, write_results
+from salient_maps.storage.settings import Settings
 
 REQUIRED_FIELDS = ("job_id", "uri", "sha256", "model", "method", "layer", "class_id", "class_name", "score", "rank",
                    "map_key", "overlay_key", "status", "error", "seconds")

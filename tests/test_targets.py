@@ -8,10 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from workers.engine import Explainer
-from workers.methods import build_methods
-from workers.models import IMAGENET_MEAN, LoadedModel, ModelError, imagenet_class_names, load_labels, load_model
-from workers.targets import TargetError, Targets, parse_classes
+from salient_maps.workers.engine import Explainer
+from salient_maps.workers.methods import build_methods
+from salient_maps.workers.models import IMAGENET_MEAN, LoadedModel, ModelError, imagenet_class_names, load_labels, load_model
+from salient_maps.workers.targets import TargetError, Targets, parse_classes
 
 NAMES = imagenet_class_names()
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")

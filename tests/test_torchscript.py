@@ -8,11 +8,11 @@ import torch
 import torchvision
 from sqlalchemy import select
 
-from storage.database import Explanation, connect
-from workers.engine import Explainer
-from workers.methods import build_methods
-from workers.models import ModelError, load_model, resolve_layer
-from workers.targets import Targets
+from salient_maps.storage.database import Explanation, connect
+from salient_maps.workers.engine import Explainer
+from salient_maps.workers.methods import build_methods
+from salient_maps.workers.models import ModelError, load_model, resolve_layer
+from salient_maps.workers.targets import Targets
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 

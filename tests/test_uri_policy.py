@@ -14,10 +14,10 @@ import threading
 
 import pytest
 
-from storage import sources
-from storage.settings import Settings
-from storage.sources import SourceError, iter_uris, read_uri, with_command_line_roots
-from storage.uri_policy import address_kind
+from salient_maps.storage import sources
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import SourceError, iter_uris, read_uri, with_command_line_roots
+from salient_maps.storage.uri_policy import address_kind
 
 PNG_ANSWER = b"HTTP/1.0 200 OK\r\nContent-Type: image/png\r\nContent-Length: 3\r\n\r\nPNG"
 
@@ -341,8 +341,8 @@ def test_a_manifest_on_the_command_line_opens_its_own_folder_only(tree, monkeypa
 def test_files_a_message_spec_names_are_held_to_the_roots(field, value, tmp_path):
     """A queue message's spec names weights, labels or a TorchScript model (a program) by path: each must lie
     under the file roots, like an image; the spec then fails before anything is opened."""
-    from storage.messages import SPEC_DEFAULTS
-    from workers.explainers import SpecError, build_processor
+    from salient_maps.storage.messages import SPEC_DEFAULTS
+    from salient_maps.workers.explainers import SpecError, build_processor
 
     (tmp_path / "root").mkdir()
     (tmp_path / "outside").mkdir()
@@ -357,12 +357,12 @@ def test_files_a_message_spec_names_are_held_to_the_roots(field, value, tmp_path
 # --- buckets and schemes ---------------------------------------------------------------------------------------
 
 def test_buckets_outside_the_list_are_refused_before_any_request(monkeypatch):
-    import storage.s3
+    from salient_maps.storage import s3 as storage_s3
 
     def no_client(*args, **kwargs):
         raise AssertionError("an S3 client was made")
 
-    monkeypatch.setattr(storage.s3, "s3_client", no_client)
+    monkeypatch.setattr(storage_s3, "s3_client", no_client)
     settings = Settings(s3_buckets="photos")
     assert "bucket 'private' is not one of SALIENT_S3_BUCKETS" in refused("s3://private/a.png", settings)
     with pytest.raises(SourceError, match="^refused: bucket 'private'"):

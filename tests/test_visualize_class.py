@@ -11,9 +11,9 @@ from torch import nn
 
 pytestmark = pytest.mark.filterwarnings("ignore:`torch.jit:FutureWarning")
 
-from storage.database import ClassVisualization, connect
-from workers.class_visualization import visualize_class
-from workers.models import LoadedModel
+from salient_maps.storage.database import ClassVisualization, connect
+from salient_maps.workers.class_visualization import visualize_class
+from salient_maps.workers.models import LoadedModel
 
 SIZE = 32
 LR = 1.0

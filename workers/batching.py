@@ -45,9 +45,9 @@ from typing import Callable, Iterator
 
 from sqlalchemy.engine import Engine
 
-from storage.database import claim_items, finish_item, release_items
-from storage.retry import is_transient, with_backoff
-from storage.settings import Settings
+from salient_maps.storage.database import claim_items, finish_item, release_items
+from salient_maps.storage.retry import is_transient, with_backoff
+from salient_maps.storage.settings import Settings
 
 from .process import ItemProcessor, PendingItem, Prepared
 

@@ -12,12 +12,12 @@ from __future__ import annotations
 
 from celery import Celery
 
-from storage.messages import broker_config
-from storage.settings import Settings
+from salient_maps.storage.messages import broker_config
+from salient_maps.storage.settings import Settings
 
 
 def make_app(settings: Settings) -> Celery:
-    app = Celery("salient", include=["workers.tasks"])
+    app = Celery("salient", include=["salient_maps.workers.tasks"])
     app.conf.update(
         broker_config(settings),
         task_acks_late=True,

@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from sqlalchemy.engine import Engine
 
-from storage.database import ClassVisualization, insert_ignore
-from storage.objects import ObjectStore
+from salient_maps.storage.database import ClassVisualization, insert_ignore
+from salient_maps.storage.objects import ObjectStore
 
 from .engine import resolve_device
 from .models import LoadedModel

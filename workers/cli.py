@@ -9,13 +9,13 @@ from pathlib import Path
 import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-from storage.database import add_items, close_listing, connect, create_job
-from storage.job_options import (DEFAULT_METHODS, METHOD_OPTIONS, data_dir_option, device_option, job_options,
+from salient_maps.storage.database import add_items, close_listing, connect, create_job
+from salient_maps.storage.job_options import (DEFAULT_METHODS, METHOD_OPTIONS, data_dir_option, device_option, job_options,
                                  job_spec, labels_option, model_option, weights_option)
-from storage.objects import open_store
-from storage.results import iter_results, write_results
-from storage.settings import Settings
-from storage.sources import SourceError, iter_uris, with_command_line_roots
+from salient_maps.storage.objects import open_store
+from salient_maps.storage.results import iter_results, write_results
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import SourceError, iter_uris, with_command_line_roots
 
 
 def _versions() -> dict[str, str]:
@@ -76,7 +76,7 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
 
     from sqlalchemy import select
 
-    from storage.database import Job
+    from salient_maps.storage.database import Job
 
     with db.connect() as conn:
         total = conn.execute(select(Job.total).where(Job.id == job_id)).scalar_one()

@@ -16,10 +16,10 @@ from urllib.parse import urlparse
 
 from sqlalchemy.engine import Engine
 
-from storage.job_options import METHOD_OPTIONS, OVERLAY_OPTIONS, SPEC_OPTIONS
-from storage.objects import ObjectStore
-from storage.settings import Settings
-from storage.sources import allowed_local_path, file_sha256, read_uri
+from salient_maps.storage.job_options import METHOD_OPTIONS, OVERLAY_OPTIONS, SPEC_OPTIONS
+from salient_maps.storage.objects import ObjectStore
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import allowed_local_path, file_sha256, read_uri
 
 from .batching import guard_model
 from .engine import Explainer
@@ -84,7 +84,7 @@ def load_setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
     """Load and check everything a spec (``storage.job_options.job_spec``) names: model, weights,
     labels, layer, methods and their options, targets, metrics, overlay style. ``salient run`` and
     the queue workers both build their pipeline here; raises ``SpecError`` with the reason."""
-    from storage.sources import SourceError
+    from salient_maps.storage.sources import SourceError
 
     from .methods import MethodError, build_methods
     from .models import ModelError, load_model, resolve_layer

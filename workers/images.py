@@ -11,7 +11,7 @@ import torch
 from PIL import Image as PILImage
 from PIL import ImageOps
 
-from storage.sources import SourceError
+from salient_maps.storage.sources import SourceError
 
 PILImage.MAX_IMAGE_PIXELS = None  # salient applies its own limit before decoding
 # A bad image is a failed item with its reason in the database; OpenCV's own log lines would only flood stderr.

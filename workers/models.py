@@ -14,7 +14,7 @@ import torch
 import torchvision
 from torch import nn
 
-from storage.sources import file_sha256
+from salient_maps.storage.sources import file_sha256
 
 DEFAULT_MODEL = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)

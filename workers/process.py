@@ -19,11 +19,11 @@ import torch
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from storage.database import Explanation, Image, Item, Job, already_explained, finish_item, insert_ignore
-from storage.objects import ObjectStore
-from storage.results import THUMBNAIL_SIDE, thumbnail_key
-from storage.settings import Settings
-from storage.sources import SourceError, read_uri
+from salient_maps.storage.database import Explanation, Image, Item, Job, already_explained, finish_item, insert_ignore
+from salient_maps.storage.objects import ObjectStore
+from salient_maps.storage.results import THUMBNAIL_SIDE, thumbnail_key
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import SourceError, read_uri
 
 from .engine import BatchResult, Explainer
 from .images import decode_image, to_input

@@ -23,9 +23,9 @@ from skimage.metrics import structural_similarity
 from sqlalchemy import select
 from torch import Tensor, nn
 
-from storage.database import Item, Job
-from storage.settings import Settings
-from storage.sources import SourceError, read_uri
+from salient_maps.storage.database import Item, Job
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import SourceError, read_uri
 
 from .engine import Explainer
 from .images import decode_image, to_input

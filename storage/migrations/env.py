@@ -4,8 +4,8 @@
 from alembic import context
 from sqlalchemy import create_engine
 
-from storage.database import Base, normalize_url
-from storage.settings import Settings
+from salient_maps.storage.database import Base, normalize_url
+from salient_maps.storage.settings import Settings
 
 
 def run(connection) -> None:

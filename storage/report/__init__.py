@@ -23,9 +23,9 @@ from urllib.parse import quote
 
 import numpy as np
 
-from storage.database import connect
-from storage.objects import LocalObjectStore, ObjectStore, open_store
-from storage.settings import Settings
+from salient_maps.storage.database import connect
+from salient_maps.storage.objects import LocalObjectStore, ObjectStore, open_store
+from salient_maps.storage.settings import Settings
 
 from . import charts
 from .collect import CURVES, METRICS, Collected, collect, find_job

@@ -10,8 +10,8 @@ from urllib.parse import unquote
 from sqlalchemy import and_, select
 from sqlalchemy.engine import Connection
 
-from storage.database import Explanation, Item, Job
-from storage.results import thumbnail_key
+from salient_maps.storage.database import Explanation, Item, Job
+from salient_maps.storage.results import thumbnail_key
 
 METRICS = ("deletion_auc", "insertion_auc", "drop")
 CURVES = ("deletion_curve", "insertion_curve")

@@ -59,12 +59,12 @@ class Pipeline:
 
     @property
     def settings(self):
-        from storage.settings import Settings
+        from salient_maps.storage.settings import Settings
 
         return Settings()
 
     def db(self):
-        from storage.database import connect
+        from salient_maps.storage.database import connect
 
         return connect(self.database_url)
 

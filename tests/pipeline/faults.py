@@ -10,8 +10,8 @@ from typing import Callable
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from storage.database import Explanation, Image, Item, Job
-from storage.results import thumbnail_key
+from salient_maps.storage.database import Explanation, Image, Item, Job
+from salient_maps.storage.results import thumbnail_key
 
 # Cheap on CPU (~4 ms an image for Grad-CAM), 224 px maps; chunks of 4, batches of 4.
 SPEC = dict(model="mobilenet_v3_small", methods="gradcam", topk=1, batch_size=4)

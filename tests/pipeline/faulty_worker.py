@@ -14,9 +14,9 @@ import os
 import sys
 import threading
 
-from producer.cli import main
-from workers.engine import Explainer
-from workers.process import ItemProcessor
+from salient_maps.producer.cli import main
+from salient_maps.workers.engine import Explainer
+from salient_maps.workers.process import ItemProcessor
 
 CRASH = set(filter(None, os.environ.get("POISON_CRASH_SHA256", "").split(",")))
 HANG = set(filter(None, os.environ.get("POISON_HANG_SHA256", "").split(",")))

@@ -24,14 +24,14 @@ pytest.importorskip("fastapi", reason="the api extra is not installed")
 
 from fastapi.testclient import TestClient  # noqa: E402
 
-from storage.settings import Settings  # noqa: E402
+from salient_maps.storage.settings import Settings  # noqa: E402
 
 SALIENT = str(Path(sys.executable).parent / "salient")
 TOKEN = "s3cret-token-for-tests"
 
 
 def _app(tmp_path, **settings):
-    from producer.api import create_app
+    from salient_maps.producer.api import create_app
 
     return create_app(Settings(data_dir=tmp_path / "data", api_tokens=TOKEN, **settings))
 
@@ -43,10 +43,10 @@ def _free_port() -> int:
 
 
 def test_importing_and_building_the_api_imports_no_torch_and_no_workers(tmp_path):
-    code = ("import sys; import producer.api, producer.api_command;"
-            "from storage.settings import Settings;"
-            f"producer.api.create_app(Settings(data_dir={str(tmp_path)!r}, api_tokens='t'));"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'workers'));"
+    code = ("import sys; import salient_maps.producer.api, salient_maps.producer.api_command;"
+            "from salient_maps.storage.settings import Settings;"
+            f"salient_maps.producer.api.create_app(Settings(data_dir={str(tmp_path)!r}, api_tokens='t'));"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision') or m.startswith('salient_maps.workers'));"
             "print(bad); sys.exit(1 if bad else 0)")
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stdout + done.stderr
@@ -54,8 +54,8 @@ def test_importing_and_building_the_api_imports_no_torch_and_no_workers(tmp_path
 
 def test_post_jobs_takes_the_options_of_submit():
     """Same names, defaults, choices and bounds, as a client reads them in the OpenAPI schema."""
-    from producer.api import JobRequest
-    from producer.job_commands import submit
+    from salient_maps.producer.api import JobRequest
+    from salient_maps.producer.job_commands import submit
 
     submits = {p.name: p for p in submit.params if p.name not in ("sources", "wait", "data_dir")}
     schema = JobRequest.model_json_schema()["properties"]
@@ -75,15 +75,15 @@ def test_post_jobs_takes_the_options_of_submit():
 
 
 def test_result_records_have_the_fields_of_salient_results():
-    from producer.api import ResultRecord
-    from storage.results import FIELDS
+    from salient_maps.producer.api import ResultRecord
+    from salient_maps.storage.results import FIELDS
 
     assert tuple(ResultRecord.model_fields) == FIELDS
 
 
 def test_the_api_refuses_to_start_without_tokens_except_on_loopback_when_asked(tmp_path, run_cli):
-    from producer.api import create_app
-    from producer.api_command import is_loopback
+    from salient_maps.producer.api import create_app
+    from salient_maps.producer.api_command import is_loopback
 
     with pytest.raises(ValueError, match="SALIENT_API_TOKENS"):
         create_app(Settings(data_dir=tmp_path))
@@ -97,7 +97,7 @@ def test_the_api_refuses_to_start_without_tokens_except_on_loopback_when_asked(t
 
 
 def test_only_a_configured_bearer_token_gets_in(tmp_path):
-    from producer.api import create_app
+    from salient_maps.producer.api import create_app
 
     app = create_app(Settings(data_dir=tmp_path, api_tokens=f"{TOKEN}, second-token"))
     path = f"/jobs/{uuid.uuid4()}"
@@ -163,8 +163,8 @@ def test_post_jobs_takes_remote_uris_only_and_checks_before_submitting(tmp_path)
 
 
 def test_an_unreachable_broker_is_a_503_and_the_job_is_cancelled(tmp_path):
-    from producer.jobs import list_jobs
-    from storage.database import connect
+    from salient_maps.producer.jobs import list_jobs
+    from salient_maps.storage.database import connect
 
     app = _app(tmp_path, broker_url=f"redis://127.0.0.1:{_free_port()}/0")  # nothing listens there
     with TestClient(app) as client:
@@ -219,7 +219,7 @@ def api_server(pipeline, tmp_path):
 def test_a_job_submitted_over_http_is_explained_and_paged_back(pipeline, api_server, smooth_rgb, encode_image):
     import redis
 
-    from storage.messages import parse_chunk
+    from salient_maps.storage.messages import parse_chunk
 
     http, s3, bucket = api_server, pipeline.s3, pipeline.bucket
     for i in range(3):
@@ -295,10 +295,10 @@ def test_no_request_from_the_schema_gets_a_server_error(pipeline, mode):
     from schemathesis.specs.openapi.checks import (content_type_conformance, response_schema_conformance,
                                                    status_code_conformance)
 
-    from producer.api import create_app
+    from salient_maps.producer.api import create_app
 
-    from producer.submit import submit
-    from storage.database import Item, finish_item
+    from salient_maps.producer.submit import submit
+    from salient_maps.storage.database import Item, finish_item
 
     # A job to read back, so the GET routes answer 200 too: pending items and a failed one.
     job_id = submit([f"https://images.invalid/{i}.png" for i in range(5)], model="resnet18", chunk=2)

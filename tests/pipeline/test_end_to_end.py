@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from storage.database import Explanation, Image, Item, Job
+from salient_maps.storage.database import Explanation, Image, Item, Job
 
 # Small and quick on CPU: random-init resnet18, one method, one class; batch 3 with chunks of 4 makes
 # the workers fill batches across messages.
@@ -21,7 +21,7 @@ SPEC = dict(model="resnet18", methods="gradcam", topk=1, batch_size=3)
 
 def expected_keys(db) -> set[str]:
     """Every object key the rows refer to (maps, overlays, extra arrays) plus each image's thumbnail."""
-    from workers.process import thumbnail_key
+    from salient_maps.workers.process import thumbnail_key
 
     keys: set[str] = set()
     with db.connect() as conn:
@@ -61,8 +61,8 @@ def check_exactly_once(pipeline, job_id: str, n_images: int) -> list:
 
 
 def test_two_workers_explain_every_image_exactly_once(pipeline, tiny_images):
-    from producer import submit
-    from producer.jobs import wait_for_job
+    from salient_maps.producer import submit
+    from salient_maps.producer.jobs import wait_for_job
 
     folder = tiny_images(14)
     for name in ("a", "b"):
@@ -85,8 +85,8 @@ def test_two_workers_explain_every_image_exactly_once(pipeline, tiny_images):
 
 
 def test_worker_killed_mid_batch_is_redelivered_and_nothing_is_done_twice(pipeline, tiny_images):
-    from producer import submit
-    from producer.jobs import wait_for_job
+    from salient_maps.producer import submit
+    from salient_maps.producer.jobs import wait_for_job
 
     folder = tiny_images(16, size=(96, 96))
     victim = pipeline.start_worker("victim", "--concurrency", "2")
@@ -146,9 +146,9 @@ def test_image_past_the_delivery_limit_fails_with_the_reason_and_the_rest_go_on(
     service in another language would: rows in SQL, then a raw JSON message into the Redis list."""
     from sqlalchemy import update
 
-    from producer.jobs import wait_for_job
-    from storage.database import close_listing, create_job, record_items
-    from storage.sources import iter_uris
+    from salient_maps.producer.jobs import wait_for_job
+    from salient_maps.storage.database import close_listing, create_job, record_items
+    from salient_maps.storage.sources import iter_uris
 
     folder = tiny_images(6)
     db = pipeline.db()
@@ -174,8 +174,8 @@ def test_image_past_the_delivery_limit_fails_with_the_reason_and_the_rest_go_on(
 
 
 def test_sigterm_is_a_warm_shutdown_that_finishes_the_messages_in_hand(pipeline, tiny_images):
-    from producer import submit
-    from producer.jobs import get_job, wait_for_job
+    from salient_maps.producer import submit
+    from salient_maps.producer.jobs import get_job, wait_for_job
 
     folder = tiny_images(16)
     first = pipeline.start_worker("first", "--concurrency", "2")

@@ -61,7 +61,7 @@ def faulty(pipeline, servers, tiny_images):
 
 
 def submit_job(folder: Path, spec: dict | None = None) -> str:
-    from producer import submit
+    from salient_maps.producer import submit
 
     return submit([folder], spec, chunk=CHUNK) if spec else submit([folder], chunk=CHUNK, **SPEC)
 
@@ -169,7 +169,7 @@ def test_a_worker_that_lost_its_model_cache_downloads_the_weights_again(faulty):
     import torch
     import torchvision
 
-    from producer.submit import build_spec
+    from salient_maps.producer.submit import build_spec
 
     pipeline, folder, _ = faulty
     torch.manual_seed(1)
@@ -202,7 +202,7 @@ def test_a_worker_that_lost_its_model_cache_downloads_the_weights_again(faulty):
     with db.connect() as conn:
         from sqlalchemy import select
 
-        from storage.database import Explanation
+        from salient_maps.storage.database import Explanation
 
         models = set(conn.execute(select(Explanation.model)).scalars())
     assert models == {f"{SPEC['model']}-{sha256[:12]}"}  # the downloaded weights, not a random init
@@ -219,8 +219,8 @@ def test_reconcile_publishes_only_the_items_no_message_holds(pipeline, tiny_imag
     import redis
     from sqlalchemy import select, update
 
-    from storage.database import Item, close_listing, create_job, record_items, utcnow
-    from storage.messages import TASK_NAME
+    from salient_maps.storage.database import Item, close_listing, create_job, record_items, utcnow
+    from salient_maps.storage.messages import TASK_NAME
 
     folder = tiny_images(16)
     job_id = submit_job(folder)
@@ -258,7 +258,7 @@ def test_reconcile_publishes_only_the_items_no_message_holds(pipeline, tiny_imag
     assert f"job {other} has lost items but it was not submitted to the queue" in out
     head = json.loads(client.lindex(queue, 0))
     assert head["headers"]["task"] == TASK_NAME
-    from storage.requeue import message_items
+    from salient_maps.storage.requeue import message_items
 
     assert message_items(head) == groups["C"]
     again = json.loads(run_cli(["reconcile", "--json", "--pending-timeout", "60"]).output)
@@ -276,7 +276,7 @@ def test_reconcile_publishes_only_the_items_no_message_holds(pipeline, tiny_imag
 
 
 def test_retries_last_the_budget_in_seconds_then_give_up():
-    from storage.retry import with_backoff
+    from salient_maps.storage.retry import with_backoff
 
     calls: list[float] = []
 
@@ -306,8 +306,8 @@ def test_retries_last_the_budget_in_seconds_then_give_up():
 
 
 def test_a_damaged_cached_weights_file_is_downloaded_again(pipeline, tmp_path):
-    from storage.settings import Settings
-    from workers.explainers import _local_file
+    from salient_maps.storage.settings import Settings
+    from salient_maps.workers.explainers import _local_file
 
     weights = b"weights " * 1000
     sha256 = hashlib.sha256(weights).hexdigest()

@@ -3,8 +3,8 @@ and an existing object is kept (SeaweedFS honours If-None-Match)."""
 
 from __future__ import annotations
 
-from storage.objects import open_store
-from storage.settings import Settings
+from salient_maps.storage.objects import open_store
+from salient_maps.storage.settings import Settings
 
 
 def test_s3_put_if_absent_is_one_conditional_put_that_keeps_the_first_object(pipeline):

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy import select
 
 from faults import CHUNK, SPEC, Supervisor, check_consistent, wait_for_end
-from storage.database import Item
+from salient_maps.storage.database import Item
 
 N_IMAGES = 60
 TIME_LIMIT = 2  # seconds per image; a batch of 4 gets 8 s, under the tests' visibility timeout of 10 s
@@ -20,7 +20,7 @@ FAULTY_WORKER = (sys.executable, str(Path(__file__).with_name("faulty_worker.py"
 
 
 def test_poison_images_fail_with_their_reason_and_the_rest_goes_on(pipeline, tiny_images):
-    from producer import submit
+    from salient_maps.producer import submit
 
     folder = tiny_images(N_IMAGES)
     crash, hang = folder / "img001.jpg", folder / "img030.png"  # in the first chunk and in the middle
@@ -57,8 +57,8 @@ def test_poison_images_fail_with_their_reason_and_the_rest_goes_on(pipeline, tin
 def test_the_watchdog_hands_over_only_work_past_its_deadline():
     import time
 
-    from workers.batching import Watchdog
-    from workers.process import PendingItem
+    from salient_maps.workers.batching import Watchdog
+    from salient_maps.workers.process import PendingItem
 
     expired: list[tuple[list[int], str, float]] = []
     dog = Watchdog(0.5, lambda items, what: expired.append(([i.id for i in items], what, time.monotonic())))

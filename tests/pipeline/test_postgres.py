@@ -12,11 +12,11 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 from sqlalchemy import select, update
 
-from storage.database import (
+from salient_maps.storage.database import (
     SCHEMA_REVISION, Base, Item, Job, cancel_job, claim_items, close_listing, connect, create_job, finish_item,
     reconcile_jobs, record_items, schema_revision,
 )
-from storage.migrations import alembic_config
+from salient_maps.storage.migrations import alembic_config
 
 WRITERS, PER_WRITER = 8, 40
 

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from storage.messages import MESSAGE_SCHEMA, TASK_NAME, MessageError, parse_chunk
-from storage.sources import SourceError, iter_uris
+from salient_maps.storage.messages import MESSAGE_SCHEMA, TASK_NAME, MessageError, parse_chunk
+from salient_maps.storage.sources import SourceError, iter_uris
 
 
 def test_manifests_and_stdin_list_uris_in_order(tmp_path):
@@ -47,9 +47,9 @@ def test_a_manifest_of_a_million_uris_streams(tmp_path):
 
 
 def test_the_producer_imports_no_torch_and_no_workers():
-    code = ("import sys, producer, producer.submit, producer.cli, producer.jobs, producer.job_commands;"
-            "from producer.cli import main; main.get_command(None, 'submit');"
-            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision', 'workers'));"
+    code = ("import sys, salient_maps.producer.submit, salient_maps.producer.cli, salient_maps.producer.jobs, salient_maps.producer.job_commands;"
+            "from salient_maps.producer.cli import main; main.get_command(None, 'submit');"
+            "bad = sorted(m for m in sys.modules if m.split('.')[0] in ('torch', 'torchvision') or m.startswith('salient_maps.workers'));"
             "print(bad); sys.exit(1 if bad else 0)")
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
@@ -71,9 +71,9 @@ def test_submit_records_items_and_publishes_json_chunks_by_task_name(pipeline, t
     """The raw Redis list holds Celery protocol-2 JSON messages another language could write."""
     import redis
 
-    from producer import submit
-    from producer.jobs import get_job
-    from storage.database import Item
+    from salient_maps.producer import submit
+    from salient_maps.producer.jobs import get_job
+    from salient_maps.storage.database import Item
 
     folder = tiny_images(5)
     job_id = submit([folder, folder / "img001.jpg", folder], chunk=2, model="resnet18", methods="gradcam",
@@ -103,9 +103,9 @@ def test_submit_records_items_and_publishes_json_chunks_by_task_name(pipeline, t
 def test_status_jobs_cancel_and_results_commands(pipeline, tiny_images):
     from sqlalchemy import select
 
-    from producer.cli import main
-    from producer.jobs import get_job
-    from storage.database import Job
+    from salient_maps.producer.cli import main
+    from salient_maps.producer.jobs import get_job
+    from salient_maps.storage.database import Job
 
     runner = CliRunner()
     out = runner.invoke(main, ["submit", str(tiny_images(3)), "--model", "resnet18", "--methods", "gradcam",

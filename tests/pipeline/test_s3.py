@@ -11,11 +11,11 @@ import threading
 import pytest
 from botocore.exceptions import ClientError
 
-from storage import s3 as s3_module
-from storage import sources
-from storage.objects import S3ObjectStore, open_store
-from storage.settings import Settings
-from storage.sources import SourceError, iter_uris, read_uri
+from salient_maps.storage import s3 as s3_module
+from salient_maps.storage import sources
+from salient_maps.storage.objects import S3ObjectStore, open_store
+from salient_maps.storage.settings import Settings
+from salient_maps.storage.sources import SourceError, iter_uris, read_uri
 
 
 def test_put_get_exists_under_a_prefix_with_content_type(pipeline):

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import func, select, update
 
-from storage.database import Explanation, Item, Job, Schedule, utcnow
+from salient_maps.storage.database import Explanation, Item, Job, Schedule, utcnow
 
 SALIENT = str(Path(sys.executable).parent / "salient")
 
@@ -27,7 +27,7 @@ def _open_folder(pipeline, monkeypatch, folder: Path) -> None:
 
 
 def _wait(pipeline, job_id: str):
-    from producer.jobs import wait_for_job
+    from salient_maps.producer.jobs import wait_for_job
 
     try:
         return wait_for_job(pipeline.db(), job_id, show_progress=False, timeout=120)
@@ -37,7 +37,7 @@ def _wait(pipeline, job_id: str):
 
 def test_scheduled_runs_explain_only_new_or_changed_images(pipeline, tiny_images, run_cli, smooth_rgb, encode_image,
                                                             monkeypatch):
-    from producer.schedules import fire_due, get_schedule, list_schedules
+    from salient_maps.producer.schedules import fire_due, get_schedule, list_schedules
 
     folder = tiny_images(3)
     _open_folder(pipeline, monkeypatch, folder)
@@ -80,7 +80,7 @@ def test_scheduled_runs_explain_only_new_or_changed_images(pipeline, tiny_images
 
 
 def test_claims_raced_on_postgresql_have_one_winner(pipeline, tmp_path):
-    from producer.schedules import add_schedule, claim, due_schedules, get_schedule
+    from salient_maps.producer.schedules import add_schedule, claim, due_schedules, get_schedule
 
     db = pipeline.db()
     (tmp_path / "images").mkdir()
@@ -107,7 +107,7 @@ def test_claims_raced_on_postgresql_have_one_winner(pipeline, tmp_path):
 def test_two_beat_processes_fire_each_due_run_once(pipeline, tiny_images, tmp_path, monkeypatch):
     import redis
 
-    from producer.schedules import add_schedule
+    from salient_maps.producer.schedules import add_schedule
 
     db = pipeline.db()
     folder = tiny_images(2)

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 from sqlalchemy import select
 
-from storage.database import Item
+from salient_maps.storage.database import Item
 
 import launch  # tests/servers, on the path by conftest.py
 
@@ -42,9 +42,9 @@ def test_a_pickled_message_is_refused_logged_and_never_run(pipeline, tiny_images
     import redis
     from celery import Celery
 
-    from producer import submit
-    from producer.jobs import wait_for_job
-    from storage.messages import TASK_NAME, chunk_message
+    from salient_maps.producer import submit
+    from salient_maps.producer.jobs import wait_for_job
+    from salient_maps.storage.messages import TASK_NAME, chunk_message
 
     marker, control = tmp_path / "pwned", tmp_path / "control"
     pickle.loads(pickle.dumps(_CreatesMarker(control)))  # the payload is live: unpickling it runs code
@@ -154,8 +154,8 @@ def test_no_secret_reaches_any_output_of_a_job_with_credentials_everywhere(pipel
     import http.server
     import threading
 
-    from producer.jobs import wait_for_job
-    from storage.database import connect
+    from salient_maps.producer.jobs import wait_for_job
+    from salient_maps.storage.database import connect
 
     tag = uuid.uuid4().hex[:8]
     redis_secret, pg_secret, wrong_redis, wrong_pg, wrong_s3 = (

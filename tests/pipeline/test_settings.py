@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from storage.settings import Settings, mask_url
+from salient_maps.storage.settings import Settings, mask_url
 
 
 def test_environment_overrides_the_config_file_which_overrides_defaults(tmp_path, monkeypatch):
