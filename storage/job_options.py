@@ -35,9 +35,11 @@ def _apply(decorators: Iterable[Callable[[Command], Command]], f: Command) -> Co
 
 
 def model_option(*, local: bool) -> Callable[[Command], Command]:
-    what = ("efficientnet_lite0 (bundled ImageNet weights), a torchvision classifier name, or a TorchScript file "
-            "(scripted or traced; input-gradient methods only)." if local else
-            "efficientnet_lite0 (bundled ImageNet weights) or a torchvision classifier name.")
+    what = ("efficientnet_lite0 (bundled ImageNet weights), any torchvision classifier name, timm:NAME (any timm "
+            "model), your code as path/to/file.py:FUNCTION or package.module:FUNCTION (returns an nn.Module), or a "
+            "TorchScript file (scripted or traced; input-gradient methods only)." if local else
+            "efficientnet_lite0 (bundled ImageNet weights), any torchvision classifier name, timm:NAME, or a model "
+            "factory module:function / file.py:function that the workers allow (SALIENT_MODEL_FACTORIES).")
     return click.option("--model", default=DEFAULT_MODEL, show_default=True, help=what)
 
 
@@ -121,7 +123,12 @@ def job_options(*, local: bool) -> Callable[[Command], Command]:
     options = [
         model_option(local=local),
         weights_option(local=local),
-        click.option("--layer", help="Target layer as a dotted module path (default: last spatial feature map)."),
+        click.option("--layer", help="Target layer as a dotted module path (default: last spatial feature map; "
+                                     "for a vision transformer, its last block's first norm)."),
+        click.option("--input-size", type=click.IntRange(16, 4096), default=None,
+                     help="Model input side in pixels (default: the model's own, from its metadata)."),
+        click.option("--mean", default=None, help="Input normalisation mean R,G,B (default: the model's own)."),
+        click.option("--std", default=None, help="Input normalisation std R,G,B (default: the model's own)."),
         click.option("--methods", default=DEFAULT_METHODS, show_default=True,
                      help="Comma-separated explanation methods, or 'all'."),
         click.option("--topk", type=click.IntRange(1, 1000), default=3, show_default=True,
@@ -144,11 +151,15 @@ def job_options(*, local: bool) -> Callable[[Command], Command]:
 def job_spec(*, model: str = DEFAULT_MODEL, weights: str | Path | None = None, labels: str | Path | None = None,
              layer: str | None = None, methods: str | list[str] = DEFAULT_METHODS, topk: int = 3,
              classes: str | Iterable[int | str] | None = None, precision: str = "fp32", batch_size: int = 16,
-             **options: Any) -> dict[str, Any]:
+             input_size: int | None = None, mean: str | Iterable[float] | None = None,
+             std: str | Iterable[float] | None = None, **options: Any) -> dict[str, Any]:
     """The spec of a job's messages from ``job_options`` values, as given: ``weights`` and ``labels``
     are kept as written (``producer.submit.build_spec`` makes them readable by the workers first).
     ``options`` are the spec's options by name (``SPEC_OPTIONS``); None and False mean "not set".
-    ``classes``: ids or names ("281,tabby"), resolved against the model's class names when it loads."""
+    ``classes``: ids or names ("281,tabby"), resolved against the model's class names when it loads.
+    ``input_size``, ``mean``, ``std`` ("0.5,0.5,0.5" or three numbers): overrides of the model's preprocessing."""
+    preprocessing = {key: _numbers(key, value) if key != "input_size" else value
+                     for key, value in (("input_size", input_size), ("mean", mean), ("std", std)) if value is not None}
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if isinstance(classes, str):
@@ -157,4 +168,15 @@ def job_spec(*, model: str = DEFAULT_MODEL, weights: str | Path | None = None, l
     return {**SPEC_DEFAULTS, "model": model, "layer": layer, "methods": list(methods), "precision": precision,
             "batch_size": batch_size, "targets": {"classes": classes} if classes else {"topk": topk},
             "weights": None if weights is None else str(weights), "labels": None if labels is None else str(labels),
+            "preprocessing": preprocessing or None,
             "options": {k: v for k, v in options.items() if v is not None and v is not False}}
+
+
+def _numbers(name: str, value: str | Iterable[float]) -> list[float]:
+    try:
+        numbers = [float(v) for v in (value.split(",") if isinstance(value, str) else value)]
+    except ValueError:
+        raise click.BadParameter(f"--{name} takes three numbers R,G,B, not {value!r}") from None
+    if len(numbers) != 3:
+        raise click.BadParameter(f"--{name} takes three numbers R,G,B, not {len(numbers)}")
+    return numbers

@@ -33,7 +33,15 @@ MESSAGE_SCHEMA: dict[str, Any] = {
         "spec": {
             "type": "object", "required": ["model", "methods", "targets"],
             "properties": {
-                "model": {"type": "string", "description": "efficientnet_lite0 or a torchvision classifier name"},
+                "model": {"type": "string", "description": "efficientnet_lite0, a torchvision classifier name, "
+                          "timm:NAME, or a model factory (module:function or file.py:function) the workers allow"},
+                "preprocessing": {"type": ["object", "null"], "additionalProperties": False,
+                                  "description": "overrides of the model's own preprocessing",
+                                  "properties": {"input_size": {"type": "integer", "minimum": 16},
+                                                 "mean": {"type": "array", "items": {"type": "number"},
+                                                          "minItems": 3, "maxItems": 3},
+                                                 "std": {"type": "array", "items": {"type": "number"},
+                                                         "minItems": 3, "maxItems": 3}}},
                 "weights": {"type": ["string", "null"], "description": "state-dict path or URI the workers can read"},
                 "weights_sha256": {"type": ["string", "null"]},
                 "labels": {"type": ["string", "null"],
@@ -57,7 +65,8 @@ MESSAGE_SCHEMA: dict[str, Any] = {
 }
 
 SPEC_DEFAULTS = {"weights": None, "weights_sha256": None, "labels": None, "layer": None, "options": {},
-                 "precision": "fp32", "batch_size": 16}
+                 "precision": "fp32", "batch_size": 16, "preprocessing": None}
+PREPROCESSING_KEYS = ("input_size", "mean", "std")
 
 
 class MessageError(ValueError):
@@ -107,11 +116,27 @@ def parse_chunk(kwargs: dict[str, Any]) -> Chunk:
         raise MessageError("spec.targets must be {'topk': K} or {'classes': [ids]}")
     if not isinstance(spec["options"], dict):
         raise MessageError("spec.options must be an object")
+    _check_preprocessing(spec["preprocessing"])
     if spec["precision"] not in ("fp32", "bf16", "fp16"):
         raise MessageError("spec.precision must be fp32, bf16 or fp16")
     if not isinstance(spec["batch_size"], int) or spec["batch_size"] < 1:
         raise MessageError("spec.batch_size must be a positive integer")
     return Chunk(job_id=job_id, items=pairs, spec=spec)
+
+
+def _check_preprocessing(value: Any) -> None:
+    if value is None:
+        return
+    if not isinstance(value, dict) or set(value) - set(PREPROCESSING_KEYS):
+        raise MessageError(f"spec.preprocessing must be an object with only {', '.join(PREPROCESSING_KEYS)}")
+    size = value.get("input_size")
+    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 16):
+        raise MessageError("spec.preprocessing.input_size must be an integer of at least 16")
+    for key in ("mean", "std"):
+        numbers = value.get(key)
+        if numbers is not None and not (isinstance(numbers, list) and len(numbers) == 3 and all(
+                isinstance(n, (int, float)) and not isinstance(n, bool) for n in numbers)):
+            raise MessageError(f"spec.preprocessing.{key} must be three numbers (R, G, B)")
 
 
 def broker_config(settings) -> dict[str, Any]:

@@ -88,7 +88,13 @@ class Settings(BaseSettings):
                                                      "byte; other downloads: the longest wait for their next bytes")
     http_max_redirects: int = Field(5, ge=0, description="redirects followed (each target checked again)")
 
-    @field_validator("file_roots", "allowed_networks", "s3_buckets", mode="before")
+    # Code a message may name as its model (workers/factories.py)
+    model_factories: Annotated[list[str], NoDecode] = Field(
+        [], description="model factories queue workers may run: module:function or file.py:function (exactly that "
+                        "function), or a file or folder (every function of the .py files at or under it, real "
+                        "path); none by default. `salient run` adds the one its command line names")
+
+    @field_validator("file_roots", "allowed_networks", "s3_buckets", "model_factories", mode="before")
     @classmethod
     def _comma_separated(cls, value):
         if isinstance(value, str):

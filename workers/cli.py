@@ -38,11 +38,14 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
     import torch
 
     from .explainers import SpecError, load_setup
+    from .factories import is_factory
     from .process import pending_items, record_digest
 
     # What this command line names is readable, as in any in-process command (storage/uri_policy.py).
     named = [str(s) for s in sources] + [str(p) for p in (weights, labels, model) if p and Path(p).is_file()]
     settings = with_command_line_roots(Settings().with_data_dir(data_dir), named)
+    if is_factory(model):  # the user runs their own code: the factory they name is allowed here
+        settings = settings.model_copy(update={"model_factories": [*settings.model_factories, model]})
     torch.use_deterministic_algorithms(True, warn_only=True)
     spec = job_spec(model=model, weights=weights, labels=labels, layer=layer, methods=methods, topk=topk,
                     classes=classes, precision=precision, batch_size=batch_size, localize=localize, **options)

@@ -41,6 +41,7 @@ class Explainer:
         self.model = model
         self.layer_name = layer or "input"
         self.layer = model.module.get_submodule(layer) if layer else None
+        self.layout = model.layout(layer)  # how the layer's output becomes B×C×h×w; recorded with each result
         self.methods = methods
         self.targets = targets
         self.device = resolve_device(device)
@@ -73,10 +74,11 @@ class Explainer:
             if torch.is_grad_enabled() and not out.requires_grad:
                 # Frozen weights and an input without gradient leave the layer out of the graph: start it here.
                 out.requires_grad_(True)
-            captured.append(out)
-            # The network goes on with a copy, so a later in-place op (DenseNet's relu_) cannot
-            # overwrite the activations the methods read.
-            return out.clone()
+            fmap = self.layout.to_map(out)  # B×C×h×w (workers/layouts.py)
+            captured.append(fmap)
+            # The network goes on with a copy rebuilt from the map: gradients then reach the map itself, and a
+            # later in-place op (DenseNet's relu_) cannot overwrite the activations the methods read.
+            return self.layout.from_map(fmap, out)
 
         if self.device.type == "cuda" and x.device.type == "cpu" and not x.is_pinned():
             x = x.pin_memory()  # page-locked: the copy below then runs without blocking the host

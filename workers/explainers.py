@@ -21,6 +21,7 @@ from salient_maps.storage.objects import ObjectStore
 from salient_maps.storage.settings import Settings
 from salient_maps.storage.sources import allowed_local_path, file_sha256, read_uri
 
+from . import factories
 from .batching import guard_model
 from .engine import Explainer
 from .metrics import Faithfulness
@@ -103,9 +104,13 @@ def load_setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
         if weights is not None and expected and file_sha256(weights) != expected:
             raise SpecError(f"weights {spec['weights']} differ from the file that was submitted (sha256 {expected})")
         model = spec["model"]
-        if "/" in model or "." in model:  # a TorchScript file is a program: only from under the file roots
+        if factories.is_factory(model):  # code: only the factories the operator allows
+            factories.check_allowed(model, settings.model_factories)
+        elif not model.startswith("timm:") and ("/" in model or "." in model):
+            # a TorchScript file is a program: only from under the file roots
             model = str(allowed_local_path(model, settings))
-        loaded = load_model(model, weights, _local_file(spec.get("labels"), settings))
+        loaded = load_model(model, weights, _local_file(spec.get("labels"), settings),
+                            **(spec.get("preprocessing") or {}))
         layer = resolve_layer(loaded, spec.get("layer"), needed=any("layer" in m.needs for m in methods))
         if loaded.scripted and (python_only := [m.name for m in methods if m.python_model_only]):
             raise SpecError(
@@ -117,7 +122,8 @@ def load_setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
         targets = Targets(topk=None, classes=parse_classes(",".join(map(str, classes)), loaded.class_names)) \
             if classes else Targets(topk=spec["targets"]["topk"])
         explainer = Explainer(loaded, layer, methods, targets, device=device, precision=spec["precision"])
-    except (ModelError, MethodError, SourceError, FileNotFoundError, TypeError, ValueError) as exc:
+    except (ModelError, MethodError, SourceError, factories.FactoryError, FileNotFoundError, TypeError,
+            ValueError) as exc:
         raise SpecError(str(exc)) from None
     return Setup(explainer, spec["batch_size"], metrics, overlay_style, localize)
 

@@ -1,8 +1,16 @@
-"""Classifiers by name, their weights, preprocessing, class names and target layers."""
+"""Classifiers by name, their weights, preprocessing, class names and target layers.
+
+A model is named as one of: ``efficientnet_lite0`` (bundled ImageNet weights); any torchvision classifier
+(``torchvision.models.list_models(module=torchvision.models)``); ``timm:NAME`` for any timm model; a
+factory ``path/to/file.py:FUNCTION`` or ``package.module:FUNCTION`` (workers/factories.py); or a
+TorchScript file's path. Random init (seed 0) unless ``weights`` names a state dict. Nothing is
+downloaded: the preprocessing comes from metadata shipped inside torchvision and timm.
+"""
 
 from __future__ import annotations
 
 import csv
+import difflib
 import io
 import json
 import re
@@ -16,15 +24,17 @@ from torch import nn
 
 from salient_maps.storage.sources import file_sha256
 
+from . import factories
+from .layouts import Layout, survey_layers
+
 DEFAULT_MODEL = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
-TORCHVISION_MODELS = (
-    "alexnet", "vgg11", "vgg16", "vgg19", "resnet18", "resnet34", "resnet50", "resnet101", "squeezenet1_0",
-    "squeezenet1_1", "googlenet", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large",
-    "efficientnet_b0", "densenet121", "regnet_y_400mf", "shufflenet_v2_x1_0", "mnasnet1_0", "convnext_tiny",
-)
-_POOLING = (nn.MaxPool2d, nn.AvgPool2d, nn.AdaptiveAvgPool2d, nn.AdaptiveMaxPool2d)
+TORCHVISION_MODELS = tuple(torchvision.models.list_models(module=torchvision.models))
+# How salient resizes: the whole image to the input size, no crop, so the map covers all of it; area
+# averaging when shrinking (antialiased, as PIL's filters in torchvision's and timm's transforms), bilinear
+# when enlarging. The model's own eval transform (resize, crop, interpolation) is recorded beside it.
+RESIZE = "whole image, area-averaged down, bilinear up"
 
 
 class ModelError(Exception):
@@ -43,6 +53,25 @@ class LoadedModel:
     layer_candidates: list[str] = field(default_factory=list)
     # A TorchScript module: forward hooks do not run inside it, so no layer can be read.
     scripted: bool = False
+    layer_layouts: dict[str, Layout] = field(default_factory=dict)  # candidates that are not B×C×h×w
+    default_layer: str | None = None  # None: the last candidate
+    layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every module's probe output
+    declared_transform: dict = field(default_factory=dict)  # the model's own eval transform, for the record
+
+    def layout(self, layer: str | None) -> Layout:
+        return self.layer_layouts.get(layer, Layout())
+
+    def preprocessing(self) -> dict:
+        """How an image becomes this model's input; recorded with each result."""
+        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std), "resize": RESIZE,
+                "declared": self.declared_transform}
+
+    def preprocessing_identity(self) -> dict | None:
+        """What of the preprocessing changes a result beyond ``input_size``: None for ImageNet's mean and
+        std, so results made before these were recorded keep their identity."""
+        if tuple(self.mean) == IMAGENET_MEAN and tuple(self.std) == IMAGENET_STD:
+            return None
+        return {"mean": list(self.mean), "std": list(self.std)}
 
     @property
     def tag(self) -> str:
@@ -162,42 +191,146 @@ def load_labels(path: str | Path) -> list[str]:
 
 def output_count(module: nn.Module, input_size: int) -> int:
     """N, the number of class scores the model returns for one image (it must return B×N logits)."""
-    with torch.no_grad():
-        out = module(torch.zeros(1, 3, input_size, input_size))
+    try:
+        with torch.no_grad():
+            out = module(torch.zeros(1, 3, input_size, input_size))
+    except Exception as exc:
+        raise ModelError(f"the model does not run on a 3×{input_size}×{input_size} input "
+                         f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"the model returns {shape}; salient needs B×N class scores (logits)")
     return out.shape[1]
 
 
+@dataclass
+class _Built:
+    module: nn.Module
+    digest: str
+    input_size: int = 224
+    mean: tuple[float, float, float] = IMAGENET_MEAN
+    std: tuple[float, float, float] = IMAGENET_STD
+    declared: dict = field(default_factory=dict)
+
+
+def _torchvision(name: str, input_size: int | None) -> _Built:
+    kwargs: dict = {}
+    if name == "googlenet":
+        kwargs = {"aux_logits": False, "init_weights": False}
+    elif name == "inception_v3":
+        kwargs = {"init_weights": False}  # scipy's truncated normal: seconds, and only an init
+    if input_size is not None and name.startswith("vit_"):
+        kwargs["image_size"] = input_size  # its position embeddings are built for one size
+    module = torchvision.models.get_model(name, weights=None, **kwargs)
+    built = _Built(module, "random-init-seed0")
+    # The transform of the first published weights this architecture (as built) can take: a ViT's size is fixed.
+    enum = torchvision.models.get_model_weights(name)
+    fixed = getattr(module, "image_size", None)
+    for entry in [enum.DEFAULT, *enum]:
+        transform = entry.transforms()
+        if fixed is None or transform.crop_size[0] == fixed:
+            built.input_size = transform.crop_size[0]
+            built.mean, built.std = tuple(transform.mean), tuple(transform.std)
+            built.declared = {"source": f"torchvision {entry}", "crop_size": transform.crop_size[0],
+                              "resize_size": transform.resize_size[0], "interpolation": transform.interpolation.value}
+            break
+    return built
+
+
+def _timm(name: str, input_size: int | None) -> _Built:
+    import timm
+    from timm.data import resolve_data_config
+
+    arch = name.removeprefix("timm:")
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(arch, timm.list_models(), n=5, cutoff=0.6)
+        raise ModelError(f"timm has no model {arch!r}" + (f"; did you mean: {', '.join(close)}?" if close else
+                                                           " (timm.list_models() lists them)"))
+    try:
+        # Transformers take their size at construction (position embeddings, windows); CNNs take any size.
+        module = timm.create_model(arch, pretrained=False, **({"img_size": input_size} if input_size else {}))
+    except TypeError:
+        module = timm.create_model(arch, pretrained=False)
+    config = resolve_data_config({}, model=module)
+    declared = {"source": f"timm {arch} pretrained_cfg", "input_size": list(config["input_size"][1:]),
+                "crop_pct": config.get("crop_pct"), "crop_mode": config.get("crop_mode"),
+                "interpolation": config.get("interpolation")}
+    height, width = config["input_size"][1:]
+    return _Built(module, "random-init-seed0", max(height, width), tuple(config["mean"]), tuple(config["std"]),
+                  declared)
+
+
+def _declared_by_module(module: nn.Module) -> _Built:
+    """A factory's module: timm-style ``pretrained_cfg`` if it carries one, else ImageNet at 224."""
+    built = _Built(module, "")
+    cfg = getattr(module, "pretrained_cfg", None) or getattr(module, "default_cfg", None)
+    if isinstance(cfg, dict) and "input_size" in cfg:
+        built.input_size = max(cfg["input_size"][1:])
+        built.mean, built.std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
+        built.declared = {"source": "the module's pretrained_cfg", **{k: cfg.get(k) for k in ("crop_pct",
+                                                                                             "interpolation")}}
+    return built
+
+
+def _three(name: str, values) -> tuple[float, float, float]:
+    values = tuple(float(v) for v in values)
+    if len(values) != 3:
+        raise ModelError(f"{name} needs three values (R, G, B), not {len(values)}")
+    if name == "std" and min(values) <= 0:
+        raise ModelError("std values must be positive")
+    return values
+
+
 def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
-               labels: str | Path | None = None) -> LoadedModel:
-    """A classifier by name, or a TorchScript file by path, in eval mode with frozen weights.
-    ``labels`` (see ``load_labels``) replaces ImageNet's class names; their count must be the model's N."""
-    scripted = name not in (DEFAULT_MODEL, *TORCHVISION_MODELS) and Path(name).is_file()
+               labels: str | Path | None = None, *, input_size: int | None = None,
+               mean=None, std=None) -> LoadedModel:
+    """A classifier by name (see the module docstring), in eval mode with frozen weights. ``labels`` (see
+    ``load_labels``) replaces ImageNet's class names; their count must be the model's N. ``input_size``,
+    ``mean`` and ``std`` override the model's own preprocessing. A factory is called here unchecked: callers
+    that act on a message check ``factories.check_allowed`` first."""
+    if input_size is not None and not 16 <= input_size <= 4096:
+        raise ModelError(f"input size {input_size} outside 16..4096")
+    scripted = (not factories.is_factory(name) and not name.startswith("timm:")
+                and name not in (DEFAULT_MODEL, *TORCHVISION_MODELS) and Path(name).is_file())
+    # A fixed seed makes random-init models reproducible, so reruns find their earlier results.
+    torch.manual_seed(0)
     if scripted:
         if weights is not None:
             raise ModelError("--weights is for architectures by name; a TorchScript file carries its weights")
-        module, digest = _load_torchscript(Path(name)), file_sha256(Path(name))
+        built = _Built(_load_torchscript(Path(name)), file_sha256(Path(name)))
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).stem)
     elif name == DEFAULT_MODEL:
-        module, digest = _bundled_efficientnet_lite0()
+        built = _Built(*_bundled_efficientnet_lite0())  # trained with ImageNet's mean and std at 224 (tested)
     elif name in TORCHVISION_MODELS:
-        # A fixed seed makes random-init models reproducible, so reruns find their earlier results.
-        torch.manual_seed(0)
-        kwargs = {"aux_logits": False, "init_weights": False} if name == "googlenet" else {}
-        module = torchvision.models.get_model(name, weights=None, **kwargs)
-        digest = "random-init-seed0"
+        built = _torchvision(name, input_size)
+    elif name.startswith("timm:"):
+        built = _timm(name, input_size)
+    elif factories.is_factory(name):
+        try:
+            module, source_digest = factories.build(name)
+        except factories.FactoryError as exc:
+            raise ModelError(str(exc)) from None
+        built = _declared_by_module(module)
+        built.digest = f"code-{source_digest}"
+        name = re.sub(r"[^A-Za-z0-9_.-]", "_", name.rpartition(":")[2])
     else:
-        raise ModelError(f"unknown model {name!r}; choose one of: {', '.join((DEFAULT_MODEL,) + TORCHVISION_MODELS)}"
-                         " or give a TorchScript file's path")
+        close = difflib.get_close_matches(name, TORCHVISION_MODELS, n=3, cutoff=0.6)
+        raise ModelError(
+            f"unknown model {name!r}{'; did you mean: ' + ', '.join(close) + '?' if close else ''} Name "
+            f"{DEFAULT_MODEL}, a torchvision classifier (torchvision.models.list_models()), timm:NAME, "
+            "path/to/file.py:FUNCTION or package.module:FUNCTION, or give a TorchScript file's path")
+    module = built.module
     if weights is not None:
         _load_state_dict(module, Path(weights))
-        digest = file_sha256(Path(weights))
+        built.digest = file_sha256(Path(weights)) if not built.digest.startswith("code-") else \
+            f"{built.digest[:17]}-{file_sha256(Path(weights))}"
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
-    loaded = LoadedModel(name=name, module=module, weights_digest=digest, class_names=[], scripted=scripted)
+    loaded = LoadedModel(
+        name=name.replace("timm:", "timm-"), module=module, weights_digest=built.digest, class_names=[],
+        input_size=input_size or built.input_size, mean=_three("mean", mean if mean is not None else built.mean),
+        std=_three("std", std if std is not None else built.std), scripted=scripted, declared_transform=built.declared)
     n = output_count(module, loaded.input_size)
     if labels is not None:
         loaded.class_names = load_labels(labels)
@@ -206,39 +339,13 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
     else:
         imagenet = imagenet_class_names()
         loaded.class_names = imagenet if n == len(imagenet) else [f"class_{i}" for i in range(n)]
-    loaded.layer_candidates = [] if scripted else spatial_layers(module, loaded.input_size)
+    if not scripted:
+        survey = survey_layers(module, loaded.input_size)
+        loaded.layer_candidates = survey.candidates
+        loaded.layer_layouts = {n: layout for n, layout in survey.layouts.items() if layout.kind != "nchw"}
+        loaded.default_layer = survey.default()
+        loaded.layer_shapes = survey.shapes
     return loaded
-
-
-def spatial_layers(module: nn.Module, input_size: int) -> list[str]:
-    """Dotted paths of modules whose output is a 4-D spatial map, in the order they finish,
-    leaving out pooling layers and containers whose output is a pooling layer's output."""
-    names = {m: n for n, m in module.named_modules() if n}
-    finished: list[tuple[str, bool]] = []
-    pooled: set[int] = set()
-    alive: list[torch.Tensor] = []  # ids are only unique while the tensors live
-
-    def hook(mod, _inp, out):
-        if not isinstance(out, torch.Tensor) or mod not in names:
-            return
-        alive.append(out)
-        if isinstance(mod, _POOLING):
-            pooled.add(id(out))
-        spatial = out.dim() == 4 and out.shape[-1] * out.shape[-2] > 1
-        finished.append((names[mod], spatial and id(out) not in pooled))
-
-    handles = [m.register_forward_hook(hook) for m in names]
-    try:
-        with torch.no_grad():
-            module(torch.zeros(1, 3, input_size, input_size))
-    finally:
-        for h in handles:
-            h.remove()
-    ordered: dict[str, bool] = {}
-    for name, ok in finished:  # a module called twice keeps its last position
-        ordered.pop(name, None)
-        ordered[name] = ok
-    return [n for n, ok in ordered.items() if ok]
 
 
 def resolve_layer(model: LoadedModel, layer: str | None, needed: bool = True) -> str | None:
@@ -251,9 +358,15 @@ def resolve_layer(model: LoadedModel, layer: str | None, needed: bool = True) ->
             "methods (the CAM family) cannot read its activations; use input-gradient methods (saliency, "
             "integrated_gradients) or load the model as Python code (--model ARCH --weights FILE)")
     if not model.layer_candidates:
-        raise ModelError(f"{model.name} has no layer with a spatial feature map")
+        if not needed and layer is None:
+            return None
+        seen = ", ".join(f"{n} {list(s)}" for n, s in list(model.layer_shapes.items())[-12:])
+        raise ModelError(
+            f"{model.name} has no layer with a spatial feature map (B×C×h×w or B×h×w×C) or a token grid "
+            f"(B×(R+g²)×C); give --layer naming one, or use input-gradient methods. Layers and their output "
+            f"shapes (last 12): {seen or 'none'}")
     if layer is None:
-        return model.layer_candidates[-1]
+        return model.default_layer or model.layer_candidates[-1]
     if layer not in model.layer_candidates:
         tail = ", ".join(model.layer_candidates[-12:])
         raise ModelError(f"no spatial layer {layer!r} in {model.name}; candidates (last 12): {tail}")
