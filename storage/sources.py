@@ -4,6 +4,11 @@ Sources: files, folders (recursive), ``file://`` URIs, ``s3://bucket/prefix`` (p
 ``http(s)://`` URLs, manifests (``.txt``, ``.csv``, ``.jsonl`` files of URIs or paths) and ``-`` for
 URIs on standard input. Everything streams: a million URIs never sit in memory at once.
 
+``.jsonl`` and ``.csv`` manifests may also carry ground truth per image (``iter_entries``): ``label`` (class id or
+name), ``boxes`` (``[[x0, y0, x1, y1], ...]`` in the original image's pixels; in CSV a JSON string) and ``mask`` (the
+URI of a PNG, nonzero = object; relative paths as for entries). Bad ground truth is that entry's ``problem``, the
+reason its item fails, not the listing's.
+
 Reading obeys storage/uri_policy.py (file roots, network checks, bucket list) before touching anything,
 and caps what it reads: bytes (``max_bytes``) and, over HTTP, time (``http_timeout``) and redirects.
 """
@@ -22,8 +27,9 @@ import ssl
 import stat
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import IO, Iterator
+from typing import IO, Any, Iterator
 from urllib.parse import unquote_to_bytes, urljoin, urlparse, urlsplit
 
 from .settings import Settings
@@ -56,18 +62,34 @@ def _walk_folder(folder: Path) -> Iterator[str]:
                 yield Path(dirpath, name).absolute().as_uri()
 
 
+@dataclass(frozen=True)
+class Entry:
+    """One image a source names: its URI, the ground truth a manifest gave for it (``label``, ``boxes``, ``mask``;
+    None without any), and why that ground truth is unusable (``problem``), if it is."""
+
+    uri: str
+    truth: dict[str, Any] | None = None
+    problem: str | None = None
+
+
 def iter_uris(sources: list[str], settings: Settings | None = None, stdin: IO[str] | None = None) -> Iterator[str]:
     """Yield image URIs from the sources, in order (the database dedupes: a URI is one item per job)."""
+    return (entry.uri for entry in iter_entries(sources, settings, stdin))
+
+
+def iter_entries(sources: list[str], settings: Settings | None = None,
+                 stdin: IO[str] | None = None) -> Iterator[Entry]:
+    """Yield the sources' images with any ground truth their manifests give, in order."""
     for source in sources:
         parsed = urlparse(source)
         if source == "-":
             yield from _manifest_entries(stdin or sys.stdin, ".txt", Path.cwd())
             continue
         if parsed.scheme == "s3":
-            yield from _list_s3(source, settings or Settings())
+            yield from (Entry(uri) for uri in _list_s3(source, settings or Settings()))
             continue
         if parsed.scheme in ("http", "https"):
-            yield source
+            yield Entry(source)
             continue
         if parsed.scheme == "file":
             path = _file_uri_path(parsed.path)
@@ -76,20 +98,21 @@ def iter_uris(sources: list[str], settings: Settings | None = None, stdin: IO[st
         else:
             raise SourceError(f"unsupported source {source!r}: give a file, a folder or a file:// URI")
         if path.is_dir():
-            yield from _walk_folder(path)
+            yield from (Entry(uri) for uri in _walk_folder(path))
         elif path.suffix.lower() in MANIFEST_SUFFIXES and path.is_file():
             with open(path, newline="", encoding="utf-8") as f:
                 yield from _manifest_entries(f, path.suffix.lower(), path.parent)
         elif path.exists() or path.is_symlink():
-            yield path.absolute().as_uri()
+            yield Entry(path.absolute().as_uri())
         else:
             raise SourceError(f"source not found: {source}")
 
 
-def _manifest_entries(stream: IO[str], suffix: str, base: Path) -> Iterator[str]:
-    """URIs of a manifest: one per line (.txt, ``#`` comments), per row (.csv: the uri/url/path/file column,
-    else the first) or per JSON line (.jsonl: a string or an object with one of those keys). A plain path is
-    relative to the manifest's folder (stdin: the current folder)."""
+def _manifest_entries(stream: IO[str], suffix: str, base: Path) -> Iterator[Entry]:
+    """Entries of a manifest: one per line (.txt, ``#`` comments), per row (.csv: the uri/url/path/file column,
+    else the first; label/boxes/mask columns) or per JSON line (.jsonl: a string or an object with one of those
+    keys, and label/boxes/mask). A plain path is relative to the manifest's folder (stdin: the current folder)."""
+    records: Iterator[dict[str, Any]]
     if suffix == ".csv":
         rows = csv.reader(stream)
         header = next(rows, None)
@@ -98,17 +121,66 @@ def _manifest_entries(stream: IO[str], suffix: str, base: Path) -> Iterator[str]
         names = [h.strip().lower() for h in header]
         column = next((names.index(n) for n in _MANIFEST_COLUMNS if n in names), None)
         if column is None:  # no header: the first row is an entry too
-            column = 0
+            column, names = 0, []
             rows = _prepend(header, rows)
-        values = (row[column] for row in rows if len(row) > column)
+        truth_columns = {n: names.index(n) for n in TRUTH_FIELDS if n in names}
+        records = ({"uri": row[column], **{n: row[i] for n, i in truth_columns.items() if len(row) > i and row[i].strip()}}
+                   for row in rows if len(row) > column)
     elif suffix == ".jsonl":
-        values = (_jsonl_value(line) for line in stream if line.strip())
+        records = (_jsonl_record(line) for line in stream if line.strip())
     else:
-        values = (line for line in stream if not line.lstrip().startswith("#"))
-    for value in values:
-        value = value.strip()
+        records = ({"uri": line} for line in stream if not line.lstrip().startswith("#"))
+    for record in records:
+        value = record.pop("uri").strip()
         if value:
-            yield _entry_uri(value, base)
+            yield _entry(_entry_uri(value, base), record, base, from_csv=suffix == ".csv")
+
+
+TRUTH_FIELDS = ("label", "boxes", "mask")
+
+
+def _entry(uri: str, fields: dict[str, Any], base: Path, from_csv: bool) -> Entry:
+    truth = {k: v for k, v in fields.items() if k in TRUTH_FIELDS and v is not None}
+    if not truth:
+        return Entry(uri)
+    try:
+        return Entry(uri, _checked_truth(truth, base, from_csv))
+    except ValueError as exc:
+        return Entry(uri, None, f"bad ground truth: {exc}")
+
+
+def _checked_truth(truth: dict[str, Any], base: Path, from_csv: bool) -> dict[str, Any]:
+    checked: dict[str, Any] = {}
+    if "label" in truth:
+        label = truth["label"]
+        if from_csv and isinstance(label, str) and label.strip().isdigit():
+            label = int(label)
+        if isinstance(label, bool) or not (isinstance(label, int) and label >= 0
+                                           or isinstance(label, str) and label.strip()):
+            raise ValueError(f"label must be a class id (integer >= 0) or a class name, not {label!r}")
+        checked["label"] = label.strip() if isinstance(label, str) else label
+    if "boxes" in truth:
+        boxes = truth["boxes"]
+        if from_csv:
+            try:
+                boxes = json.loads(boxes)
+            except json.JSONDecodeError:
+                raise ValueError(f"boxes must be JSON like [[x0, y0, x1, y1]], not {boxes[:100]!r}") from None
+        if not isinstance(boxes, list) or not boxes:
+            raise ValueError("boxes must be a non-empty list of [x0, y0, x1, y1]")
+        for box in boxes:
+            if (not isinstance(box, list) or len(box) != 4
+                    or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in box)):
+                raise ValueError(f"a box is [x0, y0, x1, y1] in pixels, not {box!r}")
+            if not (box[2] > box[0] and box[3] > box[1] and box[0] >= 0 and box[1] >= 0):
+                raise ValueError(f"box {box} is empty or negative: x1 > x0 >= 0 and y1 > y0 >= 0")
+        checked["boxes"] = boxes
+    if "mask" in truth:
+        mask = truth["mask"]
+        if not isinstance(mask, str) or not mask.strip():
+            raise ValueError(f"mask must be the URI of a PNG, not {mask!r}")
+        checked["mask"] = _entry_uri(mask.strip(), base)
+    return checked
 
 
 def _prepend(first: list[str], rows: Iterator[list[str]]) -> Iterator[list[str]]:
@@ -116,17 +188,17 @@ def _prepend(first: list[str], rows: Iterator[list[str]]) -> Iterator[list[str]]
     yield from rows
 
 
-def _jsonl_value(line: str) -> str:
+def _jsonl_record(line: str) -> dict[str, Any]:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as exc:
         raise SourceError(f"manifest line is not JSON ({exc}): {line[:200]!r}") from None
     if isinstance(record, str):
-        return record
+        return {"uri": record}
     if isinstance(record, dict):
         for key in _MANIFEST_COLUMNS:
             if isinstance(record.get(key), str):
-                return record[key]
+                return {"uri": record[key], **{k: record[k] for k in TRUTH_FIELDS if k in record}}
     raise SourceError(f"manifest line has no uri/url/path/file string: {line[:200]!r}")
 
 
