@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import difflib
+import hashlib
 import io
 import json
 import re
@@ -322,8 +323,10 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
     module = built.module
     if weights is not None:
         _load_state_dict(module, Path(weights))
-        built.digest = file_sha256(Path(weights)) if not built.digest.startswith("code-") else \
-            f"{built.digest[:17]}-{file_sha256(Path(weights))}"
+        weights_digest = file_sha256(Path(weights))
+        # Code and weights together name the network; the tag keeps only the digest's first characters.
+        built.digest = weights_digest if not built.digest.startswith("code-") else \
+            "code-" + hashlib.sha256(f"{built.digest}:{weights_digest}".encode()).hexdigest()
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
