@@ -115,13 +115,25 @@ def results(data_dir, job_id, fmt):
 @click.option("--out", type=click.Path(), default=None,
               help="A file for all records, or a folder (existing, or ending in /) for predictions_00001.FORMAT "
                    "and errors_00001.FORMAT. Default: standard output (jsonl, csv).")
+@click.option("--maps", "maps_dir", type=click.Path(path_type=Path), default=None,
+              help="Also write every map as MAPS/<image>-<sha256[:8]>/<method>/<class id>.npy (see salient maps).")
+@click.option("--overlays", is_flag=True, help="With --maps: also draw each overlay PNG beside its map.")
 @data_dir_option("--data")
-def export(job_id, fmt, out, data_dir):
+def export(job_id, fmt, out, maps_dir, overlays, data_dir):
     """Stream a job's records (default: the latest job) as JSON Lines, CSV or Parquet."""
-    from salient_maps.storage.results import export_results
+    from salient_maps.storage.results import export_results, iter_results
 
+    settings = Settings().with_data_dir(data_dir)
     try:
-        counts = export_results(Settings().with_data_dir(data_dir), job_id, fmt, out, stdout=sys.stdout)
+        counts = export_results(settings, job_id, fmt, out, stdout=sys.stdout)
+        if maps_dir is not None:
+            from salient_maps.storage.maps import export_maps
+
+            from .map_commands import _job_style
+
+            style = _job_style(settings, job_id) if overlays else None
+            n = export_maps(settings, iter_results(settings, job_id), maps_dir, overlays=overlays, style=style)
+            click.echo(f"{n} maps -> {maps_dir}", err=True)
     except (LookupError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
     if out is not None:
@@ -167,3 +179,9 @@ main.add_command(api)
 from .reconcile import reconcile  # noqa: E402
 
 main.add_command(reconcile)
+
+# Reading stored maps back: files and overlays drawn on demand.
+from .map_commands import COMMANDS as MAP_COMMANDS  # noqa: E402
+
+for _command in MAP_COMMANDS:
+    main.add_command(_command)

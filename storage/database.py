@@ -9,6 +9,8 @@ PostgreSQL lose no update. The schema is versioned with Alembic (``storage/migra
 from __future__ import annotations
 
 import uuid
+from collections import Counter
+from dataclasses import dataclass
 from datetime import datetime, timezone
 from typing import Any, Iterable, Iterator
 
@@ -90,24 +92,48 @@ class Image(Base):
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
-class Explanation(Base):
-    __tablename__ = "explanations"
-    __table_args__ = (UniqueConstraint("sha256", "settings_digest", "method", "class_id"),)
+class ResultSettings(Base):
+    """What every explanation made under one settings digest shares, stored once instead of on each row."""
+
+    __tablename__ = "result_settings"
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
-    sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"), index=True)
-    settings_digest: Mapped[str] = mapped_column(String(64))
+    digest: Mapped[str] = mapped_column(String(64), unique=True)
     model: Mapped[str] = mapped_column(String(200))
-    method: Mapped[str] = mapped_column(String(100))
     layer: Mapped[str] = mapped_column(String(300))
+    methods: Mapped[dict] = mapped_column(JSON)  # method name -> its parameters
+    overlay: Mapped[dict] = mapped_column(JSON)  # the overlay style (see storage.overlays.OverlayStyle)
+    class_names: Mapped[list] = mapped_column(JSON)  # the model's, by class id
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Shard(Base):
+    """One object holding a batch's maps and thumbnails (storage/shards.py); rows point into it."""
+
+    __tablename__ = "shards"
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    key: Mapped[str] = mapped_column(Text, unique=True)
+    images: Mapped[int] = mapped_column(Integer)
+    bytes: Mapped[int] = mapped_column(Integer)
+    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+
+
+class Explanation(Base):
+    """One map: an image's target class under one method. Its map is slot ``slot`` of its shard; the
+    model, layer, parameters and class names are its settings' (``ResultSettings``)."""
+
+    __tablename__ = "explanations"
+    __table_args__ = (UniqueConstraint("sha256", "settings_id", "method", "class_id"),)
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"))
+    settings_id: Mapped[int] = mapped_column(ForeignKey("result_settings.id"))
+    method: Mapped[str] = mapped_column(String(100))  # the plain name: gradcam, saliency, scorecam, ...
     class_id: Mapped[int] = mapped_column(Integer)
-    class_name: Mapped[str] = mapped_column(String(300))
     score: Mapped[float] = mapped_column(Float)
     rank: Mapped[int] = mapped_column(Integer)
-    map_key: Mapped[str] = mapped_column(Text)
-    overlay_key: Mapped[str] = mapped_column(Text)
-    extra: Mapped[dict] = mapped_column(JSON, default=dict)
-    seconds: Mapped[float] = mapped_column(Float)
-    created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    shard_id: Mapped[int] = mapped_column(ForeignKey("shards.id"))
+    slot: Mapped[int] = mapped_column(Integer)
+    # faithfulness metrics and localisation, only when asked for
+    extra: Mapped[dict | None] = mapped_column(JSON)
 
 
 class ClassVisualization(Base):
@@ -159,7 +185,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 # The newest revision in storage/migrations/versions; a new database is built from the models and
 # stamped with it (tests/test_migrations.py checks that the migrations build the same schema).
-SCHEMA_REVISION = "0004"
+SCHEMA_REVISION = "0005"
 _SCHEMA_LOCK_ID = 0x5A11E47  # PostgreSQL advisory lock: one process at a time creates or migrates
 _alembic_version = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
 
@@ -255,22 +281,52 @@ def finish_item(
     conn, item_id: int, job_id: str, status: str, *, sha256: str | None = None,
     error: str | None = None, seconds: float | None = None,
 ) -> bool:
-    """Move a pending item to its final status once; returns False if it had already ended.
+    """Move a pending item to its final status once; returns False if it had already ended."""
+    return bool(finish_items(conn, [ItemEnd(item_id, job_id, status, sha256, error, seconds)]))
 
-    The conditional UPDATE is what makes "exactly once" hold under redelivery: only the first
-    finisher changes the row and bumps the job counter.
+
+@dataclass
+class ItemEnd:
+    id: int
+    job_id: str
+    status: str  # done | failed | skipped
+    sha256: str | None = None
+    error: str | None = None
+    seconds: float | None = None
+
+
+def finish_items(conn, ends: list[ItemEnd]) -> set[int]:
+    """End pending items once each; returns the ids this call ended (the others had ended already).
+
+    One conditional UPDATE per status present (per-item values by CASE), then one counter UPDATE per job:
+    only the first finisher changes an item's row, so counters move exactly once however often a batch
+    is redone.
     """
-    res = conn.execute(
-        update(Item)
-        .where(Item.id == item_id, Item.status == "pending")
-        .values(status=status, sha256=sha256, error=error, seconds=seconds, updated_at=utcnow())
-    )
-    if res.rowcount != 1:
-        return False
-    counter = getattr(Job, status)
-    conn.execute(update(Job).where(Job.id == job_id).values({counter: counter + 1}))
-    _finish_job_if_complete(conn, job_id)
-    return True
+    ended: set[int] = set()
+    counts: dict[str, Counter] = {}
+    for status in sorted({e.status for e in ends}):
+        group = [e for e in ends if e.status == status]
+        by_id = {e.id: e for e in group}
+
+        def per_item(attr: str):
+            values = {e.id: getattr(e, attr) for e in group if getattr(e, attr) is not None}
+            return case(values, value=Item.id, else_=None) if values else None
+
+        rows = conn.execute(
+            update(Item)
+            .where(Item.id.in_(list(by_id)), Item.status == "pending")
+            .values(status=status, sha256=per_item("sha256"), error=per_item("error"),
+                    seconds=per_item("seconds"), updated_at=utcnow())
+            .returning(Item.id, Item.job_id)
+        ).all()
+        for row in rows:
+            ended.add(row.id)
+            counts.setdefault(row.job_id, Counter())[status] += 1
+    for job_id in sorted(counts):
+        conn.execute(update(Job).where(Job.id == job_id).values(
+            {getattr(Job, status): getattr(Job, status) + n for status, n in counts[job_id].items()}))
+        _finish_job_if_complete(conn, job_id)
+    return ended
 
 
 def _finish_job_if_complete(conn, job_id: str) -> None:
@@ -290,10 +346,35 @@ def close_listing(engine: Engine, job_id: str) -> None:
         _finish_job_if_complete(conn, job_id)
 
 
+def _settings_id(settings_digest: str):
+    return select(ResultSettings.id).where(ResultSettings.digest == settings_digest).scalar_subquery()
+
+
 def already_explained(conn, sha256: str, settings_digest: str) -> bool:
-    return conn.execute(
-        select(Explanation.id).where(Explanation.sha256 == sha256, Explanation.settings_digest == settings_digest).limit(1)
-    ).first() is not None
+    return bool(explained_among(conn, [sha256], settings_digest))
+
+
+def explained_among(conn, sha256s: Iterable[str], settings_digest: str) -> set[str]:
+    """Which of these images already have results under these settings: one query for a whole batch."""
+    wanted = sorted(set(sha256s))
+    if not wanted:
+        return set()
+    return set(conn.execute(
+        select(Explanation.sha256).distinct()
+        .where(Explanation.sha256.in_(wanted), Explanation.settings_id == _settings_id(settings_digest))
+    ).scalars())
+
+
+LEGACY_EXPLANATIONS = "explanations_0004"
+
+
+def legacy_explanations(conn, settings_digest: str | None) -> int:
+    """How many results of these settings exist only in the layout before shards (schema 0004: one object
+    per map and overlay), kept by migration 0005 in table ``explanations_0004``."""
+    if not settings_digest or not inspect(conn).has_table(LEGACY_EXPLANATIONS):
+        return 0
+    return conn.execute(text(f"SELECT count(*) FROM {LEGACY_EXPLANATIONS} WHERE settings_digest = :d"),
+                        {"d": settings_digest}).scalar()
 
 
 def record_items(engine: Engine, job_id: str, uris: Iterable[str], page: int = 1000) -> Iterator[list[tuple[int, str]]]:

@@ -13,22 +13,65 @@ from typing import IO, Iterator, Protocol
 from sqlalchemy import and_, select
 from sqlalchemy.engine import Engine
 
-from salient_maps.storage.database import Explanation, Item, Job, connect
+from salient_maps.storage.database import (Explanation, Item, Job, ResultSettings, Shard, connect,
+                                           legacy_explanations)
 from salient_maps.storage.settings import Settings
 
 # Scalar faithfulness metrics copied from an explanation's extra JSON (null where not computed).
 METRIC_FIELDS = ("deletion_auc", "insertion_auc", "drop", "increase")
-FIELDS = ("job_id", "uri", "sha256", "model", "method", "layer", "class_id", "class_name", "score", "rank",
-          "map_key", "overlay_key", "status", "error", "seconds") + METRIC_FIELDS
+# ``shard`` + ``slot``: where the record's map lies (storage/shards.py; read it with ``storage.maps``)
+FIELDS = ("job_id", "uri", "sha256", "model", "method", "method_params", "layer", "class_id", "class_name", "score",
+          "rank", "shard", "slot", "status", "error", "seconds") + METRIC_FIELDS
 ERROR_FIELDS = ("job_id", "uri", "sha256", "status", "error", "seconds")
 FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_ROW_GROUP = 10_000
-THUMBNAIL_SIDE = 256
 
 
-def thumbnail_key(sha256: str) -> str:
-    """Object key of an image's thumbnail (JPEG, long side ``THUMBNAIL_SIDE`` px), written by the worker."""
-    return f"thumbnails/{sha256[:2]}/{sha256}.{THUMBNAIL_SIDE}.jpg"
+def find_job(conn, job_id: str | None):
+    """The job (default: the newest), with the settings its results share (None before any result)."""
+    if job_id is None:
+        job_id = conn.execute(select(Job.id).order_by(Job.created_at.desc()).limit(1)).scalar()
+        if job_id is None:
+            raise LookupError("no jobs yet in this database")
+    job = conn.execute(select(Job).where(Job.id == job_id)).first()
+    if job is None:
+        raise LookupError(f"no job {job_id}")
+    return job
+
+
+def result_settings(conn, job):
+    """The settings row every explanation of ``job`` points to, or None when it has none yet; a job whose
+    results are only in the layout before shards gets a clear error instead."""
+    found = conn.execute(select(ResultSettings).where(ResultSettings.digest == job.settings_digest)).first()
+    if found is None and (old := legacy_explanations(conn, job.settings_digest)):
+        raise LookupError(
+            f"job {job.id} was explained by salient before result shards (schema 0004): its {old} results are kept "
+            f"in the table explanations_0004 and their objects under maps/ and overlays/; explain its images "
+            f"again (salient run / submit with the same settings) to read them with this version")
+    return found
+
+
+def job_records(conn, job, item_range: tuple[int, int] | None = None):
+    """The query behind every per-job listing: items in order, each with its explanations (if any) and
+    their shard's key."""
+    settings = result_settings(conn, job)
+    settings_id = settings.id if settings is not None else -1
+    query = (
+        select(Item.id, Item.uri, Item.sha256, Item.status, Item.error, Item.seconds, Explanation.method,
+               Explanation.class_id, Explanation.score, Explanation.rank, Explanation.slot, Explanation.extra,
+               Shard.key.label("shard"))
+        .outerjoin(Explanation, and_(
+            Explanation.sha256 == Item.sha256,
+            Explanation.settings_id == settings_id,
+            Item.status.in_(("done", "skipped")),
+        ))
+        .outerjoin(Shard, Shard.id == Explanation.shard_id)
+        .where(Item.job_id == job.id)
+        .order_by(Item.id, Explanation.method, Explanation.rank)
+    )
+    if item_range is not None:
+        query = query.where(Item.id > item_range[0], Item.id <= item_range[1])
+    return settings, query
 
 
 def iter_results(settings: Settings, job_id: str | None, *, db: Engine | None = None,
@@ -38,33 +81,15 @@ def iter_results(settings: Settings, job_id: str | None, *, db: Engine | None = 
     for paging."""
     db = db or connect(settings.resolved_database_url)
     with db.connect() as conn:
-        if job_id is None:
-            job_id = conn.execute(select(Job.id).order_by(Job.created_at.desc()).limit(1)).scalar()
-            if job_id is None:
-                raise LookupError("no jobs yet in this database")
-        job = conn.execute(select(Job).where(Job.id == job_id)).first()
-        if job is None:
-            raise LookupError(f"no job {job_id}")
-        query = (
-            select(Item.uri, Item.sha256, Item.status, Item.error, Item.seconds, Explanation.model,
-                   Explanation.method, Explanation.layer, Explanation.class_id, Explanation.class_name,
-                   Explanation.score, Explanation.rank, Explanation.map_key, Explanation.overlay_key,
-                   Explanation.seconds.label("explanation_seconds"), Explanation.extra)
-            .outerjoin(Explanation, and_(
-                Explanation.sha256 == Item.sha256,
-                Explanation.settings_digest == job.settings_digest,
-                Item.status.in_(("done", "skipped")),
-            ))
-            .where(Item.job_id == job_id)
-            .order_by(Item.id, Explanation.method, Explanation.rank)
-        )
-        if item_range is not None:
-            query = query.where(Item.id > item_range[0], Item.id <= item_range[1])
+        job = find_job(conn, job_id)
+        shared, query = job_records(conn, job, item_range)
         for row in conn.execution_options(yield_per=1000).execute(query).mappings():
-            record = dict(row, job_id=job_id)
-            if row["map_key"] is not None:
+            record = dict(row, job_id=job.id)
+            if row["shard"] is not None:
                 # an image skipped as already explained reports the earlier, identical result
-                record.update(status="done", seconds=row["explanation_seconds"])
+                record.update(status="done", model=shared.model, layer=shared.layer,
+                              method_params=shared.methods.get(row["method"], {}),
+                              class_name=shared.class_names[row["class_id"]])
             metrics = (row["extra"] or {}).get("metrics") or {}
             yield {f: metrics.get(f) if f in METRIC_FIELDS else record.get(f) for f in FIELDS}
 
@@ -96,13 +121,13 @@ def export_results(settings: Settings, job_id: str | None, fmt: str, out: str | 
         with _opened(fmt, out, FIELDS, stdout, row_group) as writer:
             for row in iter_results(settings, job_id):
                 writer.write(row)
-                counts["errors" if row["map_key"] is None else "predictions"] += 1
+                counts["errors" if row["shard"] is None else "predictions"] += 1
         return counts
     out.mkdir(parents=True, exist_ok=True)
     with _opened(fmt, out / f"predictions_00001.{fmt}", FIELDS, None, row_group) as predictions, \
             _opened(fmt, out / f"errors_00001.{fmt}", ERROR_FIELDS, None, row_group) as errors:
         for row in iter_results(settings, job_id):
-            if row["map_key"] is None:
+            if row["shard"] is None:
                 errors.write({f: row[f] for f in ERROR_FIELDS})
                 counts["errors"] += 1
             else:
@@ -135,7 +160,7 @@ class _Csv:
         self.writer.writeheader()
 
     def write(self, row: dict) -> None:
-        self.writer.writerow(row)
+        self.writer.writerow(_flat(row))
 
     def close(self) -> None:
         self.out.flush()
@@ -150,7 +175,7 @@ class _Parquet:
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError("parquet export needs pyarrow: pip install 'salient-maps[parquet]'") from None
-        types = {"class_id": pa.int32(), "rank": pa.int32(), "score": pa.float64(), "seconds": pa.float64(),
+        types = {"class_id": pa.int32(), "rank": pa.int32(), "slot": pa.int32(), "score": pa.float64(), "seconds": pa.float64(),
                  "deletion_auc": pa.float64(), "insertion_auc": pa.float64(), "drop": pa.float64(),
                  "increase": pa.bool_()}
         self.pa = pa
@@ -161,6 +186,7 @@ class _Parquet:
         self.buffered = 0
 
     def write(self, row: dict) -> None:
+        row = _flat(row)
         for name, values in self.columns.items():
             values.append(row[name])
         self.buffered += 1
@@ -177,6 +203,11 @@ class _Parquet:
     def close(self) -> None:
         self._flush()
         self.writer.close()
+
+
+def _flat(row: dict) -> dict:
+    """Nested values (``method_params``) as JSON text, for the tabular formats."""
+    return {k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in row.items()}
 
 
 def _text_writer(fmt: str, out: IO[str], fields: tuple[str, ...]) -> RecordWriter:

@@ -4,8 +4,6 @@ report and export can be tested at scale without running a model."""
 from __future__ import annotations
 
 import hashlib
-import io
-import os
 import struct
 import zlib
 from dataclasses import dataclass
@@ -16,8 +14,9 @@ from urllib.parse import quote
 import numpy as np
 from sqlalchemy import update
 
-from salient_maps.storage.database import Explanation, Image, Item, Job, connect, create_job, utcnow
-from salient_maps.storage.results import thumbnail_key
+from salient_maps.storage.database import (Explanation, Image, Item, Job, ResultSettings, Shard, connect, create_job,
+                                           utcnow)
+from salient_maps.storage.shards import encode, shard_key
 
 POOL = 64
 # Item 1's URI ends in this name percent-encoded (a "/" cannot be in a file name, but can be in a URL);
@@ -53,17 +52,12 @@ def png(pixels: np.ndarray) -> bytes:
             + chunk(b"IDAT", zlib.compress(raw)) + chunk(b"IEND", b""))
 
 
-def _parent(path: Path) -> Path:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return path
-
-
 def make_job(data_dir: Path, images: int, *, failed_every: int = 10, methods: tuple[str, ...] = ("gradcam", "saliency"),
              topk: int = 3, objects: bool = True, map_side: int = 8) -> SyntheticJob:
     """A finished job of ``images`` items, every ``failed_every``-th failed (with an HTML-laden reason);
-    item 1's file name and class 2's label are HTML. With ``objects``, rows point at a pool of
-    ``POOL`` tiny overlay PNGs, map .npy files and thumbnails (creating a file costs ~1 ms here, so
-    one per row would dominate the test), so every link in a report resolves."""
+    item 1's file name and class 2's label are HTML. Rows point into one shard of ``POOL`` images'
+    maps and thumbnails (so every picture in a report can be drawn); with ``objects`` False it is not
+    written."""
     db = connect(f"sqlite:///{(data_dir / 'salient.db').resolve()}")
     objects_root = data_dir / "objects"
     rng = np.random.default_rng(0)
@@ -73,14 +67,13 @@ def make_job(data_dir: Path, images: int, *, failed_every: int = 10, methods: tu
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_bytes(data)
 
+    tensors = {f"{m}.layer": rng.random((POOL * topk, map_side, map_side)).astype(np.float32) for m in methods}
+    tensors.update({f"thumbnail.{j}": np.frombuffer(png(rng.integers(0, 255, (6, 8, 3), np.uint8)), np.uint8)
+                    for j in range(POOL)})
+    shard = encode(tensors, {"format": 1, "input_size": [map_side * 4, map_side * 4], "targets": topk,
+                             "methods": {m: {"map": "layer"} for m in methods}})
     if objects:
-        for j in range(POOL):
-            heat = rng.random((map_side, map_side)).astype(np.float16)
-            buf = io.BytesIO()
-            np.save(buf, heat, allow_pickle=False)
-            put(f"maps/pool/{j}.npy", buf.getvalue())
-            put(f"overlays/pool/{j}.png", png((np.repeat(heat[..., None], 3, 2) * 255).astype(np.uint8)))
-            put(f"thumbnails/pool/{j}.jpg", png(rng.integers(0, 255, (6, 8, 3), np.uint8)))
+        put(shard_key(shard), shard)
     digest = "d" * 64
     job_id = create_job(db, {
         "model": "resnet18", "layer": "layer4", "methods": list(methods), "targets": {"topk": topk},
@@ -105,27 +98,26 @@ def make_job(data_dir: Path, images: int, *, failed_every: int = 10, methods: tu
         items.append({"job_id": job_id, "uri": uri, "sha256": sha, "status": "done", "seconds": 0.05,
                       "error": None, "updated_at": utcnow()})
         image_rows.append({"sha256": sha, "width": 64, "height": 48})
-        if objects:
-            os.link(objects_root / f"thumbnails/pool/{i % POOL}.jpg", _parent(objects_root / thumbnail_key(sha)))
         probs = np.sort(rng.dirichlet(np.ones(len(CLASSES))))[::-1]
         classes = rng.permutation(len(CLASSES))
         for method in methods:
             for k in range(topk):
                 class_id = int(classes[k])
-                j = rng.integers(POOL)
-                map_key, overlay_key = f"maps/pool/{j}.npy", f"overlays/pool/{j}.png"
                 curve = np.sort(rng.random(5))
                 explanations.append({
-                    "sha256": sha, "settings_digest": digest, "model": "resnet18-x", "method": method,
-                    "layer": "layer4", "class_id": class_id, "class_name": CLASSES[class_id],
-                    "score": float(probs[k]), "rank": k + 1, "map_key": map_key, "overlay_key": overlay_key,
-                    "seconds": 0.01, "created_at": utcnow(),
-                    "extra": {"params": {}, "arrays": {}, "metrics": {
+                    "sha256": sha, "settings_id": 1, "method": method, "class_id": class_id,
+                    "score": float(probs[k]), "rank": k + 1, "shard_id": 1, "slot": (i % POOL) * topk + k,
+                    "extra": {"metrics": {
                         "deletion_curve": curve[::-1].tolist(), "deletion_auc": float(curve.mean()),
                         "insertion_curve": curve.tolist(), "insertion_auc": float(rng.random()),
                         "drop": float(rng.random()), "increase": bool(rng.random() < 0.3), "masked_score": 0.1}},
                 })
     with db.begin() as conn:
+        conn.execute(ResultSettings.__table__.insert(), [{
+            "id": 1, "digest": digest, "model": "resnet18-x", "layer": "layer4", "methods": {m: {} for m in methods},
+            "overlay": {"colormap": "jet", "alpha": 0.4}, "class_names": CLASSES, "created_at": utcnow()}])
+        conn.execute(Shard.__table__.insert(), [{"id": 1, "key": shard_key(shard), "images": POOL,
+                                                 "bytes": len(shard), "created_at": utcnow()}])
         conn.execute(Item.__table__.insert(), items)
         if image_rows:
             conn.execute(Image.__table__.insert(), image_rows)

@@ -20,12 +20,16 @@ import numpy as np
 import pytest
 from sqlalchemy import func, select
 
-from salient_maps.storage.database import Explanation, Image, Item, connect
+from safetensors import safe_open
+
+from salient_maps.storage.database import Explanation, Image, Item, Shard, connect
+from salient_maps.storage.maps import MapReader
+from salient_maps.storage.objects import LocalObjectStore
 from salient_maps.storage.results import FIELDS
 from salient_maps.workers import process
 
-REQUIRED_FIELDS = ("job_id", "uri", "sha256", "model", "method", "layer", "class_id", "class_name", "score", "rank",
-                   "map_key", "overlay_key", "status", "error", "seconds")
+REQUIRED_FIELDS = ("job_id", "uri", "sha256", "model", "method", "method_params", "layer", "class_id", "class_name",
+                   "score", "rank", "shard", "slot", "status", "error", "seconds")
 SUMMARY = re.compile(r"job (?P<job>[0-9a-f-]{36}): done (?P<done>\d+), failed (?P<failed>\d+), "
                      r"skipped (?P<skipped>\d+) in ")
 BYTE_LIMIT = 200_000
@@ -108,9 +112,9 @@ def run(tmp_path_factory, tiny_images, run_cli, smooth_rgb, encode_image):
         first = run_cli(args)
         listing, db_counts = object_listing(out / "objects"), counts(f"sqlite:///{out / 'salient.db'}")
         decoded: list[str] = []  # sha256 of what the rerun decodes
-        real_decode = process.decode_image
-        patch.setattr(process, "decode_image",
-                      lambda data, limit: decoded.append(hashlib.sha256(data).hexdigest()) or real_decode(data, limit))
+        real_decode = process.decode_scaled
+        patch.setattr(process, "decode_scaled",
+                      lambda data, *a: decoded.append(hashlib.sha256(data).hexdigest()) or real_decode(data, *a))
         second = run_cli(args)
     return {"good": good, "out": out, "first": first.output, "second": second.output,
             "listing": listing, "counts": db_counts, "decoded_on_rerun": decoded}
@@ -163,20 +167,23 @@ def test_results_have_all_fields_and_objects(run, run_cli):
     done = [r for r in rows if r["status"] == "done"]
     failed = [r for r in rows if r["status"] == "failed"]
     assert len(done) == len(run["good"]) * TOPK * len(METHODS) and len(failed) == len(BAD)
-    assert all(r["error"] and r["map_key"] is None for r in failed)
+    assert all(r["error"] and r["shard"] is None for r in failed)
 
+    reader = MapReader(LocalObjectStore(out / "objects"))
     for r in done:
         assert r["model"].startswith("resnet18-") and r["layer"] == "layer4"
-        assert r["method"].split("-")[0] in METHODS  # with a digest of its options, e.g. saliency-61e9065a25
+        assert r["method"] in METHODS  # the plain name; its options in method_params
+        assert isinstance(r["method_params"], dict)
         assert 1 <= r["rank"] <= TOPK and 0 < r["score"] <= 1 and r["seconds"] > 0
         assert r["error"] is None and r["class_name"]
         path = path_of(r["uri"])
         assert hashlib.sha256(path.read_bytes()).hexdigest() == r["sha256"]
-        heat = np.load(out / "objects" / r["map_key"])
-        assert heat.dtype == np.float16 and heat.shape == (224, 224)
+        heat = reader.map(r)
+        assert heat.dtype == np.float32 and heat.shape == (224, 224)
         assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
-        overlay = cv2.imread(str(out / "objects" / r["overlay_key"]))
-        assert overlay.shape[:2] == run["good"][path.name], path.name  # drawn on the original picture
+        picture = cv2.cvtColor(cv2.imread(str(path)), cv2.COLOR_BGR2RGB)
+        overlay = cv2.imdecode(np.frombuffer(reader.overlay_png(r, picture=picture), np.uint8), cv2.IMREAD_COLOR)
+        assert overlay.shape[:2] == run["good"][path.name], path.name  # drawn on demand on the original picture
     for image in {r["sha256"] for r in done}:
         scores = [(r["rank"], r["score"]) for r in done if r["sha256"] == image and r["method"] == "gradcam"]
         assert [s for _, s in sorted(scores)] == sorted((s for _, s in scores), reverse=True)
@@ -184,22 +191,32 @@ def test_results_have_all_fields_and_objects(run, run_cli):
 
 def test_the_first_run_and_the_rerun_report_the_same_explanations(run, run_cli):
     def explained(job: str) -> set[tuple]:
-        return {(r["uri"], r["method"], r["class_id"], r["map_key"], r["overlay_key"])
+        return {(r["uri"], r["method"], r["class_id"], r["shard"], r["slot"])
                 for r in records(run_cli, run["out"], "jsonl", job) if r["status"] == "done"}
 
     first, second = explained(summary(run["first"])["job"]), explained(summary(run["second"])["job"])
     assert first == second and len(first) == len(run["good"]) * TOPK * len(METHODS)
 
 
-def test_stored_arrays_exist_for_every_key(run):
+def test_one_shard_per_batch_keeps_layer_maps_and_the_raw_gradient_only(run):
+    """gradcam at the layer's 7×7 in float32, saliency's raw gradient in float16 (its renderings and map are
+    derived on read), a thumbnail per image; no other object."""
+    objects = run["out"] / "objects"
+    assert {p.parts[0] for p in (q.relative_to(objects) for q in objects.rglob("*") if q.is_file())} == {"shards"}
     db = connect(f"sqlite:///{run['out'] / 'salient.db'}")
     with db.connect() as conn:
-        extras = conn.execute(select(Explanation.method, Explanation.extra)).all()
-    saliency_arrays = [key for method, extra in extras if method.startswith("saliency")
-                       for key in extra.get("arrays", {}).values()]
-    assert saliency_arrays  # the raw gradient at least
-    for key in saliency_arrays:
-        assert (run["out"] / "objects" / key).is_file(), key
+        keys = conn.execute(select(Shard.key)).scalars().all()
+    assert len(keys) == len(list(objects.rglob("*.safetensors")))
+    for key in keys:
+        with safe_open(str(objects / key), "np") as f:  # the reference reader: no salient needed
+            names = set(f.keys())
+            thumbnails = {n for n in names if n.startswith("thumbnail.")}
+            assert names - thumbnails == {"gradcam.layer", "saliency.gradient"}
+            n = len(thumbnails)
+            assert f.get_tensor("gradcam.layer").dtype == np.float32
+            assert f.get_tensor("gradcam.layer").shape == (n * TOPK, 7, 7)
+            assert f.get_tensor("saliency.gradient").dtype == np.float16
+            assert f.get_tensor("saliency.gradient").shape == (n * TOPK, 3, 224, 224)
 
 
 def test_rerun_adds_nothing(run):
@@ -225,7 +242,7 @@ def test_bundled_model_looks_at_the_cats_face(tmp_path, run_cli):
     run_cli(["run", folder, "--classes", "285", "--methods", "gradcam", "--device", "cpu", "--out", out])
     [row] = records(run_cli, out, "jsonl")
     assert (row["class_id"], row["rank"]) == (285, 1) and row["score"] > 0.7
-    heat = cv2.resize(np.load(out / "objects" / row["map_key"]).astype(np.float32), (451, 300))
+    heat = cv2.resize(MapReader(LocalObjectStore(out / "objects")).map(row), (451, 300))
     y, x = np.unravel_index(heat.argmax(), heat.shape)
     box = (slice(30, 250), slice(60, 330))  # y, x: from above the eyes to below the nose, ear to ear
     assert 30 <= y < 250 and 60 <= x < 330, (x, y)

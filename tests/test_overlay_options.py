@@ -10,7 +10,10 @@ import cv2
 import numpy as np
 import pytest
 
-from salient_maps.workers.overlays import OverlayStyle, attribution_to_unit, colormap_names, overlay_png
+from salient_maps.storage.maps import MapReader
+from salient_maps.storage.overlays import OverlayStyle, attribution_to_unit, colormap_names, overlay_png
+from salient_maps.storage.results import iter_results
+from salient_maps.storage.settings import Settings
 
 
 def decode(png: bytes) -> np.ndarray:
@@ -77,13 +80,14 @@ def test_styles_are_stored_with_the_result_and_never_collide(tiny_images, run_cl
     common = ["run", images, "--model", "resnet18", "--topk", "1", "--methods", "saliency", "--out", out]
     run_cli(common)
     run_cli(common + ["--polarity", "negative", "--colormap", "turbo", "--overlay", "grayscale", "--alpha", "0.7"])
-    rows = sqlite3.connect(out / "salient.db").execute("SELECT map_key, overlay_key, extra FROM explanations").fetchall()
-    assert len(rows) == 2
-    (map_a, overlay_a, extra_a), (map_b, overlay_b, extra_b) = rows
-    assert map_a == map_b  # the same map, content-addressed once
-    assert overlay_a != overlay_b
-    assert json.loads(extra_a)["overlay"] == OverlayStyle().params()
-    assert json.loads(extra_b)["overlay"] == OverlayStyle(polarity="negative", colormap="turbo", overlay="grayscale",
-                                                          alpha=0.7).params()
-    a, b = (decode((out / "objects" / key).read_bytes()) for key in (overlay_a, overlay_b))
-    assert a.shape == b.shape and not np.array_equal(a, b)
+    db = sqlite3.connect(out / "salient.db")
+    styles = [json.loads(row[0]) for row in db.execute("SELECT overlay FROM result_settings ORDER BY id")]
+    assert styles == [OverlayStyle().params(), OverlayStyle(polarity="negative", colormap="turbo", overlay="grayscale",
+                                                            alpha=0.7).params()]
+    settings = Settings().with_data_dir(out)
+    jobs = [row[0] for row in db.execute("SELECT id FROM jobs ORDER BY created_at")]
+    [a], [b] = (list(iter_results(settings, job)) for job in jobs)
+    reader = MapReader.for_settings(settings)
+    np.testing.assert_array_equal(reader.map(a), reader.map(b))  # the same map
+    drawn = [decode(reader.overlay_png(r, OverlayStyle(**style))) for r, style in zip((a, b), styles)]
+    assert drawn[0].shape == drawn[1].shape and not np.array_equal(*drawn)  # drawn on demand, each in its style

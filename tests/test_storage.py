@@ -16,6 +16,8 @@ from salient_maps.storage.database import (
     Image,
     Item,
     Job,
+    ResultSettings,
+    Shard,
     already_explained,
     add_items,
     close_listing,
@@ -23,13 +25,14 @@ from salient_maps.storage.database import (
     create_job,
     finish_item,
     insert_ignore,
+    utcnow,
 )
 from salient_maps.storage.objects import LocalObjectStore
 from salient_maps.storage.results import FIELDS, iter_results, write_results
 from salient_maps.storage.settings import Settings
 
-REQUIRED_FIELDS = ("job_id", "uri", "sha256", "model", "method", "layer", "class_id", "class_name", "score", "rank",
-                   "map_key", "overlay_key", "status", "error", "seconds")
+REQUIRED_FIELDS = ("job_id", "uri", "sha256", "model", "method", "method_params", "layer", "class_id", "class_name",
+                   "score", "rank", "shard", "slot", "status", "error", "seconds")
 
 
 # --- local object store -------------------------------------------------------------------------------------------
@@ -152,17 +155,26 @@ def test_already_explained_is_per_settings_digest(db):
     sha = "f" * 64
     with db.begin() as conn:
         conn.execute(insert_ignore(db, Image.__table__, [{"sha256": sha, "width": 1, "height": 1}]))
-        conn.execute(insert_ignore(db, Explanation.__table__, [explanation(sha, "d1", "gradcam", 1)]))
+        conn.execute(insert_ignore(db, Explanation.__table__, [explanation(sha, shared(conn, "d1"), "gradcam", 1)]))
+        shared(conn, "d2")
         assert already_explained(conn, sha, "d1")
         assert not already_explained(conn, sha, "d2")
         assert not already_explained(conn, "e" * 64, "d1")
 
 
-def explanation(sha: str, digest: str, method: str, rank: int, class_id: int = 285) -> dict:
-    return {"sha256": sha, "settings_digest": digest, "model": "resnet18-abc", "method": method, "layer": "layer4",
-            "class_id": class_id + rank - 1, "class_name": f"class {class_id + rank - 1}", "score": 0.5 / rank,
-            "rank": rank, "map_key": f"maps/{sha}/{method}/{rank}.npy", "overlay_key": f"overlays/{sha}/{method}/{rank}.png",
-            "extra": {}, "seconds": 0.01}
+def shared(conn, digest: str) -> int:
+    """The settings row of ``digest`` and a shard row for explanations to point to; returns the settings id."""
+    conn.execute(insert_ignore(conn.engine, ResultSettings.__table__, [dict(
+        digest=digest, model="resnet18-abc", layer="layer4", methods={"gradcam": {}, "saliency": {"score": "logit"}},
+        overlay={}, class_names=[f"class {i}" for i in range(1000)], created_at=utcnow())]))
+    conn.execute(insert_ignore(conn.engine, Shard.__table__, [{"key": "shards/ab/ab.safetensors", "images": 1,
+                                                               "bytes": 1}]))
+    return conn.execute(select(ResultSettings.id).where(ResultSettings.digest == digest)).scalar_one()
+
+
+def explanation(sha: str, settings_id: int, method: str, rank: int, class_id: int = 285) -> dict:
+    return {"sha256": sha, "settings_id": settings_id, "method": method, "class_id": class_id + rank - 1,
+            "score": 0.5 / rank, "rank": rank, "shard_id": 1, "slot": rank - 1, "extra": None}
 
 
 # --- results records ----------------------------------------------------------------------------------------------
@@ -180,9 +192,9 @@ def finished_job(tmp_path, db):
         conn.execute(Job.__table__.update().where(Job.id == job).values(settings_digest="d1"))
         conn.execute(insert_ignore(db, Image.__table__, [{"sha256": sha, "width": 4, "height": 3}]))
         conn.execute(insert_ignore(db, Explanation.__table__, [
-            explanation(sha, "d1", method, rank) for method in ("gradcam", "saliency") for rank in (1, 2)]))
+            explanation(sha, shared(conn, "d1"), method, rank) for method in ("gradcam", "saliency") for rank in (1, 2)]))
         # an explanation under other settings must not show up in this job
-        conn.execute(insert_ignore(db, Explanation.__table__, [explanation(sha, "other", "gradcam", 1)]))
+        conn.execute(insert_ignore(db, Explanation.__table__, [explanation(sha, shared(conn, "other"), "gradcam", 1)]))
         finish_item(conn, good, job, "done", sha256=sha, seconds=0.2)
         finish_item(conn, bad, job, "failed", error="empty file", seconds=0.001)
         finish_item(conn, copy, job, "skipped", sha256=sha, seconds=0.003)
@@ -200,12 +212,14 @@ def test_results_have_every_field_and_one_record_per_explanation_or_failure(fini
     assert {u: len(rs) for u, rs in by_uri.items()} == {"file:///good.png": 4, "file:///bad.png": 1,
                                                         "file:///copy.png": 4}
     [failed] = by_uri["file:///bad.png"]
-    assert failed["status"] == "failed" and failed["error"] == "empty file" and failed["map_key"] is None
+    assert failed["status"] == "failed" and failed["error"] == "empty file" and failed["shard"] is None
     for uri in ("file:///good.png", "file:///copy.png"):  # the skipped copy reports the earlier result
         rows = by_uri[uri]
         assert {(r["method"], r["rank"]) for r in rows} == {(m, k) for m in ("gradcam", "saliency") for k in (1, 2)}
         assert all(r["status"] == "done" and r["error"] is None and r["job_id"] == job for r in rows)
-        assert all(r["map_key"].endswith(".npy") and r["overlay_key"].endswith(".png") for r in rows)
+        assert all(r["shard"] == "shards/ab/ab.safetensors" and r["slot"] == r["rank"] - 1 for r in rows)
+        assert all(r["class_name"] == f"class {r['class_id']}" and r["layer"] == "layer4" for r in rows)
+        assert {r["method"]: r["method_params"] for r in rows} == {"gradcam": {}, "saliency": {"score": "logit"}}
 
 
 def test_results_as_jsonl_and_csv_agree(finished_job):
@@ -218,7 +232,8 @@ def test_results_as_jsonl_and_csv_agree(finished_job):
     assert len(from_json) == len(from_csv) == 9
     for j, c in zip(from_json, from_csv):
         assert list(c) == list(FIELDS)
-        assert {k: "" if v is None else str(v) for k, v in j.items()} == c
+        as_text = {dict: lambda v: json.dumps(v, sort_keys=True), type(None): lambda v: ""}  # nested: JSON text
+        assert {k: as_text.get(type(v), str)(v) for k, v in j.items()} == c
 
 
 def test_results_of_a_missing_job_say_so(finished_job):

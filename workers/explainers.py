@@ -25,7 +25,7 @@ from . import factories
 from .batching import guard_model
 from .engine import Explainer
 from .metrics import Faithfulness
-from .overlays import OverlayStyle
+from salient_maps.storage.overlays import OverlayStyle
 from .process import ItemProcessor
 
 MAX_DOWNLOAD_BYTES = 8 << 30

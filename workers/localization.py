@@ -8,7 +8,7 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-from .overlays import fit_long_side
+from salient_maps.storage.overlays import fit_long_side
 
 # GrabCut runs at this long side at most: its cost grows with the pixel count, a box needs no more.
 WORK_SIDE = 256

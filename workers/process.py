@@ -1,36 +1,43 @@
-"""Pending items in, maps + overlays in the object store and rows in the database out.
+"""Pending items in; per batch one result shard in the object store and its rows in the database out.
 
-Both the embedded ``salient run`` and the queue workers drive this one loop.
+Both the embedded ``salient run`` and the queue workers drive this one loop: read and decode
+(``prepare``), explain (``explain_batch``), encode the shard and write it with its rows
+(``encode`` and workers/writer.py).
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import io
+import itertools
 import json
+import os
+import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
 
-import cv2
 import numpy as np
 import torch
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from salient_maps.storage.database import Explanation, Image, Item, Job, already_explained, finish_item, insert_ignore
+from salient_maps.storage.database import Item, ItemEnd, Job, explained_among, finish_items
 from salient_maps.storage.objects import ObjectStore
-from salient_maps.storage.results import THUMBNAIL_SIDE, thumbnail_key
+from salient_maps.storage.overlays import OverlayStyle
+from salient_maps.storage.shards import FORMAT as SHARD_FORMAT
+from salient_maps.storage.shards import encode as encode_shard
 from salient_maps.storage.settings import Settings
 from salient_maps.storage.sources import SourceError, read_uri
 
 from .engine import BatchResult, Explainer
-from .images import decode_image, to_input
+from .images import decode_jpegs_on_device, decode_scaled, device_decodable, to_input
 from .localization import PARAMS as LOCALIZATION_PARAMS
 from .localization import localize, mask_png
 from .metrics import Faithfulness
-from .overlays import OverlayStyle, fit_long_side, overlay_png
+from .writer import THUMBNAIL_SIDE, BackgroundWriter, EncodedBatch, Row, ShardWriter, shard_tensors, thumbnail_jpeg
 
 
 @dataclass
@@ -44,11 +51,44 @@ class PendingItem:
 class Prepared:
     item: PendingItem
     sha256: str | None = None
+    data: bytes | None = None  # the file, from reading until decoding
+    # The picture on the host: the whole image, or a JPEG decoded smaller, as far as ``picture_side`` allows.
     rgb: np.ndarray | None = None
-    x: torch.Tensor | None = None
+    width: int | None = None  # the image's own size (EXIF orientation applied), whatever ``rgb``'s
+    height: int | None = None
+    x: torch.Tensor | None = None  # the model input (on the device when decoded there)
     error: str | None = None
     seconds: float = 0.0
     explained: bool = False  # these bytes already have results under these settings: not decoded
+
+
+def host_threads() -> int:
+    """The cores this process may run on: the size of the pools that read and decode images."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def _chunks(items: Iterable, n: int) -> Iterator[list]:
+    it = iter(items)
+    while chunk := list(itertools.islice(it, n)):
+        yield chunk
+
+
+class StageClock:
+    """CPU seconds of the host's own work per stage (read, decode, ...), summed over the threads doing it:
+    ``time.thread_time`` counts what the calling thread itself computed, not time spent waiting."""
+
+    def __init__(self):
+        self.seconds: Counter = Counter()
+        self._lock = threading.Lock()
+
+    @contextlib.contextmanager
+    def __call__(self, stage: str) -> Iterator[None]:
+        start = time.thread_time()
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.seconds[stage] += time.thread_time() - start
 
 
 def settings_digest(explainer: Explainer, metrics: Faithfulness | None = None,
@@ -79,12 +119,6 @@ def method_id(method) -> str:
     return f"{method.name}-{hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]}"
 
 
-def _npy(array: np.ndarray) -> bytes:
-    buf = io.BytesIO()
-    np.save(buf, array.astype(np.float16), allow_pickle=False)
-    return buf.getvalue()
-
-
 class ItemProcessor:
     def __init__(self, settings: Settings, db: Engine, store: ObjectStore, explainer: Explainer, batch_size: int = 16,
                  metrics: Faithfulness | None = None, overlay_style: OverlayStyle = OverlayStyle(),
@@ -98,71 +132,181 @@ class ItemProcessor:
         self.overlay_style = overlay_style
         self.localize = localize
         self.digest = settings_digest(explainer, metrics, overlay_style, localize)
+        # The long side the host picture must keep (None: the full image): it becomes the shard's thumbnail
+        # (overlays are rendered on read), and localisation boxes come from the picture, so these need it whole.
+        self.picture_side: int | None = None if localize else THUMBNAIL_SIDE
+        # CPU seconds by stage: read, decode, preprocess (input side), encode, upload, database (output side)
+        self.cpu_seconds = StageClock()
+        self.writer = ShardWriter(db, store, {
+            "digest": self.digest, "model": explainer.model.tag, "layer": explainer.layer_name,
+            "methods": {m.name: m.params() for m in explainer.methods}, "overlay": overlay_style.params(),
+            "class_names": list(explainer.model.class_names)}, self.cpu_seconds)
 
-    def prepare(self, item: PendingItem) -> Prepared:
-        """Read, hash and decode one item (a bad image gets its reason in ``error``); thread-safe, so
-        the queue workers decode the images of several messages at once. An image already explained
-        under these settings is not decoded: a nightly rerun over a folder pays reading and hashing only."""
+    def read(self, item: PendingItem) -> Prepared:
+        """Read and hash one item (thread-safe); one that cannot be read gets its reason in ``error``."""
         t = time.perf_counter()
         prepared = Prepared(item)
         try:
-            data = read_uri(item.uri, self.settings.max_image_bytes, self.settings, expect_image=True)
-            prepared.sha256 = hashlib.sha256(data).hexdigest()
-            with self.db.connect() as conn:
-                prepared.explained = already_explained(conn, prepared.sha256, self.digest)
-            if prepared.explained:
-                prepared.seconds = time.perf_counter() - t
-                return prepared
-            prepared.rgb = decode_image(data, self.settings.max_image_pixels)
-            m = self.explainer.model
-            prepared.x = to_input(prepared.rgb, m.input_size, m.mean, m.std)
+            with self.cpu_seconds("read"):
+                prepared.data = read_uri(item.uri, self.settings.max_image_bytes, self.settings, expect_image=True)
+                prepared.sha256 = hashlib.sha256(prepared.data).hexdigest()
         except SourceError as exc:
             prepared.error = str(exc)
         prepared.seconds = time.perf_counter() - t
         return prepared
 
+    def skip_explained(self, batch: list[Prepared]) -> None:
+        """Mark the read images that already have results under these settings (one query for the batch):
+        they are not decoded, so a nightly rerun over a folder pays reading and hashing only."""
+        read = [p for p in batch if p.data is not None]
+        if not read:
+            return
+        with self.cpu_seconds("database"), self.db.connect() as conn:
+            found = explained_among(conn, [p.sha256 for p in read], self.digest)
+        for p in read:
+            if p.sha256 in found:
+                p.explained, p.data = True, None
+
+    def decode(self, p: Prepared) -> Prepared:
+        """Decode one read image into its picture and model input on the host (thread-safe); a bad image
+        gets its reason in ``error``. JPEGs are decoded only as large as the input and ``picture_side`` need."""
+        if p.data is None:  # failed, explained or decoded already
+            return p
+        t = time.perf_counter()
+        m = self.explainer.model
+        try:
+            with self.cpu_seconds("decode"):
+                decoded = decode_scaled(p.data, self.settings.max_image_pixels, m.input_size, self.picture_side)
+            with self.cpu_seconds("preprocess"):
+                p.x = to_input(decoded.rgb, m.input_size, m.mean, m.std)
+            p.rgb, p.width, p.height = decoded.rgb, decoded.width, decoded.height
+        except SourceError as exc:
+            p.error = str(exc)
+        finally:
+            p.data = None
+        p.seconds += time.perf_counter() - t
+        return p
+
+    def decode_batch(self, batch: list[Prepared], pool: ThreadPoolExecutor) -> None:
+        """Decode a batch's read images: on a CUDA device its plain JPEGs in one nvJPEG call, the rest (and
+        all of them elsewhere) on the host in ``pool``. Must not run on one of ``pool``'s own threads."""
+        todo = [p for p in batch if p.data is not None]
+        if self.explainer.device.type == "cuda":
+            todo = self.decode_on_device(todo)
+        list(pool.map(self.decode, todo))
+
+    def decode_on_device(self, batch: list[Prepared]) -> list[Prepared]:
+        """nvJPEG for the JPEGs it decodes as the host would; returns the images left for the host. A batch
+        that nvJPEG refuses goes to the host whole, where each bad image fails with its own reason."""
+        jpegs: list[Prepared] = []
+        for p in batch:
+            try:
+                size = device_decodable(p.data, self.settings.max_image_pixels)
+            except SourceError as exc:
+                p.error, p.data = str(exc), None
+                continue
+            if size is not None:
+                p.width, p.height = size
+                jpegs.append(p)
+        if not jpegs:
+            return [p for p in batch if p.data is not None]
+        t = time.perf_counter()
+        m = self.explainer.model
+        try:
+            with self.cpu_seconds("decode"):
+                decoded = decode_jpegs_on_device([p.data for p in jpegs], self.explainer.device, m.input_size,
+                                                 m.mean, m.std, self.picture_side)
+        except RuntimeError:
+            return [p for p in batch if p.data is not None]
+        share = (time.perf_counter() - t) / len(jpegs)
+        for p, (x, rgb) in zip(jpegs, decoded):
+            p.x, p.rgb, p.data = x, rgb, None
+            p.seconds += share
+        return [p for p in batch if p.data is not None]
+
+    def prepare(self, item: PendingItem) -> Prepared:
+        """Read, hash and decode one item on the host (a bad image gets its reason in ``error``)."""
+        prepared = self.read(item)
+        self.skip_explained([prepared])
+        return self.decode(prepared)
+
+    def prepare_batch(self, items: list[PendingItem], pool: ThreadPoolExecutor) -> list[Prepared]:
+        """Read, hash and decode a batch in ``pool`` with one database query for the batch (``skip_explained``).
+        Must not run on one of ``pool``'s own threads."""
+        batch = list(pool.map(self.read, items))
+        self.skip_explained(batch)
+        self.decode_batch(batch, pool)
+        return batch
+
     def _prefetched(self, items: Iterable[PendingItem]) -> Iterator[list[Prepared]]:
-        """Batches of prepared items; reading and decoding run in threads ahead of the model."""
-        with ThreadPoolExecutor(max_workers=2, thread_name_prefix="salient-decode") as pool:
-            window: list = []
-            batch: list[Prepared] = []
-            for item in items:
-                window.append(pool.submit(self.prepare, item))
-                if len(window) < 2 * self.batch_size:
-                    continue
-                batch.append(window.pop(0).result())
-                if len(batch) == self.batch_size:
-                    yield batch
-                    batch = []
-            for fut in window:
-                batch.append(fut.result())
-                if len(batch) == self.batch_size:
-                    yield batch
-                    batch = []
-            if batch:
-                yield batch
+        """Batches of prepared items: two batches are read and decoded ahead of the model, their images
+        spread over a pool as large as the machine has cores."""
+        with ThreadPoolExecutor(host_threads(), thread_name_prefix="salient-decode") as pool, \
+                ThreadPoolExecutor(2, thread_name_prefix="salient-batch") as batches:
+            ahead: deque = deque()
+            for chunk in _chunks(items, self.batch_size):
+                ahead.append(batches.submit(self.prepare_batch, chunk, pool))
+                if len(ahead) > 2:
+                    yield ahead.popleft().result()
+            while ahead:
+                yield ahead.popleft().result()
 
     def run(self, items: Iterable[PendingItem], on_item: Callable[[str], None] | None = None) -> None:
-        for batch in self._prefetched(items):
-            for status in self.process_batch(batch):
-                if on_item:
-                    on_item(status)
+        """Explain every item; storing batch N (shard, rows, items' ends) overlaps the model on batch N+1.
+        ``on_item(status)`` is called once per item as it ends (from the writer's thread for done ones)."""
+        report = on_item or (lambda status: None)
+        writer = BackgroundWriter(self.writer.write)
+
+        def stored(explained: Explained, future: Future) -> None:
+            error = future.exception()
+            if error is None:
+                statuses = ["done"] * len(future.result())
+            else:  # the shard or its rows could not be written: the items fail with the reason, the job goes on
+                reason = f"storing results failed: {type(error).__name__}: {error}"
+                with self.db.begin() as conn:
+                    statuses = ["failed"] * len(finish_items(conn, [
+                        ItemEnd(p.item.id, p.item.job_id, "failed", p.sha256, reason) for p in explained.items]))
+            for status in statuses:
+                report(status)
+
+        try:
+            for batch in self._prefetched(items):
+                statuses, explained = self.explain_batch(batch)
+                for status in statuses:
+                    report(status)
+                if explained is not None:
+                    writer.submit(lambda e=explained: self.encode(e), lambda f, e=explained: stored(e, f))
+        finally:
+            writer.close()
 
     def process_batch(self, batch: list[Prepared]) -> list[str]:
-        statuses = []
+        """Explain and store one batch; its items have ended when this returns (the queue workers' path)."""
+        statuses, explained = self.explain_batch(batch)
+        if explained is not None:
+            statuses += ["done"] * len(self.writer.write(self.encode(explained)))
+        return statuses
+
+    def explain_batch(self, batch: list[Prepared]) -> tuple[list[str], Explained | None]:
+        """End the batch's bad and already explained items (one statement per status) and explain the
+        rest; returns the statuses of the items ended here and what is left to store."""
+        ends: list[ItemEnd] = []
         todo: list[Prepared] = []
-        with self.db.begin() as conn:
-            for p in batch:
-                if p.error is not None:
-                    finish_item(conn, p.item.id, p.item.job_id, "failed", sha256=p.sha256, error=p.error, seconds=p.seconds)
-                    statuses.append("failed")
-                elif p.explained or already_explained(conn, p.sha256, self.digest):  # or by a peer since
-                    finish_item(conn, p.item.id, p.item.job_id, "skipped", sha256=p.sha256, seconds=p.seconds)
-                    statuses.append("skipped")
-                else:
-                    todo.append(p)
+        for p in batch:
+            if p.error is not None:
+                ends.append(ItemEnd(p.item.id, p.item.job_id, "failed", p.sha256, p.error, p.seconds))
+            elif p.explained:
+                ends.append(ItemEnd(p.item.id, p.item.job_id, "skipped", p.sha256, None, p.seconds))
+            else:
+                todo.append(p)
+        with self.cpu_seconds("database"), self.db.begin() as conn:
+            by_peer = explained_among(conn, [p.sha256 for p in todo], self.digest) if todo else set()
+            ends += [ItemEnd(p.item.id, p.item.job_id, "skipped", p.sha256, None, p.seconds)
+                     for p in todo if p.sha256 in by_peer]  # explained by a peer since it was read
+            todo = [p for p in todo if p.sha256 not in by_peer]
+            ended = finish_items(conn, ends) if ends else set()
+        statuses = [e.status for e in ends if e.id in ended]
         if not todo:
-            return statuses
+            return statuses, None
         # One picture under several URIs (same sha256) is explained once; its copies end with it.
         first: dict[str, Prepared] = {}
         for p in todo:
@@ -174,23 +318,13 @@ class ItemProcessor:
             result = self.explainer.explain(x)
             scores = self._faithfulness(x, result)
         except Exception as exc:  # one bad batch must not end the job: every item gets the reason
+            reason = f"explanation failed: {type(exc).__name__}: {exc}"
             with self.db.begin() as conn:
-                for p in todo:
-                    finish_item(conn, p.item.id, p.item.job_id, "failed", sha256=p.sha256,
-                                error=f"explanation failed: {type(exc).__name__}: {exc}")
-                    statuses.append("failed")
-            return statuses
+                ended = finish_items(conn, [ItemEnd(p.item.id, p.item.job_id, "failed", p.sha256, reason)
+                                            for p in todo])
+            return statuses + ["failed"] * len(ended), None
         per_image = (time.perf_counter() - t) / len(unique)
-        for i, p in enumerate(unique):
-            self._store_image(i, p, result, per_image, scores)
-            statuses.append("done")
-        copies = [p for p in todo if first[p.sha256] is not p]
-        if copies:
-            with self.db.begin() as conn:  # after the rows they share are in
-                for p in copies:
-                    finish_item(conn, p.item.id, p.item.job_id, "done", sha256=p.sha256, seconds=p.seconds)
-                    statuses.append("done")
-        return statuses
+        return statuses, Explained(todo, unique, result, scores, per_image)
 
     def _faithfulness(self, x: torch.Tensor, result: BatchResult) -> dict[str, dict[str, list]]:
         """Per method, the metrics of every map as host lists indexed [image][target] (one copy per batch)."""
@@ -205,77 +339,58 @@ class ItemProcessor:
             scores[method.name] = {name: tensor.cpu().tolist() for name, tensor in values.items()}
         return scores
 
-    def _store_image(self, i: int, p: Prepared, result: BatchResult, seconds: float,
-                     scores: dict[str, dict[str, list]]) -> None:
-        ex = self.explainer
-        model = ex.model
-        base = f"{p.sha256[:2]}/{p.sha256}/{model.tag}/{ex.layer_name}"
-        picture = fit_long_side(p.rgb, self.settings.overlay_max_side)
-        self.store.put_if_absent(thumbnail_key(p.sha256), lambda: _jpeg(fit_long_side(p.rgb, THUMBNAIL_SIDE)),
-                                 "image/jpeg")
-        style = self.overlay_style
-        ranks = result.probs[i].argsort(descending=True).argsort()
-        n_methods = len(ex.methods)
-        rows = []
-        for method in ex.methods:
-            out = result.outputs[method.name]
-            mid = method_id(method)
-            for k, class_id in enumerate(result.targets[i].tolist()):
-                stem = f"{base}/{mid}/{class_id}"
-                heat = out.maps[i, k].cpu().numpy()
-                map_key = f"maps/{stem}.npy"
-                self.store.put_if_absent(map_key, lambda: _npy(heat), "application/octet-stream")
-                overlay_key = f"overlays/{stem}.{style.key}.png"
-                shown = _overlay_source(out, i, k, style)
-                self.store.put_if_absent(overlay_key, lambda: overlay_png(picture, shown, style), "image/png")
-                arrays = {}
-                for name, tensor in out.arrays.items():
-                    key = f"maps/{stem}.{name}.npy"
-                    self.store.put_if_absent(key, lambda: _npy(tensor[i, k].cpu().numpy()), "application/octet-stream")
-                    arrays[name] = key
-                rows.append({
-                    "sha256": p.sha256, "settings_digest": self.digest, "model": model.tag, "method": mid,
-                    "layer": ex.layer_name, "class_id": class_id, "class_name": model.class_names[class_id],
-                    "score": float(result.probs[i, class_id]), "rank": int(ranks[class_id]) + 1,
-                    "map_key": map_key, "overlay_key": overlay_key,
-                    "extra": {"params": method.params(), "arrays": arrays, "overlay": style.params(),
-                              **_metrics_extra(self.metrics, scores.get(method.name), i, k),
-                              **self._localization_extra(p.rgb, heat, stem)},
-                    "seconds": result.seconds[method.name] / len(result.targets) / result.targets.shape[1],
-                })
-        with self.db.begin() as conn:
-            conn.execute(insert_ignore(self.db, Image.__table__, [
-                {"sha256": p.sha256, "width": p.rgb.shape[1], "height": p.rgb.shape[0]}]))
-            conn.execute(insert_ignore(self.db, Explanation.__table__, rows))
-            finish_item(conn, p.item.id, p.item.job_id, "done", sha256=p.sha256, seconds=p.seconds + seconds)
+    def encode(self, e: Explained) -> EncodedBatch:
+        """The batch's shard bytes and rows (storage/shards.py gives the layout)."""
+        with self.cpu_seconds("encode"):
+            ex = self.explainer
+            result = e.result
+            targets = result.targets.cpu()
+            k_targets = targets.shape[1]
+            probs = result.probs.cpu()
+            ranks = probs.argsort(dim=1, descending=True).argsort(dim=1) + 1
+            tensors, methods = shard_tensors(ex.methods, result.outputs)
+            rows = []
+            for i, p in enumerate(e.unique):
+                tensors[f"thumbnail.{i}"] = thumbnail_jpeg(p.rgb)
+                for method in ex.methods:
+                    for k, class_id in enumerate(targets[i].tolist()):
+                        extra = {**_metrics_extra(self.metrics, e.scores.get(method.name), i, k),
+                                 **self._localization_extra(p, method.name, class_id, result.outputs[method.name], i, k)}
+                        rows.append(Row(p.sha256, method.name, class_id, float(probs[i, class_id]),
+                                        int(ranks[i, class_id]), i * k_targets + k, extra or None))
+            description = {"format": SHARD_FORMAT, "settings_digest": self.digest, "model": ex.model.tag,
+                           "layer": ex.layer_name, "input_size": list(next(iter(result.outputs.values())).maps.shape[-2:]),
+                           "images": [p.sha256 for p in e.unique], "targets": k_targets,
+                           "classes": targets.tolist(), "methods": methods}
+            data = encode_shard(tensors, description)
+            first = {p.sha256: p for p in e.unique}
+            ends = [ItemEnd(p.item.id, p.item.job_id, "done", p.sha256, None,
+                            p.seconds + (e.per_image if first[p.sha256] is p else 0.0)) for p in e.items]
+            images = [{"sha256": p.sha256, "width": p.width, "height": p.height} for p in e.unique]
+        return EncodedBatch(data, images, rows, ends)
 
-    def _localization_extra(self, rgb: np.ndarray, heat: np.ndarray, stem: str) -> dict:
+    def _localization_extra(self, p: Prepared, method: str, class_id: int, out, i: int, k: int) -> dict:
         """With --localize: the GrabCut box from this map (None when the map cannot seed it) and its mask object."""
         if not self.localize:
             return {}
-        found = localize(rgb, heat)
+        found = localize(p.rgb, out.maps[i, k].float().cpu().numpy())
         if found is None:
             return {"localization": None}
-        mask_key = f"masks/{stem}.png"
+        mask_key = f"masks/{p.sha256[:2]}/{p.sha256}/{self.digest[:16]}/{method}/{class_id}.png"
         self.store.put_if_absent(mask_key, lambda: mask_png(found.mask), "image/png")
         return {"localization": {"bbox": list(found.bbox), "mask_key": mask_key}}
 
 
-def _jpeg(rgb: np.ndarray) -> bytes:
-    ok, data = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, 85])
-    if not ok:
-        raise RuntimeError("JPEG encoding failed")
-    return data.tobytes()
+@dataclass
+class Explained:
+    """A batch explained and not yet stored: ``items`` all end done with it; ``unique`` (one per picture)
+    were the model's inputs, in the order of ``result``."""
 
-
-def _overlay_source(out, i: int, k: int, style: OverlayStyle) -> np.ndarray:
-    """What the overlay shows: with a polarity, the method's signed attribution (its first stored array
-    with colour channels, B×K×3×H×W, e.g. saliency's raw gradient) when it keeps one; else the map."""
-    if style.polarity is not None:
-        for tensor in out.arrays.values():
-            if tensor.dim() == 5 and tensor.shape[2] == 3:
-                return tensor[i, k].float().cpu().numpy()
-    return out.maps[i, k].float().cpu().numpy()
+    items: list[Prepared]
+    unique: list[Prepared]
+    result: BatchResult
+    scores: dict[str, dict[str, list]]
+    per_image: float
 
 
 def _metrics_extra(metrics: Faithfulness | None, scores: dict[str, list] | None, i: int, k: int) -> dict:

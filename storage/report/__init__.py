@@ -1,19 +1,17 @@
 """``salient report``: one folder with a static HTML page about a job, readable without a server.
 
 The page holds the job summary, metric plots and per-class mean maps (drawn here), and a gallery
-rendered in the browser from embedded JSON, 100 images a page. Overlays, thumbnails and raw maps are
-linked relative to the page: into a local object store, or copied into the folder (any store, or
-``copy=True``). Light side: no torch. Everything from the database or a file name is escaped.
+rendered in the browser from embedded JSON, 100 images a page. Thumbnails and overlays are drawn from the
+result shards into ``pictures/`` (overlays need OpenCV); the raw maps link to a local store's shards.
+Light side: no torch. Everything from the database or a file name is escaped.
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
-import io
 import json
 import os
-import shutil
 import time
 from dataclasses import dataclass
 from html import escape
@@ -24,11 +22,13 @@ from urllib.parse import quote
 import numpy as np
 
 from salient_maps.storage.database import connect
+from salient_maps.storage.maps import MapReader
 from salient_maps.storage.objects import LocalObjectStore, ObjectStore, open_store
+from salient_maps.storage.results import find_job
 from salient_maps.storage.settings import Settings
 
 from . import charts
-from .collect import CURVES, METRICS, Collected, collect, find_job
+from .collect import CURVES, METRICS, Collected, collect
 
 PAGE_SIZE = 100
 CLASS_TABLE_ROWS = 50
@@ -57,48 +57,69 @@ def build_report(settings: Settings, job_id: str | None, out_dir: Path | None = 
             job = find_job(conn, job_id)
             out_dir = Path(out_dir or f"salient-report-{job.id[:8]}")
             out_dir.mkdir(parents=True, exist_ok=True)
-            href = _ObjectLinks(store, out_dir, copy=copy or not isinstance(store, LocalObjectStore))
-            data = collect(conn, job, href)
+            draw = _Pictures(store, out_dir, copy=copy or not isinstance(store, LocalObjectStore))
+            data = collect(conn, job, draw)
     finally:
         db.dispose()
-    class_maps = _write_class_maps(data, store, out_dir)
+    class_maps = _write_class_maps(data, draw.reader, out_dir)
     page = _page(data, class_maps)
     (out_dir / "index.html").write_text(page, encoding="utf-8")
     explanations = sum(len(card["x"]) for card in data.cards)
     return ReportSummary(out_dir / "index.html", job.id, len(data.cards), explanations, time.perf_counter() - start)
 
 
-class _ObjectLinks:
-    """Object key -> address relative to the report; copies the object in when asked to."""
+class _Pictures:
+    """Draws each record's thumbnail and overlay from its shard into ``pictures/`` (overlays need OpenCV;
+    without it the gallery shows thumbnails only) and links a local store's shards (the raw maps)."""
 
     def __init__(self, store: ObjectStore, out_dir: Path, copy: bool):
-        self.store, self.out_dir, self.copy = store, out_dir, copy
-        if isinstance(store, LocalObjectStore) and not copy:
+        self.reader = MapReader(store)
+        self.store, self.out_dir = store, out_dir
+        self.folder = out_dir / "pictures"
+        self.folder.mkdir(exist_ok=True)
+        self.link_shards = isinstance(store, LocalObjectStore) and not copy
+        if self.link_shards:
             self.root_from_report = Path(os.path.relpath(store.root.resolve(), out_dir.resolve())).as_posix()
+        self.styles: dict[str, object] = {}
+        try:
+            import cv2  # noqa: F401
+            self.can_draw = True
+        except ModuleNotFoundError:
+            self.can_draw = False
 
-    def __call__(self, key: str | None) -> str | None:
-        if not key or ".." in key.split("/"):
-            return None
-        # os.path, not pathlib: this runs for every object of the job.
-        local = os.path.join(self.store.root, key) if isinstance(self.store, LocalObjectStore) else None
-        if local is not None and not os.path.isfile(local):
-            return None
-        if not self.copy:
-            return quote(f"{self.root_from_report}/{key}")
-        target = self.out_dir / "objects" / key
+    def _safely(self, name: str, render) -> str | None:
+        target = self.folder / name
         if not target.exists():
-            target.parent.mkdir(parents=True, exist_ok=True)
-            if local is not None:
-                shutil.copyfile(local, target)
-            else:
-                try:
-                    target.write_bytes(self.store.get(key))
-                except Exception:  # a missing object in a remote store: the page shows a gap, not a crash
-                    return None
-        return quote(f"objects/{key}")
+            try:
+                data = render()
+            except Exception:  # a missing or unreadable shard: the page shows a gap, not a crash
+                return None
+            if data is None:
+                return None
+            target.write_bytes(data)
+        return quote(f"pictures/{name}")
+
+    def thumbnail(self, record: dict) -> str | None:
+        return self._safely(f"{record['sha256'][:24]}.jpg", lambda: self.reader.thumbnail(record))
+
+    def overlay(self, record: dict, style: dict | None = None) -> str | None:
+        if not self.can_draw:
+            return None
+        from salient_maps.storage.overlays import OverlayStyle
+
+        key = json.dumps(style or {}, sort_keys=True)
+        if key not in self.styles:
+            self.styles[key] = OverlayStyle(**(style or {}))
+        name = f"{record['sha256'][:24]}-{record['method']}-{record['class_id']}.png"
+        return self._safely(name, lambda: self.reader.overlay_png(record, self.styles[key]))
+
+    def shard(self, key: str | None) -> str | None:
+        if not key or not self.link_shards or ".." in key.split("/"):
+            return None
+        return quote(f"{self.root_from_report}/{key}")
 
 
-def _write_class_maps(data: Collected, store: ObjectStore, out_dir: Path) -> dict[tuple[int, str], str]:
+def _write_class_maps(data: Collected, reader: MapReader, out_dir: Path) -> dict[tuple[int, str], str]:
     """Mean rank-1 map per (predicted class, method) for the most frequent classes, as viridis PNGs."""
     folder = out_dir / "class-maps"
     folder.mkdir(exist_ok=True)
@@ -107,12 +128,12 @@ def _write_class_maps(data: Collected, store: ObjectStore, out_dir: Path) -> dic
     for c in top:
         for m, method in enumerate(data.methods):
             total, count = None, 0
-            for key in data.class_maps.get((c, method), []):
+            for record in data.class_maps.get((c, method), []):
                 try:
-                    heat = np.load(io.BytesIO(store.get(key)), allow_pickle=False).astype(np.float64)
-                except (OSError, ValueError, KeyError):
+                    heat = reader.map(record).astype(np.float64)
+                except (OSError, ValueError, KeyError, LookupError):
                     continue
-                if heat.ndim != 2 or (total is not None and heat.shape != total.shape):
+                if total is not None and heat.shape != total.shape:
                     continue
                 total = heat if total is None else total + heat
                 count += 1

@@ -1,17 +1,17 @@
-"""One pass over a job's rows: the gallery's compact records plus everything the summary aggregates."""
+"""One pass over a job's rows: the gallery's compact records plus everything the summary aggregates.
+
+Thumbnails and overlays are drawn here from the shards (``draw``), not read as stored objects."""
 
 from __future__ import annotations
 
 from collections import Counter, defaultdict
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Protocol
 from urllib.parse import unquote
 
-from sqlalchemy import and_, select
 from sqlalchemy.engine import Connection
 
-from salient_maps.storage.database import Explanation, Item, Job
-from salient_maps.storage.results import thumbnail_key
+from salient_maps.storage.results import job_records
 
 METRICS = ("deletion_auc", "insertion_auc", "drop")
 CURVES = ("deletion_curve", "insertion_curve")
@@ -37,78 +37,70 @@ class Collected:
     curve_counts: Counter = field(default_factory=Counter)
     predicted: Counter = field(default_factory=Counter)  # class index -> images predicted (rank 1, first method)
     predicted_score: dict[int, float] = field(default_factory=lambda: defaultdict(float))
-    class_maps: dict[tuple[int, str], list[str]] = field(default_factory=lambda: defaultdict(list))
+    class_maps: dict[tuple[int, str], list[dict]] = field(default_factory=lambda: defaultdict(list))  # records
     errors: Counter = field(default_factory=Counter)
     statuses: Counter = field(default_factory=Counter)
     item_seconds: float = 0.0
 
 
-def find_job(conn: Connection, job_id: str | None):
-    if job_id is None:
-        job_id = conn.execute(select(Job.id).order_by(Job.created_at.desc()).limit(1)).scalar()
-        if job_id is None:
-            raise LookupError("no jobs yet in this database")
-    job = conn.execute(select(Job).where(Job.id == job_id)).first()
-    if job is None:
-        raise LookupError(f"no job {job_id}")
-    return job
+class Drawer(Protocol):
+    """Makes a record's pictures reachable from the report; each returns a relative address or None."""
+
+    def thumbnail(self, record: dict) -> str | None: ...
+
+    def overlay(self, record: dict) -> str | None: ...
+
+    def shard(self, key: str) -> str | None: ...
 
 
-def collect(conn: Connection, job, href: Callable[[str], str | None]) -> Collected:
-    """Stream the job's items with their explanations; ``href(key)`` makes an object reachable from the
-    report (link or copy) and returns its relative address, or None when the object is missing."""
+def collect(conn: Connection, job, draw: Drawer) -> Collected:
+    """Stream the job's items with their explanations; ``draw`` writes or links each picture."""
     data = Collected(job=job)
     method_index: dict[str, int] = {}
     class_index: dict[str, int] = {}
-    query = (
-        select(Item.id, Item.uri, Item.sha256, Item.status, Item.error, Item.seconds, Explanation.method,
-               Explanation.class_name, Explanation.score, Explanation.rank, Explanation.map_key,
-               Explanation.overlay_key, Explanation.extra)
-        .outerjoin(Explanation, and_(Explanation.sha256 == Item.sha256,
-                                     Explanation.settings_digest == job.settings_digest,
-                                     Item.status.in_(("done", "skipped"))))
-        .where(Item.job_id == job.id)
-        .order_by(Item.id, Explanation.method, Explanation.rank)
-    )
+    shared, query = job_records(conn, job)
     card: dict | None = None
     last_item = None
     for row in conn.execution_options(yield_per=2000).execute(query):
+        record = dict(row._mapping)
         if row.id != last_item:
             last_item = row.id
-            card = _new_card(data, row, href)
+            card = _new_card(data, row)
         if row.method is None:
             continue
+        if card["t"] is None:
+            card["t"] = draw.thumbnail(record)
+        class_name = shared.class_names[row.class_id]
         if row.method not in method_index:
             method_index[row.method] = len(data.methods)
             data.methods.append(row.method)
-            data.method_params[row.method] = (row.extra or {}).get("params", {})
-            data.overlay_styles[row.method] = (row.extra or {}).get("overlay", {})
-        if row.class_name not in class_index:
-            class_index[row.class_name] = len(data.classes)
-            data.classes.append(row.class_name)
-        m, c = method_index[row.method], class_index[row.class_name]
+            data.method_params[row.method] = shared.methods.get(row.method, {})
+            data.overlay_styles[row.method] = shared.overlay
+        if class_name not in class_index:
+            class_index[class_name] = len(data.classes)
+            data.classes.append(class_name)
+        m, c = method_index[row.method], class_index[class_name]
         metrics = (row.extra or {}).get("metrics") or {}
-        card["x"].append([m, c, round(row.score, 5), row.rank, href(row.overlay_key), href(row.map_key),
+        card["x"].append([m, c, round(row.score, 5), row.rank, draw.overlay(record, shared.overlay), draw.shard(row.shard),
                           *(_rounded(metrics.get(name)) for name in METRICS), metrics.get("increase")])
         _aggregate(data, row.method, metrics)
         if row.rank == 1:
             if m == 0:
                 data.predicted[c] += 1
                 data.predicted_score[c] += row.score
-            keys = data.class_maps[(c, row.method)]
-            if len(keys) < MAPS_PER_CLASS:
-                keys.append(row.map_key)
+            records = data.class_maps[(c, row.method)]
+            if len(records) < MAPS_PER_CLASS:
+                records.append({"shard": row.shard, "slot": row.slot, "method": row.method})
     return data
 
 
-def _new_card(data: Collected, row, href: Callable[[str], str | None]) -> dict:
+def _new_card(data: Collected, row) -> dict:
     data.statuses[row.status] += 1
     data.item_seconds += row.seconds or 0.0
     if row.error:
         data.errors[row.error] += 1
     name = unquote(row.uri.rstrip("/").rsplit("/", 1)[-1]) or row.uri
-    card = {"n": name, "s": row.status, "e": row.error, "x": [],
-            "t": href(thumbnail_key(row.sha256)) if row.sha256 and row.status in ("done", "skipped") else None}
+    card = {"n": name, "s": row.status, "e": row.error, "x": [], "t": None}
     data.cards.append(card)
     return card
 

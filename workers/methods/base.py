@@ -72,10 +72,19 @@ class ForwardPass:
 @dataclass
 class MethodOutput:
     """``maps``: B×K×H×W in [0, 1] at the model's input size (rendered as the overlay).
-    ``arrays``: further named B×K×... tensors stored beside the map (e.g. the raw gradient)."""
+    ``arrays``: further named B×K×... tensors (e.g. the raw gradient).
+
+    What a result shard keeps instead of ``maps`` (readers derive the rest, storage/maps.py):
+    ``layer_maps`` (CAM family): B×K×h×w in [0, 1] at the layer's size, of which ``maps`` is the bilinear
+    upsampling; ``attribution`` (input-gradient methods): the name in ``arrays`` of the signed B×K×3×H×W
+    attribution that ``maps`` is ``scale_to_unit`` of the ``reduce`` ("max" or "sum") over channels of
+    its magnitude. With neither, the shard keeps ``maps`` and ``arrays`` as they are."""
 
     maps: Tensor
     arrays: dict[str, Tensor] = field(default_factory=dict)
+    layer_maps: Tensor | None = None
+    attribution: str | None = None
+    reduce: str = "max"
 
 
 class Method(ABC):
@@ -103,12 +112,27 @@ def scale_to_unit(maps: Tensor) -> Tensor:
     return scaled.view_as(maps)
 
 
+def cam_to_unit(cam: Tensor) -> Tensor:
+    """B×K×h×w class activation map -> ReLU, scaled to [0, 1], at the layer's size."""
+    return scale_to_unit(F.relu(cam.float()))
+
+
+def upsample_maps(unit: Tensor, size: tuple[int, int]) -> Tensor:
+    """B×K×h×w maps in [0, 1] bilinearly upsampled to ``size`` (the map a CAM method returns)."""
+    b, k = unit.shape[:2]
+    up = F.interpolate(unit.reshape(b * k, 1, *unit.shape[-2:]), size=size, mode="bilinear", align_corners=False)
+    return up.view(b, k, *size).clamp_(0, 1)
+
+
 def cam_to_maps(cam: Tensor, size: tuple[int, int]) -> Tensor:
     """B×K×h×w class activation map -> ReLU, scaled to [0, 1], bilinearly upsampled to ``size``."""
-    cam = scale_to_unit(F.relu(cam.float()))
-    b, k = cam.shape[:2]
-    up = F.interpolate(cam.reshape(b * k, 1, *cam.shape[-2:]), size=size, mode="bilinear", align_corners=False)
-    return up.view(b, k, *size).clamp_(0, 1)
+    return upsample_maps(cam_to_unit(cam), size)
+
+
+def cam_output(cam: Tensor, size: tuple[int, int]) -> MethodOutput:
+    """A CAM method's result: its maps at ``size`` and, for the shard, the same maps at the layer's size."""
+    unit = cam_to_unit(cam)
+    return MethodOutput(maps=upsample_maps(unit, size), layer_maps=unit)
 
 
 def compute_dtype(autocast: Callable[[], contextlib.AbstractContextManager], x: Tensor) -> torch.dtype:

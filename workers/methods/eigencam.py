@@ -3,7 +3,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import ForwardPass, Method, MethodOutput, cam_to_maps
+from .base import ForwardPass, Method, MethodOutput, cam_to_unit, upsample_maps
 
 
 def first_principal_component(acts: Tensor) -> Tensor:
@@ -33,4 +33,6 @@ class EigenCAM(Method):
     def explain(self, fp: ForwardPass) -> MethodOutput:
         cam = first_principal_component(fp.activations.detach())  # B×h×w
         k = fp.targets.shape[1]
-        return MethodOutput(maps=cam_to_maps(cam.unsqueeze(1), fp.input_size).expand(-1, k, -1, -1))
+        unit = cam_to_unit(cam.unsqueeze(1))
+        return MethodOutput(maps=upsample_maps(unit, fp.input_size).expand(-1, k, -1, -1),
+                            layer_maps=unit.expand(-1, k, -1, -1))

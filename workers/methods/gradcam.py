@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .base import ForwardPass, Method, MethodOutput, cam_to_maps
+from .base import ForwardPass, Method, MethodOutput, cam_output
 
 
 class GradCAM(Method):
@@ -13,4 +13,4 @@ class GradCAM(Method):
         grads = fp.gradients("layer")  # B×K×C×h×w
         weights = grads.mean(dim=(-2, -1), keepdim=True)
         cam = (weights * fp.activations.detach().float().unsqueeze(1)).sum(dim=2)
-        return MethodOutput(maps=cam_to_maps(cam, fp.input_size))
+        return cam_output(cam, fp.input_size)

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ForwardPass, Method, MethodOutput, cam_to_maps
+from .base import ForwardPass, Method, MethodOutput, cam_output
 
 
 class GradCAMPlusPlus(Method):
@@ -26,4 +26,4 @@ class GradCAMPlusPlus(Method):
         share = torch.where(denom != 0, grads.clamp_min(0) / torch.where(denom != 0, denom, 1.0), 0.0)
         weights = share.sum(dim=(-2, -1), keepdim=True)
         cam = (weights * acts).sum(dim=2)
-        return MethodOutput(maps=cam_to_maps(cam, fp.input_size))
+        return cam_output(cam, fp.input_size)

@@ -151,4 +151,5 @@ class GuidedBackprop(InputAttribution):
         return self.render(smoothed)
 
     def render(self, attribution: Tensor) -> MethodOutput:
-        return MethodOutput(maps=scale_to_unit(attribution.abs().amax(dim=2)), arrays={"gradient": attribution})
+        return MethodOutput(maps=scale_to_unit(attribution.abs().amax(dim=2)), arrays={"gradient": attribution},
+                            attribution="gradient")

@@ -24,4 +24,5 @@ class GuidedGradCAM(Method):
         weights = grads.mean(dim=(-2, -1), keepdim=True)
         cam = (weights * fp.activations.detach().float().unsqueeze(1)).sum(dim=2)
         product = cam_to_maps(cam, fp.input_size).unsqueeze(2) * guided_gradients(fp, self.score)  # B×K×3×H×W
-        return MethodOutput(maps=scale_to_unit(product.abs().amax(dim=2)), arrays={"guided_gradcam": product})
+        return MethodOutput(maps=scale_to_unit(product.abs().amax(dim=2)), arrays={"guided_gradcam": product},
+                            attribution="guided_gradcam")

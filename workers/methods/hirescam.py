@@ -1,6 +1,6 @@
 from __future__ import annotations
 
-from .base import ForwardPass, Method, MethodOutput, cam_to_maps
+from .base import ForwardPass, Method, MethodOutput, cam_output
 
 
 class HiResCAM(Method):
@@ -14,4 +14,4 @@ class HiResCAM(Method):
     def explain(self, fp: ForwardPass) -> MethodOutput:
         grads = fp.gradients("layer")  # B×K×C×h×w
         cam = (grads * fp.activations.detach().float().unsqueeze(1)).sum(dim=2)
-        return MethodOutput(maps=cam_to_maps(cam, fp.input_size))
+        return cam_output(cam, fp.input_size)

@@ -79,4 +79,5 @@ class IntegratedGradients(InputAttribution):
         return (x - base).unsqueeze(1) * integral
 
     def render(self, attribution: Tensor) -> MethodOutput:
-        return MethodOutput(maps=scale_to_unit(attribution.abs().sum(dim=2)), arrays={"attribution": attribution})
+        return MethodOutput(maps=scale_to_unit(attribution.abs().sum(dim=2)), arrays={"attribution": attribution},
+                            attribution="attribution", reduce="sum")

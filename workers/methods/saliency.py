@@ -27,4 +27,5 @@ class Saliency(InputAttribution):
     def render(self, attribution: Tensor) -> MethodOutput:
         simonyan = attribution.abs().amax(dim=2)
         return MethodOutput(maps=scale_to_unit(simonyan),
-                            arrays={"gradient": attribution, **gradient_renderings(attribution)})
+                            arrays={"gradient": attribution, **gradient_renderings(attribution)},
+                            attribution="gradient")

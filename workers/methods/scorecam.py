@@ -5,7 +5,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..folding import for_plain_passes
-from .base import ForwardPass, Method, MethodOutput, cam_to_maps, compute_dtype
+from .base import ForwardPass, Method, MethodOutput, cam_output, compute_dtype
 
 WEIGHT_DEFINITIONS = ("probability", "logit-softmax", "cic-softmax")
 # Memory one masked image costs in flight, in bytes per input pixel per byte of the element type:
@@ -79,7 +79,7 @@ class ScoreCAM(Method):
             scores = self._masked_scores(fp, acts)  # B×C'×K
             weights = self._channel_weights(scores)  # B×C'×K
             cam = torch.einsum("bck,bchw->bkhw", weights, acts)
-            return MethodOutput(maps=cam_to_maps(cam, fp.input_size))
+            return cam_output(cam, fp.input_size)
 
     def _kept_channels(self, acts: Tensor) -> Tensor:
         """B×C×h×w -> B×C'×h×w: all channels, or the ``max_channels`` of largest spatial variance."""

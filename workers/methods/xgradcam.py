@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import torch
 
-from .base import ForwardPass, Method, MethodOutput, cam_to_maps
+from .base import ForwardPass, Method, MethodOutput, cam_output
 
 
 class XGradCAM(Method):
@@ -20,4 +20,4 @@ class XGradCAM(Method):
         weighted = (grads * acts).sum(dim=(-2, -1), keepdim=True)
         weights = torch.where(total != 0, weighted / torch.where(total != 0, total, 1.0), 0.0)
         cam = (weights * acts).sum(dim=2)
-        return MethodOutput(maps=cam_to_maps(cam, fp.input_size))
+        return cam_output(cam, fp.input_size)

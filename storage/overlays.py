@@ -1,5 +1,5 @@
-"""Maps rendered on top of the original image, with the visualisation knobs users know from Vertex AI
-and pytorch-grad-cam: colour map, alpha, polarity, clip percentiles and overlay type."""
+"""Maps rendered on top of an image (OpenCV: the worker extra), with the visualisation knobs users know from
+Vertex AI and pytorch-grad-cam: colour map, alpha, polarity, clip percentiles and overlay type."""
 
 from __future__ import annotations
 
