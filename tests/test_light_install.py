@@ -51,6 +51,8 @@ def imported_after(statement: str, tmp_path: Path) -> tuple[str, list[str]]:
 
 @pytest.mark.parametrize("statement, shown", [
     ("import salient_maps.producer.cli", ""),
+    # the library API: torch loads at the first explain() call, not at the import
+    ("from salient_maps import explain, open_results", ""),
     # the group's help lists the heavy commands from a table, without loading them
     ("from salient_maps.producer.cli import main; main(['--help'], prog_name='salient')", "Explain images in-process"),
     ("from salient_maps.producer.cli import main; main(['results', '--help'], prog_name='salient')", "--format [jsonl|csv]"),
@@ -86,6 +88,18 @@ class _EntryPoint:
     def __init__(self, name: str, load):
         self.name = name
         self.load = load
+
+
+def test_explain_without_the_worker_extra_names_the_extra(tmp_path):
+    done = python(WITHOUT_WORKER_EXTRA + textwrap.dedent("""
+        from salient_maps import explain
+        try:
+            explain("photo.jpg")
+        except ImportError as exc:
+            print(exc)
+    """), tmp_path)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().endswith("is not installed): pip install 'salient-maps[worker]'"), done.stdout
 
 
 def test_a_plugin_that_cannot_load_names_the_extra(monkeypatch, run_cli):
