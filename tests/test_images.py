@@ -6,7 +6,6 @@ import io
 import os
 import struct
 import threading
-import time
 import tracemalloc
 import zlib
 from pathlib import Path
@@ -302,15 +301,12 @@ def test_pixel_bomb_is_refused_from_the_header_without_decoding(monkeypatch):
     monkeypatch.setattr(Image.Image, "load", must_not_decode)
     monkeypatch.setattr(Image.Image, "convert", must_not_decode)
     tracemalloc.start()
-    start = time.perf_counter()
     try:
         with pytest.raises(SourceError, match=r"100000x100000 = 10000000000 pixels, over the limit"):
             decode_image(data, LIMIT)
-        elapsed = time.perf_counter() - start
         peak = tracemalloc.get_traced_memory()[1]
     finally:
         tracemalloc.stop()
-    assert elapsed < 1.0
     assert peak < 1 << 20  # well under one row of the claimed image (300 kB) times a few
 
 

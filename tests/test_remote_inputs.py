@@ -232,8 +232,9 @@ def test_a_5xx_that_stays_fails_after_three_attempts(server):
 def test_a_slow_server_fails_at_the_deadline_and_is_not_retried(server, path):
     started = time.monotonic()
     fails(server.url(path), r"^no complete answer within 1s \(SALIENT_HTTP_TIMEOUT\)$")
-    took = time.monotonic() - started
-    assert TIMEOUT * 0.9 <= took < TIMEOUT + 1.5, took  # the dribble alone would take ~ len(PNG) / 10 s
+    # Not early; and the reason says the deadline ended it, not the server (whose answer would have come
+    # complete, after 4 s or, dribbled, after ~len(PNG) / 10 s). No upper bound: a loaded machine is late.
+    assert time.monotonic() - started >= TIMEOUT * 0.9
     assert server.hits(path) == 1
 
 
@@ -253,9 +254,7 @@ def test_other_downloads_may_take_long_but_never_stall(server):
     ("/chunked.png", rf"^response is over the limit of {CAP} bytes$"),
 ])
 def test_the_byte_limit_holds_whatever_the_headers_say(server, path, reason):
-    started = time.monotonic()
-    fails(server.url(path), reason)
-    assert time.monotonic() - started < TIMEOUT  # refused on the header or at the cap, not at the deadline
+    fails(server.url(path), reason)  # refused on the header or at the cap: at the deadline the reason would say so
 
 
 def test_a_content_length_below_the_truth_cannot_make_salient_read_more(server):
