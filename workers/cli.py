@@ -67,6 +67,7 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
                     "metrics": setup.metrics.params() if setup.metrics else None,
                     "overlay": setup.overlay_style.params(),
                     "labels": str(labels) if labels else None, "localize": localize,
+                    "preprocessing": explainer.model.preprocessing(), "layout": explainer.layout.params(),
                     "versions": _versions()}
     job_id = create_job(db, job_settings)
     try:
@@ -117,9 +118,9 @@ def _summary(job_id: str, counts: Counter, seconds: float, settings: Settings) -
 def run(sources, **options):
     """Explain every image in SOURCES (files, folders, file:// URIs) in-process, no servers needed.
 
-    Writes maps (.npy) and overlays (.png) under DATA/objects and metadata to DATA/salient.db (DATA:
-    the folder given as --out or --data). Unreadable images become failed records; the run goes on
-    and exits 0.
+    Writes one result shard per batch (maps and thumbnails, safetensors) under DATA/objects/shards and
+    metadata to DATA/salient.db (DATA: the folder given as --out or --data); read them back with salient
+    results, maps, show, report. Unreadable images become failed records; the run goes on and exits 0.
     """
     job_id, counts, seconds, settings = explain_sources(sources, **options)
     click.echo(_summary(job_id, counts, seconds, settings))
@@ -130,22 +131,26 @@ def run(sources, **options):
 @click.option("--methods", default=DEFAULT_METHODS, show_default=True)
 @device_option
 def demo(data_dir: Path, methods: str, device: str):
-    """Export scikit-image's sample photos to DATA/images and explain them with the bundled model."""
+    """Export scikit-image's sample photos to DATA/images, explain them with the bundled model and write a
+    report (DATA/report/index.html)."""
     images = export_sample_images(data_dir / "images")
     job_id, counts, seconds, settings = explain_sources(
         [images], model="efficientnet_lite0", weights=None, layer=None, methods=methods, topk=3, classes=None,
         batch_size=8, device=device, precision="fp32", data_dir=data_dir)
     click.echo(_summary(job_id, counts, seconds, settings))
 
+    from salient_maps.storage.report import build_report
+
     summary = data_dir / "results.csv"
     with open(summary, "w", newline="") as f:
         write_results(settings, job_id, "csv", f)
     for row in iter_results(settings, job_id):
         if row["rank"] == 1 and row["method"] == "gradcam":
-            click.echo(f"  {Path(row['uri']).name:24} {row['class_name']} ({row['score']:.2f})  "
-                       f"{settings.data_dir / 'objects' / row['overlay_key']}")
-    click.echo(f"overlays: {(settings.data_dir / 'objects' / 'overlays').resolve()}")
+            click.echo(f"  {Path(row['uri']).name:24} {row['class_name']} ({row['score']:.2f})")
+    report = build_report(settings, job_id, data_dir / "report")
     click.echo(f"records:  {summary} (or: salient results --out {data_dir} --format csv)")
+    click.echo(f"maps:     salient maps --data {data_dir} --out {data_dir / 'maps'}  (.npy; --overlays for PNGs)")
+    click.echo(f"report:   {report.path.resolve()}  (open it in a browser: overlays of every image)")
 
 
 @click.command("visualize-class")

@@ -102,6 +102,9 @@ def settings_digest(explainer: Explainer, metrics: Faithfulness | None = None,
         "precision": explainer.precision,
         "input_size": explainer.model.input_size,
     }
+    # Only when it differs from what every result had before it was recorded (ImageNet's mean and std).
+    if (preprocessing := explainer.model.preprocessing_identity()) is not None:
+        spec["preprocessing"] = preprocessing
     # Added only when used, so results made without them keep their identity.
     if metrics is not None:
         spec["metrics"] = metrics.params()
