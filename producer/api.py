@@ -1,5 +1,6 @@
 """``salient api``: the HTTP API for other services (FastAPI): submit jobs, follow them, page their results
-and errors, cancel them. Light like the rest of the producer: no torch, no workers.
+and errors, fetch a map or an overlay drawn on demand, cancel them. Light like the rest of the producer: no
+torch, no workers (drawing an overlay imports OpenCV when one is asked for).
 
 Every ``/jobs`` route needs ``Authorization: Bearer TOKEN`` with one of ``SALIENT_API_TOKENS``, compared in
 constant time. A request body over ``SALIENT_API_MAX_BODY_BYTES`` gets 413: on its Content-Length header
@@ -11,8 +12,10 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import io
 import logging
 import tempfile
+import threading
 import uuid
 from contextlib import contextmanager
 from datetime import datetime
@@ -21,6 +24,7 @@ from pathlib import Path, PurePosixPath
 from typing import Annotated, Iterator, Literal
 from urllib.parse import urlparse
 
+import numpy as np
 from botocore.exceptions import BotoCoreError, ClientError, ParamValidationError
 from fastapi import Depends, FastAPI, HTTPException, Query, Response
 from fastapi import Path as PathParam
@@ -34,7 +38,8 @@ from sqlalchemy.engine import Engine
 from sqlalchemy.exc import DBAPIError
 
 from salient_maps.storage.database import Item, cancel_job, connect
-from salient_maps.storage.results import iter_results
+from salient_maps.storage.maps import MapReader
+from salient_maps.storage.results import find_job, find_record, iter_results
 from salient_maps.storage.settings import Settings
 from salient_maps.storage.sources import SourceError, iter_uris, read_uri
 
@@ -56,6 +61,9 @@ JobId = Annotated[uuid.UUID, PathParam(description="The job id.")]
 # items.id is a 32-bit INTEGER column
 Cursor = Annotated[int, Query(ge=0, le=2**31 - 1, description="next_cursor of the previous page; 0 for the first.")]
 Limit = Annotated[int, Query(ge=1, le=MAX_PAGE, description="Images per page.")]
+Sha256 = Annotated[str, Query(pattern=r"^[0-9a-f]{64}$", description="The image's sha256, as in its records.")]
+MethodQuery = Annotated[str, Query(pattern=r"^[a-z0-9_]{1,100}$", description="The method's name, e.g. gradcam.")]
+ClassId = Annotated[int, Query(ge=0, le=2**31 - 1, description="The class id, as in the records.")]
 
 
 class JobRequest(BaseModel):
@@ -132,14 +140,15 @@ class ResultRecord(BaseModel):
     uri: str
     sha256: str | None
     model: str | None
-    method: str | None
+    method: str | None = Field(description="The method's plain name: gradcam, saliency, scorecam, ...")
+    method_params: dict | None = Field(description="The method's parameters (e.g. {\"score\": \"logit\"}).")
     layer: str | None
     class_id: int | None
     class_name: str | None
     score: float | None
     rank: int | None
-    map_key: str | None = Field(description="Object key of the map (.npy, float16) in the object store.")
-    overlay_key: str | None = Field(description="Object key of the overlay PNG.")
+    shard: str | None = Field(description="Object key of the result shard (safetensors) holding the map.")
+    slot: int | None = Field(description="The map's place in its shard (GET /jobs/{id}/overlay draws it).")
     status: str
     error: str | None
     seconds: float | None
@@ -272,6 +281,45 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         return ErrorsPage(errors=[ErrorRecord(uri=r.uri, sha256=r.sha256, error=r.error, seconds=r.seconds)
                                   for r in rows[:limit]],
                           next_cursor=rows[limit - 1].id if len(rows) > limit else None)
+
+    @app.get("/jobs/{job_id}/overlay", dependencies=guard, response_class=Response, responses={
+        **read_responses, 200: {"content": {"image/png": {}}, "description": "The overlay, drawn now"},
+        501: answer("This server cannot draw overlays (no OpenCV)")})
+    def get_overlay(job_id: JobId, sha256: Sha256, method: MethodQuery, class_id: ClassId) -> Response:
+        """One explanation's overlay as PNG, drawn on demand from its stored map and the image's thumbnail in
+        the job's overlay style. ``sha256``, ``method``, ``class_id``: as in the job's result records."""
+        return Response(_drawn(job_id, sha256, method, class_id, "png"), media_type="image/png")
+
+    @app.get("/jobs/{job_id}/map", dependencies=guard, response_class=Response, responses={
+        **read_responses, 200: {"content": {"application/octet-stream": {}},
+                                "description": "The map as a float32 .npy file"}})
+    def get_map(job_id: JobId, sha256: Sha256, method: MethodQuery, class_id: ClassId,
+                size: Literal["input", "layer"] = "input") -> Response:
+        """One explanation's map as a .npy file (float32 in [0, 1]): at the model's input size or as computed."""
+        return Response(_drawn(job_id, sha256, method, class_id, size), media_type="application/octet-stream")
+
+    reader = MapReader.for_settings(settings)
+    reader_lock = threading.Lock()
+
+    def _drawn(job_id: uuid.UUID, sha256: str, method: str, class_id: int, what: str) -> bytes:
+        with db.connect() as conn:
+            try:
+                record = find_record(conn, find_job(conn, str(job_id)), sha256, method, class_id)
+            except LookupError:
+                raise HTTPException(404, f"no job {job_id}") from None
+        if record is None:
+            raise HTTPException(404, f"job {job_id} has no {method} map of class {class_id} for image {sha256}")
+        with reader_lock:  # its shard cache is not thread-safe; one shard serves many requests in a row
+            if what == "png":
+                try:
+                    from salient_maps.storage.overlays import OverlayStyle
+                except ModuleNotFoundError:
+                    raise HTTPException(501, "drawing overlays needs OpenCV on the API server "
+                                             "(pip install opencv-python-headless)") from None
+                return reader.overlay_png(record, OverlayStyle(**record["style"]))
+            buffer = io.BytesIO()
+            np.save(buffer, reader.map(record, what), allow_pickle=False)
+            return buffer.getvalue()
 
     @app.delete("/jobs/{job_id}", response_model=JobStatus, dependencies=guard, responses=read_responses)
     def delete_job(job_id: JobId) -> JobStatus:

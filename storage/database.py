@@ -27,6 +27,7 @@ from sqlalchemy import (
     Table,
     Text,
     UniqueConstraint,
+    and_,
     case,
     create_engine,
     event,
@@ -323,9 +324,14 @@ def finish_items(conn, ends: list[ItemEnd]) -> set[int]:
             ended.add(row.id)
             counts.setdefault(row.job_id, Counter())[status] += 1
     for job_id in sorted(counts):
-        conn.execute(update(Job).where(Job.id == job_id).values(
-            {getattr(Job, status): getattr(Job, status) + n for status, n in counts[job_id].items()}))
-        _finish_job_if_complete(conn, job_id)
+        # Counters and the finish in one statement: SET's right-hand sides read the row as it was.
+        n = sum(counts[job_id].values())
+        complete = and_(Job.status.in_(("running", "cancelled")), Job.finished_at.is_(None),
+                        Job.done + Job.failed + Job.skipped + n >= Job.total)
+        conn.execute(update(Job).where(Job.id == job_id).values({
+            **{getattr(Job, status): getattr(Job, status) + k for status, k in counts[job_id].items()},
+            Job.status: case((and_(complete, Job.status == "running"), "finished"), else_=Job.status),
+            Job.finished_at: case((complete, utcnow()), else_=Job.finished_at)}))
     return ended
 
 

@@ -229,3 +229,19 @@ def _opened(fmt: str, path: Path | None, fields: tuple[str, ...], stdout: IO[str
         writer = _text_writer(fmt, file, fields)
         yield writer
         writer.close()
+
+
+def find_record(conn, job, sha256: str, method: str, class_id: int) -> dict | None:
+    """One explanation of one of the job's images (``shard``, ``slot``, ``method``, ...), or None."""
+    shared = result_settings(conn, job)
+    if shared is None:
+        return None
+    row = conn.execute(
+        select(Item.uri, Explanation.sha256, Explanation.method, Explanation.class_id, Explanation.slot,
+               Shard.key.label("shard"))
+        .join(Explanation, and_(Explanation.sha256 == Item.sha256, Explanation.settings_id == shared.id))
+        .join(Shard, Shard.id == Explanation.shard_id)
+        .where(Item.job_id == job.id, Item.sha256 == sha256, Explanation.method == method,
+               Explanation.class_id == class_id)
+        .limit(1)).mappings().first()
+    return None if row is None else dict(row, style=shared.overlay)

@@ -49,3 +49,30 @@ def test_a_database_from_before_migrations_is_migrated_and_keeps_its_rows(tmp_pa
     create_job(engine, {})  # and it is usable
     with engine.connect() as conn:
         assert conn.execute(sa.select(sa.func.count()).select_from(Job)).scalar() == 2
+
+
+def test_results_of_the_layout_before_shards_are_kept_and_say_so(tmp_path):
+    import pytest
+
+    from salient_maps.storage.results import iter_results
+    from salient_maps.storage.settings import Settings
+
+    url = f"sqlite:///{tmp_path / 'salient.db'}"
+    old = sa.create_engine(url)
+    with old.begin() as conn:
+        command.upgrade(alembic_config(conn), "0004")
+        conn.execute(sa.text("INSERT INTO jobs (id, status, settings, settings_digest, total, done, failed, skipped, "
+                             "created_at) VALUES ('j1', 'finished', '{}', 'd1', 1, 1, 0, 0, '2026-01-01')"))
+        conn.execute(sa.text("INSERT INTO items (job_id, uri, sha256, status, updated_at, deliveries) "
+                             "VALUES ('j1', 'file:///a.png', 'aa', 'done', '2026-01-01', 1)"))
+        conn.execute(sa.text("INSERT INTO images (sha256, width, height, created_at) VALUES ('aa', 4, 3, '2026-01-01')"))
+        conn.execute(sa.text(
+            "INSERT INTO explanations (sha256, settings_digest, model, method, layer, class_id, class_name, score, "
+            "rank, map_key, overlay_key, extra, seconds, created_at) VALUES ('aa', 'd1', 'm', 'gradcam', 'layer4', "
+            "1, 'one', 0.9, 1, 'maps/a.npy', 'overlays/a.png', '{}', 0.1, '2026-01-01')"))
+    connect(url).dispose()  # migrates to the newest revision
+    with sa.create_engine(url).connect() as conn:
+        assert conn.execute(sa.text("SELECT map_key FROM explanations_0004")).scalars().all() == ["maps/a.npy"]
+        assert conn.execute(sa.text("SELECT count(*) FROM explanations")).scalar() == 0
+    with pytest.raises(LookupError, match="before result shards .* 1 results are kept in the table explanations_0004"):
+        list(iter_results(Settings(data_dir=tmp_path), "j1"))

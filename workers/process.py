@@ -11,6 +11,7 @@ import contextlib
 import hashlib
 import itertools
 import json
+import logging
 import os
 import threading
 import time
@@ -38,6 +39,8 @@ from .localization import PARAMS as LOCALIZATION_PARAMS
 from .localization import localize, mask_png
 from .metrics import Faithfulness
 from .writer import THUMBNAIL_SIDE, BackgroundWriter, EncodedBatch, Row, ShardWriter, shard_tensors, thumbnail_jpeg
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -199,8 +202,9 @@ class ItemProcessor:
         list(pool.map(self.decode, todo))
 
     def decode_on_device(self, batch: list[Prepared]) -> list[Prepared]:
-        """nvJPEG for the JPEGs it decodes as the host would; returns the images left for the host. A batch
-        that nvJPEG refuses goes to the host whole, where each bad image fails with its own reason."""
+        """nvJPEG for the JPEGs it decodes as the host would; returns the images left for the host. When
+        nvJPEG refuses a batch, its images are tried one at a time; those it refuses alone go to the host,
+        where a bad image fails with its own reason."""
         jpegs: list[Prepared] = []
         for p in batch:
             try:
@@ -211,21 +215,25 @@ class ItemProcessor:
             if size is not None:
                 p.width, p.height = size
                 jpegs.append(p)
-        if not jpegs:
-            return [p for p in batch if p.data is not None]
+        if jpegs and not self._decode_on_device(jpegs) and len(jpegs) > 1:
+            for p in jpegs:
+                self._decode_on_device([p])
+        return [p for p in batch if p.data is not None]
+
+    def _decode_on_device(self, jpegs: list[Prepared]) -> bool:
         t = time.perf_counter()
         m = self.explainer.model
         try:
             with self.cpu_seconds("decode"):
                 decoded = decode_jpegs_on_device([p.data for p in jpegs], self.explainer.device, m.input_size,
                                                  m.mean, m.std, self.picture_side)
-        except RuntimeError:
-            return [p for p in batch if p.data is not None]
+        except RuntimeError:  # nvJPEG's errors, and running out of device memory
+            return False
         share = (time.perf_counter() - t) / len(jpegs)
         for p, (x, rgb) in zip(jpegs, decoded):
             p.x, p.rgb, p.data = x, rgb, None
             p.seconds += share
-        return [p for p in batch if p.data is not None]
+        return True
 
     def prepare(self, item: PendingItem) -> Prepared:
         """Read, hash and decode one item on the host (a bad image gets its reason in ``error``)."""
@@ -265,6 +273,7 @@ class ItemProcessor:
             if error is None:
                 statuses = ["done"] * len(future.result())
             else:  # the shard or its rows could not be written: the items fail with the reason, the job goes on
+                log.error("storing a batch of %d images failed", len(explained.items), exc_info=error)
                 reason = f"storing results failed: {type(error).__name__}: {error}"
                 with self.db.begin() as conn:
                     statuses = ["failed"] * len(finish_items(conn, [

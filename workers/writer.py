@@ -107,9 +107,10 @@ class ShardWriter:
             self.store.put_if_absent(key, lambda: batch.data, "application/octet-stream")
         with self.clock("database"), self.db.begin() as conn:
             settings_id = self.settings_id(conn)
-            conn.execute(insert_ignore(self.db, Shard.__table__, [
-                {"key": key, "images": len(batch.images), "bytes": len(batch.data)}]))
-            shard_id = conn.execute(select(Shard.id).where(Shard.key == key)).scalar_one()
+            shard_id = conn.execute(insert_ignore(self.db, Shard.__table__, [
+                {"key": key, "images": len(batch.images), "bytes": len(batch.data)}]).returning(Shard.id)).scalar()
+            if shard_id is None:  # these very bytes were stored before (a redone batch)
+                shard_id = conn.execute(select(Shard.id).where(Shard.key == key)).scalar_one()
             conn.execute(insert_ignore(self.db, Image.__table__, batch.images))
             conn.execute(insert_ignore(self.db, Explanation.__table__, [
                 {"sha256": r.sha256, "settings_id": settings_id, "method": r.method, "class_id": r.class_id,

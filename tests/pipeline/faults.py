@@ -7,11 +7,13 @@ import threading
 import time
 from typing import Callable
 
+import numpy as np
+
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
-from salient_maps.storage.database import Explanation, Image, Item, Job
-from salient_maps.storage.results import thumbnail_key
+from salient_maps.storage.database import Explanation, Image, Item, Job, ResultSettings, Shard
+from salient_maps.storage.shards import Shard as ShardFile
 
 # Cheap on CPU (~4 ms an image for Grad-CAM), 224 px maps; chunks of 4, batches of 4.
 SPEC = dict(model="mobilenet_v3_small", methods="gradcam", topk=1, batch_size=4)
@@ -65,8 +67,9 @@ def wait_for_end(pipeline, job_id: str, timeout: float = 180) -> None:
 def check_consistent(pipeline, job_id: str, n_images: int, failed: dict[int, str] | None = None) -> list:
     """The job finished; each item is done, or failed with the reason expected for it (``failed``: item id ->
     a substring of the reason); the job's counters equal the items' statuses; one image row and one
-    explanation per done image and none for a failed one; and the bucket holds exactly the objects the
-    rows name, each once (nothing missing, no orphan). Returns the item rows."""
+    explanation per done image and none for a failed one; and the bucket holds the shards the rows name, each
+    once, and each row's slot in its shard holds that row's image, method and class (``check_shards``).
+    Returns the item rows."""
     failed = failed or {}
     db = pipeline.db()
     with db.connect() as conn:
@@ -87,14 +90,50 @@ def check_consistent(pipeline, job_id: str, n_images: int, failed: dict[int, str
     assert len(set(done_shas)) == len(done_shas)  # the generated images all differ
     assert sorted(e.sha256 for e in explanations) == sorted(done_shas)  # one each: none missing, none twice
     assert sorted(images) == sorted(done_shas)
-    assert {e.settings_digest for e in explanations} == {job.settings_digest}
+    with db.connect() as conn:
+        assert conn.execute(select(ResultSettings.digest).where(ResultSettings.id.in_(
+            {e.settings_id for e in explanations}))).scalars().all() == [job.settings_digest]
+    check_shards(pipeline, explanations, db)
+    return items
+
+
+def check_shards(pipeline, explanations: list, db) -> None:
+    """Every shard the rows name is in the bucket, and each row's slot there holds its image (sha256), method
+    and class, with a finite map in [0, 1] and a thumbnail. Any other object is a shard no row names: a batch
+    whose worker died between the upload and the commit (or lost the race to a peer), so everything in it
+    must be a result that rows name in another shard."""
+    with db.connect() as conn:
+        shard_keys = dict(conn.execute(select(Shard.id, Shard.key)).all())
     keys = pipeline.bucket_keys()
     assert len(keys) == len(set(keys))
-    expected = {thumbnail_key(sha) for sha in done_shas}
+    stored = {k.removeprefix(pipeline.prefix) for k in keys}
+    named = {shard_keys[e.shard_id] for e in explanations}
+    assert named <= stored, sorted(named - stored)
+    results = {(e.sha256, e.method, e.class_id) for e in explanations}
+
+    def read(key: str) -> ShardFile:
+        return ShardFile(pipeline.s3.get_object(Bucket=pipeline.bucket, Key=pipeline.prefix + key)["Body"].read())
+
+    by_shard: dict[str, list] = {}
     for e in explanations:
-        expected.update((e.map_key, e.overlay_key, *e.extra.get("arrays", {}).values()))
-    assert sorted(keys) == sorted(pipeline.prefix + k for k in expected)
-    return items
+        by_shard.setdefault(shard_keys[e.shard_id], []).append(e)
+    for key, rows in by_shard.items():
+        shard = read(key)
+        images, classes, k = shard.description["images"], shard.description["classes"], shard.targets
+        for e in rows:
+            i = e.slot // k
+            assert (images[i], classes[i][e.slot % k]) == (e.sha256, e.class_id), (key, e.slot)
+            heat = shard.map(e.method, e.slot, "layer")
+            assert np.isfinite(heat).all() and heat.min() >= 0 and heat.max() <= 1
+            assert shard.thumbnail(i)
+    for key in stored - named:
+        assert key.startswith("shards/"), key
+        shard = read(key)
+        description = shard.description
+        for slot in range(len(description["images"]) * shard.targets):
+            i, k = divmod(slot, shard.targets)
+            for method in description["methods"]:
+                assert (description["images"][i], method, description["classes"][i][k]) in results, (key, slot)
 
 
 def claimed_ids(db, job_id: str) -> set[int]:

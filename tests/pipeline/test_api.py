@@ -5,6 +5,7 @@ schemathesis requests generated from the API's own OpenAPI schema, none of which
 from __future__ import annotations
 
 import base64
+import io
 import json
 import os
 import socket
@@ -12,11 +13,14 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
 from pathlib import Path
 
 import click
+import cv2
+import numpy as np
 import pytest
 from sqlalchemy import select
 
@@ -254,8 +258,32 @@ def test_a_job_submitted_over_http_is_explained_and_paged_back(pipeline, api_ser
     assert pages == 2 and len(records) == 4  # one explanation per image (topk 1), one record for the broken one
     by_uri = {r["uri"].rsplit("/", 1)[1]: r for r in records}
     assert sorted(by_uri) == ["broken.png", "img0.png", "img1.png", "img2.png"]
-    assert all(by_uri[f"img{i}.png"]["status"] == "done" and by_uri[f"img{i}.png"]["map_key"] for i in range(3))
-    assert by_uri["broken.png"]["status"] == "failed" and by_uri["broken.png"]["map_key"] is None
+    assert all(by_uri[f"img{i}.png"]["status"] == "done" and by_uri[f"img{i}.png"]["shard"] for i in range(3))
+    assert all(by_uri[f"img{i}.png"]["method"] == "gradcam" for i in range(3))
+    assert by_uri["broken.png"]["status"] == "failed" and by_uri["broken.png"]["shard"] is None
+
+    # a map and an overlay, drawn on demand from the shard
+    record = by_uri["img0.png"]
+    query = urllib.parse.urlencode({"sha256": record["sha256"], "method": "gradcam", "class_id": record["class_id"]})
+
+    def fetch(path: str, token: str = TOKEN) -> tuple[str, bytes]:
+        request = urllib.request.Request(http.base + path, headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.headers["Content-Type"], response.read()
+
+    kind, png = fetch(f"/jobs/{job['id']}/overlay?{query}")
+    drawn = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
+    assert kind == "image/png" and drawn.shape[:2] == (40, 56)  # on the thumbnail: the small image itself
+    _, npy = fetch(f"/jobs/{job['id']}/map?{query}&size=layer")
+    heat = np.load(io.BytesIO(npy), allow_pickle=False)
+    assert heat.shape == (7, 7) and heat.dtype == np.float32 and 0 <= heat.min() and heat.max() <= 1
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        fetch(f"/jobs/{job['id']}/overlay?{query}", token="wrong")
+    assert refused.value.code == 401
+    other = urllib.parse.urlencode({"sha256": "0" * 64, "method": "gradcam", "class_id": 1})
+    with pytest.raises(urllib.error.HTTPError) as missing:
+        fetch(f"/jobs/{job['id']}/overlay?{other}")
+    assert missing.value.code == 404
     _, all_at_once, _ = http("GET", f"/jobs/{job['id']}/results?limit=1000")
     assert all_at_once["records"] == records and all_at_once["next_cursor"] is None
 

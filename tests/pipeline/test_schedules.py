@@ -74,7 +74,7 @@ def test_scheduled_runs_explain_only_new_or_changed_images(pipeline, tiny_images
 
     # The skipped images report the earlier, identical results: every image of the run has its record.
     records = run_cli(["results", "--job", third.id]).output.splitlines()
-    assert len(records) == 4 and all('"status": "done"' in r and '"map_key": null' not in r for r in records)
+    assert len(records) == 4 and all('"status": "done"' in r and '"shard": null' not in r for r in records)
     listed = run_cli(["schedule", "list"]).output
     assert f"last job {third.id}: finished, done 2, failed 0, skipped 2 of 4" in listed
 
