@@ -8,7 +8,8 @@ One import package with three parts, each its own folder in the repository:
 The library API, importable from here without loading torch (it loads at the first ``explain`` call):
 ``explain(images, model=..., methods=..., topk=...)`` returns maps, probabilities and targets as tensors
 (``salient_maps.workers.in_memory``); ``open_results(folder or database URL, job)`` opens a job's results
-as an Arrow table or a pandas DataFrame (``salient_maps.storage.result_tables``).
+as an Arrow table or a pandas DataFrame and loads a record's map (``salient_maps.storage.result_tables``;
+``MapReader``, ``salient_maps.storage.maps``, reads maps from any record's shard).
 """
 
 from __future__ import annotations
@@ -16,12 +17,14 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 if TYPE_CHECKING:
+    from salient_maps.storage.maps import MapReader
     from salient_maps.storage.result_tables import JobResults, open_results
     from salient_maps.workers.in_memory import Explanations
 
-__all__ = ["explain", "open_results", "JobResults", "Explanations"]
+__all__ = ["explain", "open_results", "JobResults", "MapReader", "Explanations"]
 
-_LIGHT = {"open_results": "salient_maps.storage.result_tables", "JobResults": "salient_maps.storage.result_tables"}
+_LIGHT = {"open_results": "salient_maps.storage.result_tables", "JobResults": "salient_maps.storage.result_tables",
+          "MapReader": "salient_maps.storage.maps"}
 
 
 def explain(images: Any, *args: Any, **kwargs: Any) -> "Explanations":

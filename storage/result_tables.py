@@ -1,6 +1,7 @@
 """A job's results opened from Python: ``open_results(folder or database URL)`` in, the records of
 ``storage.results.iter_results`` out as an Arrow table (``to_arrow``) or a pandas DataFrame (``to_pandas``),
-one row per explanation or per item without one, in the columns of ``storage.results.FIELDS``.
+one row per explanation or per item without one, in the columns of ``storage.results.FIELDS``; and a
+record's map (``load_map``, read from its shard by ``storage.maps.MapReader``).
 
 Light: no torch. pyarrow comes with the ``parquet`` extra, pandas with the ``pandas`` extra.
 """
@@ -9,13 +10,16 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import cached_property
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator
+from typing import TYPE_CHECKING, Any, Iterator, Mapping
 
+import numpy as np
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
 from .database import Job, connect
+from .maps import MapReader
 from .results import FIELDS, iter_results
 from .settings import Settings
 
@@ -29,14 +33,16 @@ _FLOAT_FIELDS = ("score", "seconds", "deletion_auc", "insertion_auc", "drop")
 _BOOL_FIELDS = ("increase",)
 
 
-def open_results(location: str | Path | None = None, job: str | None = None, *,
+def open_results(location: str | Path | None = None, job: str | None = None, *, objects: str | None = None,
                  settings: Settings | None = None) -> "JobResults":
     """The results of ``job`` (default: the newest job) from ``location``: a data folder (``--out`` / ``--data``
-    of ``salient run``: DIR/salient.db and DIR/objects/), a SQLAlchemy database URL (PostgreSQL of the queued
-    pipeline; its maps in ``SALIENT_OBJECT_STORE_URL``), or None for the ``SALIENT_*`` settings."""
+    of ``salient run``: DIR/salient.db and DIR/objects/), a SQLAlchemy database URL (the queued pipeline's
+    PostgreSQL; its maps in ``objects``, an object store URL, by default ``SALIENT_OBJECT_STORE_URL``), or None
+    for the ``SALIENT_*`` settings."""
     settings = settings or Settings()
     if location is not None and "://" in str(location):
-        settings = settings.model_copy(update={"database_url": str(location)})
+        settings = settings.model_copy(update={"database_url": str(location),
+                                               "object_store_url": objects or settings.object_store_url})
     elif location is not None:
         folder = Path(location)
         if not (folder / "salient.db").is_file():
@@ -93,6 +99,20 @@ class JobResults:
         if rows or not batches:
             batches.append(pa.record_batch(columns, schema=schema))
         return pa.Table.from_batches(batches, schema=schema)
+
+    @cached_property
+    def reader(self) -> MapReader:
+        """The maps' reader on this job's object store (shards kept in memory while their records come)."""
+        return MapReader.for_settings(self.settings)
+
+    def load_map(self, record: Mapping[str, Any], size: str = "input") -> np.ndarray:
+        """A record's map (a dict of ``records``, a row of ``to_arrow().to_pylist()`` or of ``to_pandas()``):
+        float32 in [0, 1] at the model's input size, or with ``size="layer"`` as stored (``storage.maps``)."""
+        row = dict(record)
+        if not isinstance(row.get("shard"), str):  # None, or NaN in a DataFrame
+            raise ValueError(f"{row.get('uri')} has no map ({row.get('status')}: {row.get('error')})")
+        # a DataFrame column with a failed item's null slot holds floats
+        return self.reader.map({**row, "slot": int(row["slot"])}, size)
 
     def to_pandas(self) -> "pandas.DataFrame":
         """Every record as a pandas DataFrame (through ``to_arrow``); needs pandas."""

@@ -102,23 +102,32 @@ def test_an_image_that_cannot_be_used_is_named(pictures, tmp_path):
 
 
 def test_open_results_tables_hold_the_records_of_a_run(tiny_images, run_cli, tmp_path):
+    from salient_maps.storage.maps import MapReader
     from salient_maps.storage.results import FIELDS, iter_results
     from salient_maps.storage.settings import Settings
 
-    out = tmp_path / "out"
-    run_cli(["run", tiny_images(3), "--model", "mobilenet_v3_small", "--methods", "gradcam", "--topk", "2",
-             "--out", out])
+    out, folder = tmp_path / "out", tiny_images(3)
+    (folder / "zz-broken.png").write_bytes(b"not an image")
+    run_cli(["run", folder, "--model", "mobilenet_v3_small", "--methods", "gradcam", "--topk", "2", "--out", out])
     records = list(iter_results(Settings().with_data_dir(out), None))
     by_folder = open_results(out)
-    by_url = open_results(f"sqlite:///{out / 'salient.db'}", by_folder.job_id)
+    by_url = open_results(f"sqlite:///{out / 'salient.db'}", by_folder.job_id, objects=(out / "objects").as_uri())
     table = by_folder.to_arrow()
-    assert table.column_names == list(FIELDS) and table.num_rows == len(records) == 6
+    assert table.column_names == list(FIELDS) and table.num_rows == len(records) == 7  # 3 images × 2, 1 failed
     assert table.to_pylist() == [{k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v
                                   for k, v in record.items()} for record in records]
     assert by_url.to_arrow().equals(table)
+    # A record's map, from a dict, an Arrow row or a pandas row alike; a failed item has none.
+    reader = MapReader.for_settings(Settings().with_data_dir(out))
+    for record, row in zip(records[:6], table.to_pylist()):
+        assert np.array_equal(by_folder.load_map(row), reader.map(record))
+        assert by_folder.load_map(row).shape == (224, 224)
+    with pytest.raises(ValueError, match="zz-broken.png has no map"):
+        by_folder.load_map(records[6])
     frame = by_folder.to_pandas()
-    assert list(frame.columns) == list(FIELDS) and len(frame) == 6
-    assert frame["class_id"].tolist() == [r["class_id"] for r in records]
+    assert np.array_equal(by_url.load_map(frame.iloc[5]), reader.map(records[5]))
+    assert list(frame.columns) == list(FIELDS) and len(frame) == 7
+    assert frame["class_id"].iloc[:6].tolist() == [r["class_id"] for r in records[:6]]
     with pytest.raises(LookupError, match="no job nope"):
         open_results(out, "nope")
     with pytest.raises(FileNotFoundError, match="no salient results"):
@@ -143,10 +152,11 @@ def test_the_readme_library_example_runs_as_written(tiny_images, run_cli, tmp_pa
     exec(compile(code, "README.md", "exec"), namespace)
     assert namespace["result"].maps["gradcam"].shape == (2, 3, 224, 224)
     assert len(namespace["table"]) == 2
+    assert namespace["heat"].shape == (224, 224) and 0 <= namespace["heat"].min() <= namespace["heat"].max() <= 1
 
 
 def test_the_package_root_exports_the_library():
-    assert {"explain", "open_results"} <= set(salient_maps.__all__)
+    assert {"explain", "open_results", "MapReader"} <= set(salient_maps.__all__)
     assert salient_maps.Explanations.__name__ == "Explanations"
     with pytest.raises(AttributeError):
         salient_maps.nothing_here  # noqa: B018
