@@ -92,6 +92,7 @@ def test_salient_run_on_cuda(tmp_path, tiny_images):
     """``salient run`` (the worker side alone: a GPU machine needs no queue packages) on the device in bf16."""
     from click.testing import CliRunner
 
+    from salient_maps.storage.maps import MapReader
     from salient_maps.storage.results import iter_results
     from salient_maps.storage.settings import Settings
     from salient_maps.workers.cli import run
@@ -104,6 +105,7 @@ def test_salient_run_on_cuda(tmp_path, tiny_images):
     assert result.exit_code == 0, result.output
     rows = list(iter_results(Settings().with_data_dir(data), None))
     assert len(rows) == 5 * 2 * 3 and {r["status"] for r in rows} == {"done"}
+    reader = MapReader.for_settings(Settings().with_data_dir(data))
     for row in rows:
-        heat = np.load(data / "objects" / row["map_key"])
+        heat = reader.map(row)
         assert heat.shape == (224, 224) and np.isfinite(heat).all() and heat.max() > 0
