@@ -118,13 +118,6 @@ def settings_digest(explainer: Explainer, metrics: Faithfulness | None = None,
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
-def method_id(method) -> str:
-    params = method.params()
-    if not params:
-        return method.name
-    return f"{method.name}-{hashlib.sha256(json.dumps(params, sort_keys=True).encode()).hexdigest()[:10]}"
-
-
 class ItemProcessor:
     def __init__(self, settings: Settings, db: Engine, store: ObjectStore, explainer: Explainer, batch_size: int = 16,
                  metrics: Faithfulness | None = None, overlay_style: OverlayStyle = OverlayStyle(),

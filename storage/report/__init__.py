@@ -211,7 +211,7 @@ def _summary_html(data: Collected) -> str:
     body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
     methods = "".join(
         f"<tr><td><code>{escape(m)}</code></td><td class='mono'>{escape(json.dumps(data.method_params.get(m, {}), sort_keys=True))}</td>"
-        f"<td>{escape(definitions.get(_method_name(m), ''))}</td></tr>"
+        f"<td>{escape(definitions.get(m, ''))}</td></tr>"
         for m in data.methods)
     return (f"<h2>Job</h2><table>{body}</table><h2>Methods</h2>"
             f"<table><tr><th>method</th><th>params</th><th>definition</th></tr>{methods}</table>")
@@ -235,12 +235,6 @@ def _legend(methods: list[str]) -> str:
     return "<p class='legend'>" + "".join(
         f"<span><svg width='10' height='10'><rect width='10' height='10' fill='{charts.colour(i)}'/></svg> "
         f"{escape(m)}</span>" for i, m in enumerate(methods)) + "</p>"
-
-
-def _method_name(method_id: str) -> str:
-    """``gradcam`` from ``gradcam`` or ``saliency`` from ``saliency-61e9065a25`` (name + params digest)."""
-    name, _, suffix = method_id.rpartition("-")
-    return name if name and len(suffix) == 10 and all(ch in "0123456789abcdef" for ch in suffix) else method_id
 
 
 def _metrics_html(data: Collected) -> str:
