@@ -2,7 +2,9 @@
 device lanes take them out in batches of the engine's batch size.
 
 A worker holds ``concurrency`` messages at once (Celery threads pool, prefetch 1 each). Each
-message's task reads and decodes its images in a shared thread pool and hands them over one by one;
+message's task reads its images in a shared thread pool (as many threads as cores), asks the
+database once which are explained already (those are not decoded), decodes the rest (a CUDA
+device decodes the JPEGs among them, in one call) and hands them over one by one;
 a lane fills a batch from whatever is ready, across messages, waiting briefly for more only while
 some message is still decoding images for the same model. A task waits until all its images have
 ended and only then returns, so its message is acknowledged (acks_late) only when every one of its
@@ -49,7 +51,7 @@ from salient_maps.storage.database import claim_items, finish_item, release_item
 from salient_maps.storage.retry import is_transient, with_backoff
 from salient_maps.storage.settings import Settings
 
-from .process import ItemProcessor, PendingItem, Prepared
+from .process import ItemProcessor, PendingItem, Prepared, host_threads
 
 log = logging.getLogger(__name__)
 EXIT_TIME_LIMIT = 75  # the worker's exit status after a time limit (EX_TEMPFAIL): restart it
@@ -216,8 +218,8 @@ class Ticket:
 class DeviceLoop:
     """The lanes own the model and the device; message tasks feed them images and wait for them."""
 
-    def __init__(self, db: Engine, settings: Settings, decode_threads: int = 4, linger: float = 0.1, lanes: int = 2,
-                 on_time_limit: Callable[[list[PendingItem], str], None] | None = None):
+    def __init__(self, db: Engine, settings: Settings, decode_threads: int | None = None, linger: float = 0.1,
+                 lanes: int = 2, on_time_limit: Callable[[list[PendingItem], str], None] | None = None):
         self.db = db
         self.max_deliveries = settings.max_deliveries
         self.retry_seconds = settings.retry_seconds
@@ -225,7 +227,7 @@ class DeviceLoop:
         self.gate = Gate()
         self.watchdog = Watchdog(settings.image_time_limit, on_time_limit or self._time_limit_exceeded)
         self.model_lock = ModelLock(self.watchdog)
-        self._decode = ThreadPoolExecutor(decode_threads, thread_name_prefix="salient-decode")
+        self._decode = ThreadPoolExecutor(decode_threads or host_threads(), thread_name_prefix="salient-decode")
         self._ready: deque[Ticket] = deque()
         self._decoding: defaultdict[int, int] = defaultdict(int)  # id(processor) -> images still decoding
         self._cond = threading.Condition()
@@ -248,8 +250,8 @@ class DeviceLoop:
         with self._cond:
             for t in tickets:
                 self._decoding[id(t.processor)] += 1
-        for t in tickets:
-            self._decode.submit(self._prepare, t)
+        if tickets:
+            self._prepare(tickets)
         for t in tickets:
             t.ended.wait()
         given_back = [t for t in tickets if t.error is not None]
@@ -270,7 +272,7 @@ class DeviceLoop:
                 with_backoff(lambda: self._end([item], "failed", reason), self.retry_seconds, "failing an image")
                 return
             try:
-                prepared = self._read(processor, item)
+                prepared = self._read(item, processor.prepare, "reading and decoding")
             except Exception as exc:  # transient, past the retry budget
                 error: BaseException | None = exc
             else:
@@ -279,12 +281,12 @@ class DeviceLoop:
             self._give_back([item])
             raise error
 
-    def _read(self, processor: ItemProcessor, item: PendingItem) -> Prepared:
-        """Read and decode one image; each attempt watched, transient errors retried (and raised past the
-        budget). Any other error fails the image with the reason (a bad image is already one)."""
+    def _read(self, item: PendingItem, step: Callable[[PendingItem], Prepared], what: str) -> Prepared:
+        """Read (and with ``processor.prepare`` decode) one image; each attempt watched, transient errors retried
+        (and raised past the budget). Any other error fails the image with the reason (a bad image is already one)."""
         def attempt() -> Prepared:
-            with self.watchdog.watch([item], "reading and decoding"):
-                return processor.prepare(item)
+            with self.watchdog.watch([item], what):
+                return step(item)
 
         try:
             return with_backoff(attempt, self.retry_seconds, "reading an image")
@@ -358,20 +360,69 @@ class DeviceLoop:
         sys.stderr.flush()
         os._exit(EXIT_TIME_LIMIT)
 
-    def _prepare(self, ticket: Ticket) -> None:
+    def _prepare(self, tickets: list[Ticket]) -> None:
+        """Read one message's images in the pool, ask in one query which are explained already (those are not
+        decoded), then decode the rest: on a CUDA device its plain JPEGs in one nvJPEG call, the others in
+        the pool. Each image goes to the lanes as soon as it is decoded (or has failed, or is explained)."""
+        processor = tickets[0].processor
+        handed: set[int] = set()
+
+        def hand(t: Ticket) -> None:
+            handed.add(id(t))
+            with self._cond:
+                self._decoding[id(t.processor)] -= 1
+                if t.error is None:
+                    self._ready.append(t)
+                self._cond.notify_all()
+            if t.error is not None:
+                t.ended.set()
+
         try:
             with self.gate.shared():
-                # A bad image comes back with its reason, not raised.
-                ticket.prepared = self._read(ticket.processor, ticket.item)
-        except BaseException as exc:  # S3 down past the retry budget: this image cannot go on now
-            ticket.error = exc
-        with self._cond:
-            self._decoding[id(ticket.processor)] -= 1
-            if ticket.error is None:
-                self._ready.append(ticket)
-            self._cond.notify_all()
-        if ticket.error is not None:
-            ticket.ended.set()
+                reads = [self._decode.submit(self._read, t.item, processor.read, "reading") for t in tickets]
+                for t, future in zip(tickets, reads):
+                    try:
+                        t.prepared = future.result()
+                    except BaseException as exc:  # S3 down past the retry budget: this image cannot go on now
+                        t.error = exc
+                        hand(t)
+                alive = [t for t in tickets if t.error is None]
+                try:
+                    with_backoff(lambda: processor.skip_explained([t.prepared for t in alive]), self.retry_seconds,
+                                 "looking up explained images")
+                except Exception as exc:
+                    if is_transient(exc):
+                        for t in alive:
+                            t.error = exc
+                    else:  # the batch checks again before writing: decoding them all is only slower
+                        log.exception("looking up explained images failed")
+                for t in alive:
+                    if t.error is not None or t.prepared.data is None:  # given back, failed or explained
+                        hand(t)
+                todo = [t for t in alive if id(t) not in handed]
+                if todo and processor.explainer.device.type == "cuda":
+                    with self.watchdog.watch([t.item for t in todo], "decoding on the device"):
+                        processor.decode_on_device([t.prepared for t in todo])
+                    for t in todo:
+                        if t.prepared.data is None:
+                            hand(t)
+                decodes = [self._decode.submit(self._decode_one, t, hand) for t in todo if id(t) not in handed]
+                for future in decodes:
+                    future.result()
+        except BaseException as exc:  # never leave a message waiting for its images
+            for t in tickets:
+                if id(t) not in handed:
+                    t.error = t.error or exc
+                    hand(t)
+
+    def _decode_one(self, t: Ticket, hand: Callable[[Ticket], None]) -> None:
+        try:
+            with self.watchdog.watch([t.item], "decoding"):
+                t.processor.decode(t.prepared)  # a bad image comes back with its reason, not raised
+        except Exception as exc:
+            log.exception("decoding item %d (%s) failed", t.item.id, t.item.uri)
+            t.prepared.error, t.prepared.data = f"decoding failed: {type(exc).__name__}: {exc}", None
+        hand(t)
 
     def _next_batch(self) -> list[Ticket]:
         with self._cond:

@@ -41,7 +41,7 @@ class WorkerOptions:
     """Set by ``salient worker`` before the pool starts."""
 
     device: str = "auto"
-    decode_threads: int = 4
+    decode_threads: int | None = None  # one per core
 
 
 options = WorkerOptions()

@@ -16,8 +16,8 @@ import click
               help="Messages held at once (threads); their images share the device's batches.")
 @click.option("--torch-threads", type=click.IntRange(1), default=None,
               help="CPU threads torch may use (default: torch's choice).")
-@click.option("--decode-threads", type=click.IntRange(1), default=4, show_default=True,
-              help="Threads reading and decoding images ahead of the model.")
+@click.option("--decode-threads", type=click.IntRange(1), default=None,
+              help="Threads reading and decoding images ahead of the model (default: one per core).")
 @click.option("--events", is_flag=True, help="Send task events (for Flower's task views).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Celery node name (default salient-PID@HOST).")
