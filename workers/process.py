@@ -70,6 +70,15 @@ def host_threads() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def stacked_inputs(batch: list[Prepared], device: torch.device) -> torch.Tensor:
+    """A batch's model inputs as one tensor: on the host when all were decoded there (the engine copies it
+    over, from pinned memory on CUDA), else on ``device``, where nvJPEG left the JPEGs among them."""
+    xs = [p.x for p in batch]
+    if all(x.device == xs[0].device for x in xs):
+        return torch.stack(xs)
+    return torch.stack([x.to(device) for x in xs])
+
+
 def _chunks(items: Iterable, n: int) -> Iterator[list]:
     it = iter(items)
     while chunk := list(itertools.islice(it, n)):
@@ -319,7 +328,7 @@ class ItemProcessor:
         unique = list(first.values())
         t = time.perf_counter()
         try:
-            x = torch.stack([p.x for p in unique])
+            x = stacked_inputs(unique, self.explainer.device)
             result = self.explainer.explain(x)
             scores = self._faithfulness(x, result)
         except Exception as exc:  # one bad batch must not end the job: every item gets the reason
@@ -351,9 +360,10 @@ class ItemProcessor:
             result = e.result
             targets = result.targets.cpu()
             k_targets = targets.shape[1]
-            probs = result.probs.cpu()
-            ranks = probs.argsort(dim=1, descending=True).argsort(dim=1) + 1
+            probs = result.probs.cpu().numpy()
+            ranks = (-probs).argsort(axis=1, kind="stable").argsort(axis=1) + 1
             tensors, methods = shard_tensors(ex.methods, result.outputs)
+            input_size = list(next(iter(result.outputs.values())).maps.shape[-2:])
             rows = []
             for i, p in enumerate(e.unique):
                 tensors[f"thumbnail.{i}"] = thumbnail_jpeg(p.rgb)
@@ -364,7 +374,7 @@ class ItemProcessor:
                         rows.append(Row(p.sha256, method.name, class_id, float(probs[i, class_id]),
                                         int(ranks[i, class_id]), i * k_targets + k, extra or None))
             description = {"format": SHARD_FORMAT, "settings_digest": self.digest, "model": ex.model.tag,
-                           "layer": ex.layer_name, "input_size": list(next(iter(result.outputs.values())).maps.shape[-2:]),
+                           "layer": ex.layer_name, "input_size": input_size,
                            "images": [p.sha256 for p in e.unique], "targets": k_targets,
                            "classes": targets.tolist(), "methods": methods}
             data = encode_shard(tensors, description)
