@@ -16,6 +16,7 @@ from sqlalchemy import event
 
 from salient_maps.storage.sources import SourceError
 from salient_maps.workers import process
+from salient_maps.workers.process import stacked_inputs
 from salient_maps.workers.images import (decode_image, decode_jpegs_on_device, decode_scaled, device_decodable,
                                          jpeg_reduction, to_input)
 
@@ -238,6 +239,14 @@ def test_the_device_path_sorts_a_batch_image_by_image(processor, smooth_rgb, enc
     assert "truncated JPEG" in batch["cut.jpg"].error
 
 
+def test_inputs_decoded_on_the_host_stay_there_for_the_engine_to_copy():
+    from salient_maps.workers.process import PendingItem, Prepared
+
+    batch = [Prepared(PendingItem(i, "job", "x"), x=torch.rand(3, 8, 8)) for i in range(3)]
+    x = stacked_inputs(batch, torch.device("cpu"))
+    assert x.device.type == "cpu" and torch.equal(x[2], batch[2].x)
+
+
 # --- on a CUDA device (skipped without one) --------------------------------------------------------------------
 
 needs_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
@@ -288,3 +297,5 @@ def test_a_cuda_batch_decodes_its_jpegs_on_the_device_and_the_rest_on_the_host(t
     for name in ("a.jpg", "b.jpg"):
         diff = levels(batch[name].x.cpu(), full_input(files[name]))
         assert diff.mean() <= DEVICE_MEAN and (batch[name].width, batch[name].height) == (640, 480)
+    x = stacked_inputs([batch["a.jpg"], batch["c.png"]], torch.device("cuda"))  # mixed: the batch goes to the device
+    assert x.device.type == "cuda" and torch.equal(x[1].cpu(), batch["c.png"].x)
