@@ -12,9 +12,13 @@ from pathlib import Path
 
 import pytest
 import torch
-from sqlalchemy import select
-
-from salient_maps.storage.database import Item, add_items, close_listing, connect, create_job
+from salient_maps.storage.database import (
+    Item,
+    add_items,
+    close_listing,
+    connect,
+    create_job,
+)
 from salient_maps.storage.job_options import job_spec
 from salient_maps.storage.messages import chunk_message, parse_chunk
 from salient_maps.storage.objects import open_store
@@ -25,6 +29,7 @@ from salient_maps.workers.explainers import ProcessorCache
 from salient_maps.workers.factories import factory_allowed
 from salient_maps.workers.models import ModelError, load_model
 from salient_maps.workers.tasks import Runtime, run_chunk
+from sqlalchemy import select
 
 FACTORIES = Path(__file__).parent / "model_factories.py"
 
@@ -113,3 +118,21 @@ def test_a_listed_factory_runs_on_the_worker(tmp_path: Path, tiny_images):
     ends = worker_runs(f"{code}:build", [str(code.parent)], tmp_path, tiny_images)
     assert set(ends.values()) == {"done: None"}, ends
     assert marker.read_text() == "called"
+
+
+def test_a_fine_tuned_timm_state_dict_brings_its_own_head(tmp_path: Path):
+    """timm:NAME --weights: a head trained for 3 classes is built for 3 (timm's reset_classifier), and the
+    DeiT's class and distillation heads both load."""
+    import timm
+
+    torch.manual_seed(5)
+    tuned = timm.create_model("deit_tiny_distilled_patch16_224", pretrained=False, num_classes=3, img_size=32)
+    weights = tmp_path / "tuned.pth"
+    torch.save(tuned.state_dict(), weights)
+    labels = tmp_path / "labels.json"
+    labels.write_text(json.dumps(["cat", "dog", "fox"]))
+    model = load_model("timm:deit_tiny_distilled_patch16_224", weights, labels, input_size=32)
+    assert model.class_names == ["cat", "dog", "fox"] and model.name == "timm-deit_tiny_distilled_patch16_224"
+    x = torch.randn(2, 3, 32, 32)
+    torch.testing.assert_close(model.module(x), tuned.eval()(x))
+    assert model.default_layer == "blocks.11.norm1" and model.layout("blocks.11.norm1").prefix_tokens == 2

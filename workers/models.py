@@ -21,9 +21,8 @@ from pathlib import Path
 
 import torch
 import torchvision
-from torch import nn
-
 from salient_maps.storage.sources import file_sha256
+from torch import nn
 
 from . import factories
 from .layouts import Layout, survey_layers
@@ -118,7 +117,7 @@ def _weights_error(path: Path, exc: Exception) -> ModelError:
     return ModelError(f"cannot load weights {path}: not a readable PyTorch weights file ({reason})")
 
 
-def _load_state_dict(module: nn.Module, path: Path) -> None:
+def _read_state_dict(path: Path) -> dict:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:
@@ -127,6 +126,21 @@ def _load_state_dict(module: nn.Module, path: Path) -> None:
         state = state["state_dict"]
     if not isinstance(state, dict):
         raise ModelError(f"{path} holds a {type(state).__name__}, not a state dict")
+    return state
+
+
+def _fit_timm_head(module: nn.Module, state: dict) -> None:
+    """A fine-tuned timm model's state dict holds a head for its own class count: build that head."""
+    classifier = (getattr(module, "pretrained_cfg", None) or {}).get("classifier")
+    first = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    head = state.get(f"{first}.weight") if first else None
+    if isinstance(head, torch.Tensor) and head.dim() >= 2 and hasattr(module, "reset_classifier") \
+            and head.shape[0] != getattr(module, "num_classes", head.shape[0]):
+        module.reset_classifier(head.shape[0])
+
+
+def _load_state_dict(module: nn.Module, path: Path, state: dict | None = None) -> None:
+    state = _read_state_dict(path) if state is None else state
     try:
         result = module.load_state_dict(state, strict=False)
     except RuntimeError as exc:  # tensors of the wrong shape (e.g. a head trained for another class count)
@@ -322,7 +336,10 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
             "path/to/file.py:FUNCTION or package.module:FUNCTION, or give a TorchScript file's path")
     module = built.module
     if weights is not None:
-        _load_state_dict(module, Path(weights))
+        state = _read_state_dict(Path(weights))
+        if name.startswith("timm:"):
+            _fit_timm_head(module, state)
+        _load_state_dict(module, Path(weights), state)
         weights_digest = file_sha256(Path(weights))
         # Code and weights together name the network; the tag keeps only the digest's first characters.
         built.digest = weights_digest if not built.digest.startswith("code-") else \
