@@ -19,15 +19,18 @@ import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM, HiResCAM
 from pytorch_grad_cam import ScoreCAM as TheirScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
-from torch import Tensor, nn
-
 from salient_maps.workers.engine import Explainer
 from salient_maps.workers.layouts import Layout, layout_of
 from salient_maps.workers.methods import build_methods
 from salient_maps.workers.methods.base import scale_to_unit
-from salient_maps.workers.models import LoadedModel, ModelError, load_model, resolve_layer
+from salient_maps.workers.models import (
+    LoadedModel,
+    ModelError,
+    load_model,
+    resolve_layer,
+)
 from salient_maps.workers.targets import Targets
-
+from torch import Tensor, nn
 
 FACTORIES = Path(__file__).parent / "model_factories.py"
 
