@@ -316,10 +316,14 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
         name = re.sub(r"[^A-Za-z0-9_.-]", "_", Path(name).stem)
     elif name == DEFAULT_MODEL:
         built = _Built(*_bundled_efficientnet_lite0())  # trained with ImageNet's mean and std at 224 (tested)
-    elif name in TORCHVISION_MODELS:
-        built = _torchvision(name, input_size)
-    elif name.startswith("timm:"):
-        built = _timm(name, input_size)
+    elif name in TORCHVISION_MODELS or name.startswith("timm:"):
+        try:
+            built = _torchvision(name, input_size) if name in TORCHVISION_MODELS else _timm(name, input_size)
+        except ModelError:
+            raise
+        except Exception as exc:  # e.g. a ViT asked for a size its patches do not divide
+            size = f" for a {input_size} px input" if input_size else ""
+            raise ModelError(f"cannot build {name}{size}: {type(exc).__name__}: {exc}") from None
     elif factories.is_factory(name):
         try:
             module, source_digest = factories.build(name)
