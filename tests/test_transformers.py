@@ -278,3 +278,14 @@ def test_a_model_without_any_map_names_its_layers_and_still_gets_input_gradients
     result = Explainer(model, None, build_methods(["saliency"]), Targets(topk=1), device="cpu").explain(
         images(1, model.input_size))
     assert torch.isfinite(result.outputs["saliency"].maps).all()
+
+
+def test_input_gradient_methods_run_on_a_transformer_and_guided_backprop_warns_without_relu():
+    model = tiny_loaded(TinyViT(1))
+    methods = build_methods(["saliency", "integrated_gradients", "guided_backprop"], {"steps": 4})
+    with pytest.warns(UserWarning, match="calls no ReLU/ReLU6: its guided backpropagation is the plain gradient"):
+        result = Explainer(model, None, methods, Targets(topk=2), device="cpu").explain(images(2, 16))
+    for name in ("saliency", "integrated_gradients", "guided_backprop"):
+        maps = result.outputs[name].maps
+        assert torch.isfinite(maps).all() and (maps.flatten(2).amax(-1) > 0).all()
+    torch.testing.assert_close(result.outputs["guided_backprop"].maps, result.outputs["saliency"].maps)
