@@ -16,6 +16,15 @@ message with it:
   published cannot be in the list. Messages restored from a dead worker (flagged ``redelivered``) go
   back to the popping end out of order, so those are read item by item instead.
 
+A message moves between the two while a worker takes it, so one look can miss it: kombu pops it from the
+list (BRPOP) and only then adds it to the unacked hash, and a look reads the hash and the lists one after
+the other. So every look reads the hash both before and after the lists, and an item is published only when
+two looks ``SETTLE_SECONDS`` apart both find it lost; a message in a worker's hands is in the hash (or its
+items have ended) by the second. What both looks miss is really gone: for instance the message a worker had
+just popped when Redis stopped, whose entry in the unacked hash was never written (the pop is persisted,
+the hash entry is not): persistence keeps every message Redis holds, not one in transit, and the reconciler
+publishes that one again.
+
 With a broker other than Redis nothing can be looked at and the pending timeout alone decides: it must
 then exceed the longest wait in the queue.
 
@@ -30,6 +39,7 @@ from __future__ import annotations
 import base64
 import json
 import logging
+import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterator
@@ -51,6 +61,11 @@ _UNACKED_KEY = "unacked"
 _TAIL_PAGE = 50
 _TAIL_MAX = 500  # messages read from the popping end before giving up on dating the queue this round
 _SPEC_KEYS = tuple(MESSAGE_SCHEMA["properties"]["spec"]["properties"])
+# Between the two looks: a worker that popped a message writes it to the unacked hash microseconds later,
+# so this is ample even for a process the machine's load keeps waiting.
+SETTLE_SECONDS = 2.0
+# Items the first look remembers; the others found lost wait for the next round.
+_SUSPECTS_MAX = 100_000
 
 
 @dataclass
@@ -125,9 +140,7 @@ def read_queue(settings: Settings, db: Engine, attempts: int = 5) -> QueueView:
     client = redis.Redis.from_url(settings.broker_url, socket_timeout=30)
     try:
         view = QueueView(readable=True)
-        for raw in client.hvals(_UNACKED_KEY):
-            payload, _exchange, _routing_key = json.loads(raw)
-            view.in_hand.update(message_items(payload) or ())
+        _read_unacked(client, view)
         lists = [settings.queue, *(f"{settings.queue}{_PRIORITY_SEPARATOR}{p}" for p in _PRIORITY_STEPS)]
         for key in lists:
             for _ in range(attempts):
@@ -141,9 +154,16 @@ def read_queue(settings: Settings, db: Engine, attempts: int = 5) -> QueueView:
             view.read.update(read)
             if since is not None:
                 view.waiting_since = since if view.waiting_since is None else min(view.waiting_since, since)
+        _read_unacked(client, view)  # again: a message a worker took from a list meanwhile is here now
         return view
     finally:
         client.close()
+
+
+def _read_unacked(client, view: QueueView) -> None:
+    for raw in client.hvals(_UNACKED_KEY):
+        payload, _exchange, _routing_key = json.loads(raw)
+        view.in_hand.update(message_items(payload) or ())
 
 
 def _date_waiting(client, key: str, db: Engine, view: QueueView) -> tuple[datetime | None, set[int]] | None:
@@ -211,16 +231,53 @@ def _lost_pages(db: Engine, job_id: str, horizon: datetime, page: int = 1000) ->
 
 
 def requeue_lost(db: Engine, settings: Settings, publish: Callable[[dict[str, Any]], None], *,
-                 dry_run: bool = False, now: datetime | None = None) -> RequeueReport:
+                 dry_run: bool = False, now: datetime | None = None,
+                 settle: float = SETTLE_SECONDS) -> RequeueReport:
     """Publish the lost items of every open job again (``publish(message_kwargs)``), in chunks of the
-    job's chunk size; with ``dry_run`` only count them."""
+    job's chunk size; with ``dry_run`` only count them. An item counts as lost when two looks at the queue
+    ``settle`` seconds apart both miss it (see the module's docstring); the second is taken only when the
+    first found something."""
     now = now or utcnow()
-    view = read_queue(settings, db)
-    report = RequeueReport(queue=view, dry_run=dry_run)
-    if view.undated:
+    first = read_queue(settings, db)
+    report = RequeueReport(queue=first, dry_run=dry_run)
+    if first.undated:
         return report
-    timeout = timedelta(seconds=settings.pending_timeout)
-    horizon = min(now, view.waiting_since or now) - timeout
+    suspects: set[int] = set()
+    for _job_id, _spec, _chunk, candidates in _lost(db, settings, first, now, report):
+        suspects.update(i for i, _ in candidates[:_SUSPECTS_MAX - len(suspects)])
+        if len(suspects) >= _SUSPECTS_MAX:
+            break
+    if not suspects:
+        return report
+    time.sleep(settle)
+    report = RequeueReport(queue=read_queue(settings, db), dry_run=dry_run)
+    if report.queue.undated:
+        return report
+    for job_id, spec, chunk, candidates in _lost(db, settings, report.queue, now, report):
+        candidates = [(i, uri) for i, uri in candidates if i in suspects]
+        if not candidates:
+            continue
+        if not dry_run:
+            candidates = _take(db, [i for i, _ in candidates], _horizon(settings, report.queue, now), now)
+            for start in range(0, len(candidates), chunk):
+                publish(chunk_message(job_id, candidates[start:start + chunk], spec))
+        report.items += len(candidates)
+        report.messages += -(-len(candidates) // chunk)
+        if candidates:
+            report.jobs.add(job_id)
+    return report
+
+
+def _horizon(settings: Settings, view: QueueView, now: datetime) -> datetime:
+    """Items last touched before this cannot be in the queue (module docstring)."""
+    return min(now, view.waiting_since or now) - timedelta(seconds=settings.pending_timeout)
+
+
+def _lost(db: Engine, settings: Settings, view: QueueView, now: datetime, report: RequeueReport
+          ) -> Iterator[tuple[str, dict[str, Any], int, list[tuple[int, str]]]]:
+    """Per open job and page: (job id, message spec, chunk size, the page's items no message in ``view``
+    holds). A job whose items cannot be published is noted in ``report.unsendable`` instead."""
+    horizon = _horizon(settings, view, now)
     with db.connect() as conn:
         jobs = conn.execute(select(Job.id, Job.settings).where(
             Job.status.in_(("listing", "running", "cancelled")), Job.finished_at.is_(None))).all()
@@ -234,15 +291,7 @@ def requeue_lost(db: Engine, settings: Settings, publish: Callable[[dict[str, An
             if spec is None:
                 report.unsendable[job_id] = why
                 break
-            if not dry_run:
-                candidates = _take(db, [i for i, _ in candidates], horizon, now)
-                for start in range(0, len(candidates), chunk):
-                    publish(chunk_message(job_id, candidates[start:start + chunk], spec))
-            report.items += len(candidates)
-            report.messages += -(-len(candidates) // chunk)
-            if candidates:
-                report.jobs.add(job_id)
-    return report
+            yield job_id, spec, chunk, candidates
 
 
 def _take(db: Engine, item_ids: list[int], horizon: datetime, now: datetime) -> list[tuple[int, str]]:

@@ -79,6 +79,11 @@ def requeue_lines(pipeline) -> list[str]:
     return [line for log in pipeline.logs for line in log.read_text().splitlines() if "lost items of" in line]
 
 
+def published_counts(pipeline) -> list[int]:
+    """How many items each reconciler round of the workers published again."""
+    return [int(line.split("published ")[1].split()[0]) for line in requeue_lines(pipeline)]
+
+
 def test_a_worker_sigkilled_mid_batch_leaves_its_images_to_the_other(faulty):
     pipeline, folder, _ = faulty
     victim, _survivor = start_workers(pipeline, ["victim", "survivor"])
@@ -107,10 +112,13 @@ def test_redis_restarted_with_persistence_loses_nothing(faulty):
     time.sleep(3)
     redis.start()
     wait_for_end(pipeline, job_id)
-    items = check_consistent(pipeline, job_id, N_IMAGES)
+    items = check_consistent(pipeline, job_id, N_IMAGES)  # each image done once: no row or object twice
+    # A claim made as Celery restored a running task's message at the connection loss is counted twice, at worst.
     assert max(i.deliveries for i in items) <= 2
-    # Every message survived the restart, so the reconciler saw nothing lost.
-    assert requeue_lines(pipeline) == []
+    # Every message Redis held survived the restart. The one a worker had just popped as Redis stopped, if
+    # any, never reached the unacked hash (the pop is persisted, the hash entry is not): the reconciler
+    # published it again. One worker takes one message at a time, so that is at most a chunk per worker.
+    assert sum(published_counts(pipeline)) <= 2 * CHUNK, requeue_lines(pipeline)
 
 
 def test_redis_restarted_without_persistence_the_reconciler_requeues_the_lost_images(faulty, server_folder):
@@ -125,9 +133,7 @@ def test_redis_restarted_without_persistence_the_reconciler_requeues_the_lost_im
     wait_for_end(pipeline, job_id)
     items = check_consistent(pipeline, job_id, N_IMAGES)
     assert max(i.deliveries for i in items) <= 2
-    published = requeue_lines(pipeline)
-    assert published, pipeline.log_tail()
-    assert sum(int(line.split("published ")[1].split()[0]) for line in published) > 0
+    assert sum(published_counts(pipeline)) > 0, pipeline.log_tail()
 
 
 def test_s3_down_for_30_seconds_fails_nothing(faulty):
@@ -202,9 +208,9 @@ def test_a_worker_that_lost_its_model_cache_downloads_the_weights_again(faulty):
     with db.connect() as conn:
         from sqlalchemy import select
 
-        from salient_maps.storage.database import Explanation
+        from salient_maps.storage.database import ResultSettings
 
-        models = set(conn.execute(select(Explanation.model)).scalars())
+        models = set(conn.execute(select(ResultSettings.model)).scalars())
     assert models == {f"{SPEC['model']}-{sha256[:12]}"}  # the downloaded weights, not a random init
 
 
@@ -275,33 +281,83 @@ def test_reconcile_publishes_only_the_items_no_message_holds(pipeline, tiny_imag
         sorted(groups["A"] + groups["R"] + groups["B"])
 
 
-def test_retries_last_the_budget_in_seconds_then_give_up():
-    from salient_maps.storage.retry import with_backoff
 
+def test_a_message_a_worker_is_taking_is_not_published_again_one_lost_in_transit_is(pipeline, tiny_images,
+                                                                                   monkeypatch):
+    """A worker pops a message (BRPOP) and writes it to the unacked hash a moment later: a look at Redis in
+    between finds it nowhere. Two messages are taken that way; the first one's hash entry lands before the
+    reconciler's second look, the second one's never does (Redis stopped right after the pop). Only the
+    second is published again."""
+    import json
+    from datetime import timedelta
+
+    import redis
+    from sqlalchemy import select, update
+
+    from salient_maps.storage import requeue
+    from salient_maps.storage.database import Item, utcnow
+
+    job_id = submit_job(tiny_images(8))
+    db = pipeline.db()
+    with db.begin() as conn:
+        conn.execute(update(Item).where(Item.job_id == job_id).values(updated_at=utcnow() - timedelta(hours=2)))
+    with db.connect() as conn:
+        ids = conn.execute(select(Item.id).where(Item.job_id == job_id).order_by(Item.id)).scalars().all()
+    client = redis.Redis.from_url(pipeline.env["SALIENT_BROKER_URL"])
+    queue = pipeline.env["SALIENT_QUEUE"]
+    taking, gone = client.rpop(queue), client.rpop(queue)  # popped: in neither the list nor the hash
+    assert client.llen(queue) == 0 and requeue.message_items(json.loads(taking)) == ids[:4]
+    looks: list[float] = []
+
+    def between_the_looks(seconds: float) -> None:
+        looks.append(seconds)
+        client.hset("unacked", "tag-taking", json.dumps([json.loads(taking), "", queue]))
+
+    monkeypatch.setattr(requeue, "time", SimpleNamespace(sleep=between_the_looks))
+    published: list[dict] = []
+    report = requeue.requeue_lost(db, pipeline.settings, published.append)
+    assert looks == [requeue.SETTLE_SECONDS]
+    assert [[item["id"] for item in message["items"]] for message in published] == [ids[4:]]
+    assert (report.items, report.messages, report.queue.in_hand) == (4, 1, set(ids[:4]))
+    assert requeue.message_items(json.loads(gone)) == ids[4:]
+    # Nothing lost at the first look: no second look, nothing published.
+    looks.clear()
+    assert requeue.requeue_lost(db, pipeline.settings, published.append).items == 0 and looks == []
+    client.hdel("unacked", "tag-taking")
+
+
+def test_retries_last_the_budget_in_seconds_then_give_up(monkeypatch):
+    from salient_maps.storage import retry
+
+    # A clock that only the waits move: the test measures the retry schedule, not this machine's load.
+    clock = SimpleNamespace(now=1000.0)
+    monkeypatch.setattr(retry, "time", SimpleNamespace(monotonic=lambda: clock.now,
+                                                       sleep=lambda seconds: setattr(clock, "now", clock.now + seconds)))
     calls: list[float] = []
 
     def down_for(seconds: float):
         def call() -> str:
-            calls.append(time.monotonic())
+            calls.append(clock.now)
             if calls[-1] - calls[0] < seconds:
                 raise ConnectionError("connection refused")
             return "up"
         return call
 
-    assert with_backoff(down_for(0.5), budget=3, what="a write", base=0.05, cap=0.1) == "up"
-    assert 0.5 <= calls[-1] - calls[0] < 0.7  # the outage was ridden out, and its end noticed within a wait
+    assert retry.with_backoff(down_for(0.5), budget=3, what="a write", base=0.05, cap=0.1) == "up"
+    assert 0.5 <= calls[-1] - calls[0] <= 0.6  # the outage was ridden out, and its end noticed within a wait
     calls.clear()
     with pytest.raises(ConnectionError):
-        with_backoff(down_for(10), budget=0.5, what="a write", base=0.05, cap=0.1)
-    assert 0.45 <= calls[-1] - calls[0] < 0.6  # the last call comes at the end of the budget
+        retry.with_backoff(down_for(10), budget=0.5, what="a write", base=0.05, cap=0.1)
+    assert calls[-1] - calls[0] == pytest.approx(0.5)  # the last call comes at the end of the budget
+    assert all(later - earlier <= 0.1 + 1e-9 for earlier, later in zip(calls, calls[1:]))  # waits are capped
     calls.clear()
 
     def bug() -> None:
-        calls.append(time.monotonic())
+        calls.append(clock.now)
         raise ValueError("not transient")
 
     with pytest.raises(ValueError):
-        with_backoff(bug, budget=3, what="a write")
+        retry.with_backoff(bug, budget=3, what="a write")
     assert len(calls) == 1
 
 
