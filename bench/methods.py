@@ -15,6 +15,10 @@
    and 16 images (--max-channels 64 keeps it short; the batch, not the channel count, sets the memory).
 6. --max-channels: correlation with the full map and speedup (EfficientNet-Lite0, trained weights).
 7. The malloc fix (workers/runtime.py): a plain fp32 forward loop in fresh processes with and without it.
+8. vit_b_16 (random init, its zero head re-initialised, 224 px): forward limit, Score-CAM masked passes/s
+   and efficiency against that limit (its 768 channels are the patch grid's 14×14 maps), and Grad-CAM vs
+   pytorch-grad-cam with its ViT ``reshape_transform``. pytorch-grad-cam's Score-CAM on a ViT-B/16 (768
+   passes of a 17 GFLOP model, one image at a time) is left out: minutes per call on this CPU.
 
 pytorch-grad-cam upsamples Score-CAM's masks with align_corners=True; it is switched to the paper's and
 torchcam's align_corners=False (same kernel, same cost) so the maps can be compared. Its own Score-CAM
@@ -24,6 +28,7 @@ sample photos. Timings on a shared machine are noisy: each figure is a median of
 
     .venv/bin/python bench/methods.py                 # ~20-25 min
     .venv/bin/python bench/methods.py --quick         # smoke run, resnet18 at 64 px (~1 min)
+    .venv/bin/python bench/methods.py --vit-only --repeats 1 --vit-channels 256   # reduced ViT part (~5 min)
     python bench/methods.py --device cuda             # on a GPU: all three models at 224 px (~3 min on an H200)
 
 On a GPU the same figures are measured on the device (forward limit at batch 64-1024; pytorch-grad-cam in
@@ -110,6 +115,20 @@ def photos(model, n: int, size: int) -> Tensor:
 
     return torch.stack([to_input(getattr(skimage.data, PHOTOS[i % len(PHOTOS)])(), size, model.mean, model.std)
                         for i in range(n)])
+
+
+def bench_model(name: str):
+    """``load_model(name)``; a torchvision ViT's zero-initialised head (which makes every gradient zero) is
+    re-initialised, normal with std 0.02, seeded, so both processes of a comparison hold the same network."""
+    from salient_maps.workers.models import load_model
+
+    loaded = load_model(name)
+    heads = getattr(loaded.module, "heads", None)
+    if heads is not None and hasattr(heads, "head"):
+        torch.manual_seed(1)
+        with torch.no_grad():
+            heads.head.weight.normal_(0, 0.02)
+    return loaded
 
 
 def autocast(precision: str):
@@ -230,7 +249,7 @@ def _competitor_loop(conn, malloc_fix: bool, device: str) -> None:
     from pytorch_grad_cam import GradCAM, ScoreCAM
     from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
 
-    from salient_maps.workers.models import load_model, resolve_layer
+    from salient_maps.workers.models import resolve_layer
     from salient_maps.workers.runtime import keep_freed_memory
 
     torch.set_num_threads(THREADS)
@@ -245,11 +264,14 @@ def _competitor_loop(conn, malloc_fix: bool, device: str) -> None:
                 conn.send(None)
             elif message[0] == "setup":
                 _, model, method, x, batch = message
-                loaded = load_model(model)
+                loaded = bench_model(model)
                 module = loaded.module.requires_grad_(method == "gradcam").to(DEVICE)
                 x = x.to(DEVICE)
+                layer = resolve_layer(loaded, None)
+                layout = loaded.layout(layer)
                 cam = (ScoreCAM if method == "scorecam" else GradCAM)(
-                    model=module, target_layers=[module.get_submodule(resolve_layer(loaded, None))])
+                    model=module, target_layers=[module.get_submodule(layer)],
+                    reshape_transform=None if layout.kind == "nchw" else _reshape_transform(layout))
                 if batch:
                     cam.batch_size = batch
                     warm_up(module, batch, x.shape[-1], "fp32")
@@ -262,11 +284,21 @@ def _competitor_loop(conn, malloc_fix: bool, device: str) -> None:
             conn.send(exc)
 
 
+def _reshape_transform(layout) -> Callable[[Tensor], Tensor]:
+    """pytorch-grad-cam's reshape transforms (its ViT and Swin tutorials) for a token or channel-last layer."""
+    import math
+
+    def tokens(tensor: Tensor) -> Tensor:
+        side = math.isqrt(tensor.shape[1] - layout.prefix_tokens)
+        grid = tensor[:, layout.prefix_tokens:, :].reshape(tensor.size(0), side, side, tensor.size(2))
+        return grid.transpose(2, 3).transpose(1, 2)
+
+    return tokens if layout.kind == "tokens" else (lambda tensor: tensor.permute(0, 3, 1, 2))
+
+
 def best_competitor_batch(competitor: Competitor, model: str, size: int, candidates: tuple[int, ...]) -> dict:
     """The ``cam.batch_size`` at which pytorch-grad-cam's Score-CAM explains one photo's top class fastest."""
-    from salient_maps.workers.models import load_model
-
-    loaded = load_model(model)
+    loaded = bench_model(model)
     x = photos(loaded, 1, size)
     with torch.inference_mode():
         classes = loaded.module(x).argmax(1)
@@ -286,10 +318,10 @@ def compare(model: str, method: str, size: int, n_images: int, competitors: dict
     from salient_maps.workers.methods.base import scale_to_unit
     from salient_maps.workers.methods.gradcam import GradCAM
     from salient_maps.workers.methods.scorecam import ScoreCAM
-    from salient_maps.workers.models import load_model, resolve_layer
+    from salient_maps.workers.models import resolve_layer
     from salient_maps.workers.targets import Targets
 
-    loaded = load_model(model)
+    loaded = bench_model(model)
     layer_name = resolve_layer(loaded, None)
     x = photos(loaded, n_images, size)
     precisions = ("fp32", "bf16") if method == "scorecam" else ("fp32",)
@@ -361,6 +393,51 @@ def compare(model: str, method: str, size: int, n_images: int, competitors: dict
         figures["_maps_fp32_top1"] = results[("fp32", 1)].outputs[method].maps.cpu()
         figures["_seconds_fp32_top1"] = median[("fp32", 1)]
         figures["_inputs"] = x
+    return figures
+
+
+def vit_figures(repeats: int, channels: int | None, competitors: dict[str, "Competitor"], log) -> dict:
+    """vit_b_16 at 224 px: forward limit (fp32, bf16), Score-CAM efficiency against it (top-1, one photo;
+    ``channels``: only that many channels of largest variance, i.e. that many masked passes), and Grad-CAM
+    against pytorch-grad-cam with its reshape transform (fp32, 8 photos)."""
+    from salient_maps.workers.engine import Explainer
+    from salient_maps.workers.methods.scorecam import ScoreCAM
+    from salient_maps.workers.models import resolve_layer
+    from salient_maps.workers.targets import Targets
+
+    name, size = "vit_b_16", 224
+    loaded = bench_model(name)
+    layer = resolve_layer(loaded, None)
+    figures: dict = {"layer": layer, "layout": loaded.layout(layer).params(), "max_channels": channels}
+    limits = {p: forward_limit(loaded.module, size, p, (16, 32, 64), repeats) for p in ("fp32", "bf16")}
+    figures["forward_limit"] = limits
+    for p, f in limits.items():
+        log(f"forward limit {name} {size}px {p}: {f['images_per_s']:.1f} img/s at batch {f['batch']}")
+    x = photos(loaded, 1, size)
+    for p in ("fp32", "bf16"):
+        model = copy.deepcopy(loaded)
+        method = ScoreCAM("logit-softmax", max_channels=channels)
+        explainer = Explainer(model, layer, [method], Targets(topk=1), device=str(DEVICE), precision=p)
+        warm_up(model.module, method.batch_size_for((size, size), 2 if p == "bf16" else 4, DEVICE), size, p)
+        plain = torch.randn(limits[p]["batch"], 3, size, size, device=DEVICE).contiguous(
+            memory_format=engine_layout(p))
+        walls, plains = [], []
+        for _ in range(repeats):
+            walls.append(seconds(lambda: explainer.explain(x)))
+            plains.append(plain_forward_seconds(model.module, plain, p)[0])
+        acts = explainer._forward(x)[0].activations.detach()  # B×C×h×w, as the methods see it
+        flat = acts.flatten(2)
+        passes = min(int((flat.amax(-1) > flat.amin(-1)).sum()), channels or acts.shape[1])
+        wall, per_image = statistics.median(walls), statistics.median(plains)
+        figures[f"scorecam_{p}"] = {"masked_passes": passes, "seconds": wall, "masked_passes_per_s": passes / wall,
+                                    "forward_limit_in_rounds": 1 / per_image, "efficiency": per_image * passes / wall}
+        f = figures[f"scorecam_{p}"]
+        log(f"Score-CAM {name} {size}px {p}: {passes} masked passes in {wall:.1f}s, {f['masked_passes_per_s']:.1f}/s,"
+            f" forward limit {f['forward_limit_in_rounds']:.1f}/s, efficiency {f['efficiency']:.3f}")
+    gc = compare(name, "gradcam", size, 8, competitors, None, repeats, None)
+    figures["gradcam"] = gc
+    log(f"Grad-CAM {name} {size}px fp32 (8 images): " + speedups(gc["fp32"])
+        + f"; max |ours - theirs| {gc['max_abs_diff_vs_pytorch_grad_cam']:.2e}")
     return figures
 
 
@@ -467,6 +544,9 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=None, help="rounds per figure (default 3; 1 with --quick)")
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N] (on a GPU: bf16 and fp32 on the device; "
                         "no RSS or malloc probes)")
+    parser.add_argument("--vit-only", action="store_true", help="only the vit_b_16 figures (section 8)")
+    parser.add_argument("--vit-channels", type=int, default=None,
+                        help="ViT Score-CAM: only this many channels (masked passes; default all 768)")
     parser.add_argument("--probe", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args()
     global DEVICE
@@ -498,6 +578,14 @@ def main() -> None:
 
     def log(text: str) -> None:
         print(f"[{time.perf_counter() - started:6.0f}s] {text}", flush=True)
+
+    if args.vit_only:
+        report["vit_b_16"] = vit_figures(repeats, args.vit_channels, competitors, log)
+        for competitor in competitors.values():
+            competitor.close()
+        report["seconds"] = time.perf_counter() - started
+        print(json.dumps(rounded(report)))
+        return
 
     limits = {}
     for plan in plans:
@@ -546,6 +634,9 @@ def main() -> None:
         f = report["max_channels"][n]
         log(f"--max-channels {n} on {fidelity_plan.model}: min map correlation with full "
             f"{f['min_map_correlation']:.3f}, speedup {f['speedup']:.1f}x")
+
+    if not args.quick:
+        report["vit_b_16"] = vit_figures(repeats, args.vit_channels, competitors, log)
 
     if gpu:
         report["peak_gpu_memory_mb"] = torch.cuda.max_memory_allocated(DEVICE) / 2**20
