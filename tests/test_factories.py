@@ -136,3 +136,18 @@ def test_a_fine_tuned_timm_state_dict_brings_its_own_head(tmp_path: Path):
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(model.module(x), tuned.eval()(x))
     assert model.default_layer == "blocks.11.norm1" and model.layout("blocks.11.norm1").prefix_tokens == 2
+
+
+def test_salient_run_runs_the_factory_its_command_line_names(tmp_path: Path, tiny_images, run_cli):
+    """No allowlist needed on the command line: the user runs their own code. The job records the
+    preprocessing and the layer's layout."""
+    data = tmp_path / "run"
+    result = run_cli(["run", tiny_images(2), "--model", f"{FACTORIES}:small_cnn", "--input-size", "32",
+                      "--mean", "0.5,0.5,0.5", "--methods", "gradcam", "--topk", "1", "--device", "cpu", "--out", data])
+    assert "done 2" in result.output
+    from salient_maps.storage.database import Job
+
+    with connect(f"sqlite:///{data / 'salient.db'}").connect() as conn:
+        settings = conn.execute(select(Job.settings)).scalar_one()
+    assert settings["preprocessing"]["input_size"] == 32 and settings["preprocessing"]["mean"] == [0.5, 0.5, 0.5]
+    assert settings["layout"] == {"kind": "nchw"} and settings["model"] == f"{FACTORIES}:small_cnn"
