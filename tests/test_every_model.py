@@ -15,6 +15,7 @@ import math
 import pytest
 import torch
 import torchvision
+
 from salient_maps.workers.engine import Explainer
 from salient_maps.workers.methods import build_methods
 from salient_maps.workers.models import load_model, resolve_layer

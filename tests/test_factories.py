@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 import torch
+from sqlalchemy import select
+
 from salient_maps.storage.database import (
     Item,
     add_items,
@@ -29,7 +31,6 @@ from salient_maps.workers.explainers import ProcessorCache
 from salient_maps.workers.factories import factory_allowed
 from salient_maps.workers.models import ModelError, load_model
 from salient_maps.workers.tasks import Runtime, run_chunk
-from sqlalchemy import select
 
 FACTORIES = Path(__file__).parent / "model_factories.py"
 
@@ -95,7 +96,8 @@ def worker_runs(factory: str, allowed: list[str], tmp_path: Path, tiny_images) -
                                           model_lock=threading.Lock()), loop)
     run_chunk(parse_chunk(message), rt)
     with db.connect() as conn:
-        return {row.uri: f"{row.status}: {row.error}" for row in conn.execute(select(Item.uri, Item.status, Item.error))}
+        rows = conn.execute(select(Item.uri, Item.status, Item.error))
+        return {row.uri: f"{row.status}: {row.error}" for row in rows}
 
 
 def test_a_message_naming_an_unlisted_factory_runs_nothing(tmp_path: Path, tiny_images):

@@ -7,6 +7,7 @@ import json
 
 import pytest
 import torch
+
 from salient_maps.storage.database import connect
 from salient_maps.storage.job_options import job_spec
 from salient_maps.storage.messages import MessageError, chunk_message, parse_chunk

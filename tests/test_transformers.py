@@ -19,6 +19,8 @@ import torch.nn.functional as F
 from pytorch_grad_cam import GradCAM, HiResCAM
 from pytorch_grad_cam import ScoreCAM as TheirScoreCAM
 from pytorch_grad_cam.utils.model_targets import ClassifierOutputTarget
+from torch import Tensor, nn
+
 from salient_maps.workers.engine import Explainer
 from salient_maps.workers.layouts import Layout, layout_of
 from salient_maps.workers.methods import build_methods
@@ -30,7 +32,6 @@ from salient_maps.workers.models import (
     resolve_layer,
 )
 from salient_maps.workers.targets import Targets
-from torch import Tensor, nn
 
 FACTORIES = Path(__file__).parent / "model_factories.py"
 
@@ -92,7 +93,8 @@ def test_gradient_cams_on_transformers_equal_pytorch_grad_cam(transformer, name:
 
 
 # One masked pass per channel: vit_b_16 at 32 px (a 2×2 grid, 768 channels); Swin's third stage (384).
-@pytest.mark.parametrize("arch,size,layer", [("vit_b_16", 32, MODELS["vit_b_16"][1]), ("swin_t", 64, "features.5.5.norm1")])
+@pytest.mark.parametrize("arch,size,layer", [("vit_b_16", 32, MODELS["vit_b_16"][1]),
+                                             ("swin_t", 64, "features.5.5.norm1")])
 def test_scorecam_on_transformers_equals_pytorch_grad_cam(monkeypatch: pytest.MonkeyPatch, arch: str, size: int,
                                                           layer: str):
     """Its masks are upsampled with align_corners=True; swapped for ours (see tests/test_scorecam.py)."""

@@ -52,7 +52,9 @@ class Layout:
         return torch.cat([out[:, :self.prefix_tokens], patches], dim=1)
 
     def params(self) -> dict:
-        return {"kind": self.kind, "prefix_tokens": self.prefix_tokens} if self.kind == "tokens" else {"kind": self.kind}
+        if self.kind == "tokens":
+            return {"kind": self.kind, "prefix_tokens": self.prefix_tokens}
+        return {"kind": self.kind}
 
 
 def _square_side(n: int) -> int | None:
@@ -81,7 +83,7 @@ def layout_of(out: Tensor, declared_prefix: int | None) -> Layout | None:
         t = out.shape[1]
         if declared_prefix is not None and _square_side(t - declared_prefix):
             return Layout("tokens", declared_prefix)
-        for r in range(0, min(t - 4, 32) + 1):
+        for r in range(min(t - 4, 32) + 1):
             if _square_side(t - r):
                 return Layout("tokens", r)
     return None
