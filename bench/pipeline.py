@@ -163,7 +163,7 @@ def overhead(stack: Stack, images: Path, n: int, rounds: int) -> dict:
     # Rounds run side by side, so a burst of load elsewhere hits both; the best times are the least
     # disturbed view of steady state on a shared machine.
     return {"in_process_s": statistics.median(local), "pipeline_s": statistics.median(piped),
-            "ratio": statistics.median(p / l for p, l in zip(piped, local)), "ratio_best": min(piped) / min(local),
+            "ratio": statistics.median(p / q for p, q in zip(piped, local)), "ratio_best": min(piped) / min(local),
             "torch_threads": torch.get_num_threads()}
 
 

@@ -157,7 +157,8 @@ def report(job_id, out, copy, data_dir):
         summary = build_report(settings, job_id, out, copy=copy)
     except LookupError as exc:
         raise click.ClickException(str(exc)) from None
-    click.echo(f"{summary.images} images, {summary.explanations} explanations in {summary.seconds:.1f}s: {summary.path}")
+    click.echo(f"{summary.images} images, {summary.explanations} explanations in {summary.seconds:.1f}s: "
+               f"{summary.path}")
 
 
 # Queue-side commands (submit, status, jobs, cancel, db) live in their own module.

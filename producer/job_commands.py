@@ -36,7 +36,8 @@ def _line(job: JobProgress) -> str:
 @click.argument("sources", nargs=-1, required=True)
 @spec_options
 @click.option("--name", default=None, help="A name to find the job by.")
-@click.option("--chunk", type=click.IntRange(1), default=None, help="Images per message (default SALIENT_CHUNK_SIZE: 32).")
+@click.option("--chunk", type=click.IntRange(1), default=None,
+              help="Images per message (default SALIENT_CHUNK_SIZE: 32).")
 @click.option("--wait", is_flag=True, help="Show progress (done/failed/total, images/s, ETA) until the job ends.")
 @data_dir_option
 def submit(sources, name, chunk, wait, data_dir, **spec):

@@ -11,7 +11,6 @@ from salient_maps.storage.job_options import data_dir_option
 from salient_maps.storage.settings import Settings
 
 
-
 def _job_style(settings: Settings, job_id: str | None):
     """The overlay style the job was run with (``--colormap``, ``--polarity``, ...)."""
     from salient_maps.storage.database import connect
@@ -93,7 +92,8 @@ def show(image, job_id, method, class_id, out, thumbnail, data_dir):
             if heat.size <= 32 * 32:
                 click.echo("\n".join(" ".join(f"{v:.2f}" for v in row) for row in heat))
             else:
-                click.echo(f"min {heat.min():.3f}, mean {heat.mean():.3f}, max {heat.max():.3f} (--out FILE.png draws it)")
+                click.echo(f"min {heat.min():.3f}, mean {heat.mean():.3f}, max {heat.max():.3f} "
+                           "(--out FILE.png draws it)")
             return
         picture = None if thumbnail else picture_of(record, settings, settings.overlay_max_side, local_files=True)
         out.write_bytes(reader.overlay_png(record, _job_style(settings, job_id), picture))

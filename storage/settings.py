@@ -29,7 +29,8 @@ class Settings(BaseSettings):
 
     data_dir: Path = Field(Path("salient-data"), description="embedded store: DIR/salient.db and DIR/objects/")
     database_url: str | None = Field(None, description="SQLAlchemy URL; default sqlite:///DATA_DIR/salient.db")
-    object_store_url: str | None = Field(None, description="file:///path or s3://bucket/prefix; default DATA_DIR/objects")
+    object_store_url: str | None = Field(None,
+                                         description="file:///path or s3://bucket/prefix; default DATA_DIR/objects")
 
     max_image_pixels: int = 40_000_000
     max_image_bytes: int = 64 * 1024 * 1024
@@ -103,7 +104,8 @@ class Settings(BaseSettings):
 
     @classmethod
     def settings_customise_sources(cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
-                                   env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+                                   env_settings: PydanticBaseSettingsSource,
+                                   dotenv_settings: PydanticBaseSettingsSource,
                                    file_secret_settings: PydanticBaseSettingsSource):
         sources = [init_settings, env_settings]
         config_file = os.environ.get("SALIENT_CONFIG_FILE")

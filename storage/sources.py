@@ -124,7 +124,8 @@ def _manifest_entries(stream: IO[str], suffix: str, base: Path) -> Iterator[Entr
             column, names = 0, []
             rows = _prepend(header, rows)
         truth_columns = {n: names.index(n) for n in TRUTH_FIELDS if n in names}
-        records = ({"uri": row[column], **{n: row[i] for n, i in truth_columns.items() if len(row) > i and row[i].strip()}}
+        records = ({"uri": row[column],
+                    **{n: row[i] for n, i in truth_columns.items() if len(row) > i and row[i].strip()}}
                    for row in rows if len(row) > column)
     elif suffix == ".jsonl":
         records = (_jsonl_record(line) for line in stream if line.strip())

@@ -46,7 +46,8 @@ class Faithfulness:
     def __post_init__(self) -> None:
         unknown = [m for m in self.metrics if m not in METRICS]
         if unknown or not self.metrics:
-            raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; choose from {', '.join(METRICS)}")
+            raise ValueError(f"unknown metric(s) {', '.join(unknown) or '(none given)'}; "
+                             f"choose from {', '.join(METRICS)}")
         if self.steps < 1:
             raise ValueError("metric steps must be at least 1")
         if self.baseline is not None and self.baseline not in BASELINES:

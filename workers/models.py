@@ -21,8 +21,9 @@ from pathlib import Path
 
 import torch
 import torchvision
-from salient_maps.storage.sources import file_sha256
 from torch import nn
+
+from salient_maps.storage.sources import file_sha256
 
 from . import factories
 from .layouts import Layout, survey_layers
@@ -113,7 +114,8 @@ def _weights_error(path: Path, exc: Exception) -> ModelError:
     reason = (unpickler.group(1) if unpickler else text.strip().splitlines()[0]).split(". ")[0]
     if "Unsupported global" in reason:
         return ModelError(f"refusing weights {path}: loading it would call code it names ({reason}); salient "
-                          "loads only tensors (weights_only=True): save weights with torch.save(model.state_dict(), path)")
+                          "loads only tensors (weights_only=True): save weights with "
+                          "torch.save(model.state_dict(), path)")
     return ModelError(f"cannot load weights {path}: not a readable PyTorch weights file ({reason})")
 
 
@@ -164,7 +166,8 @@ def _load_torchscript(path: Path) -> nn.Module:
     except Exception as exc:
         raise ModelError(
             f"{path} is not a TorchScript file ({str(exc).splitlines()[0]}); save one with "
-            "torch.jit.script(model).save(path) or torch.jit.trace, or give a state dict with --model ARCH --weights FILE"
+            "torch.jit.script(model).save(path) or torch.jit.trace, or give a state dict with "
+            "--model ARCH --weights FILE"
         ) from None
 
 

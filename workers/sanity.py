@@ -128,7 +128,8 @@ def _explain(model: LoadedModel, layer: str | None, methods: list[Method], x: Te
 
 
 def run_cascade(model: LoadedModel, layer: str | None, methods: list[Method], x: Tensor, topk: int = 1,
-                stops: int = 8, seed: int = 0, device: str = "auto", batch_size: int = 16) -> tuple[list[str], list[CascadeStep]]:
+                stops: int = 8, seed: int = 0, device: str = "auto",
+                batch_size: int = 16) -> tuple[list[str], list[CascadeStep]]:
     """The randomisation cascade on images ``x`` (N×3×H×W model input) for their ``topk`` classes under
     the trained model. The caller's model is not changed (a copy is randomised). Returns the weight
     layers top first and one ``CascadeStep`` per measured stop."""
@@ -162,7 +163,8 @@ def run_cascade(model: LoadedModel, layer: str | None, methods: list[Method], x:
 def format_table(steps: list[CascadeStep]) -> str:
     """Plain-text table: one row per cascade step, Spearman and SSIM per method."""
     methods = list(steps[0].scores) if steps else []
-    head = f"{'randomised':>10}  {'down to layer':<28}" + "".join(f"  {m[:16] + ' ρ':>18}  {'SSIM':>6}" for m in methods)
+    head = f"{'randomised':>10}  {'down to layer':<28}" + "".join(f"  {m[:16] + ' ρ':>18}  {'SSIM':>6}"
+                                                                  for m in methods)
     lines = [head, "-" * len(head)]
     for step in steps:
         cells = "".join(f"  {step.scores[m]['spearman']:>18.3f}  {step.scores[m]['ssim']:>6.3f}" for m in methods)

@@ -157,6 +157,9 @@ def _page(data: Collected, class_maps: dict[tuple[int, str], str]) -> str:
     sort_options = "".join(f'<option value="{v}">{escape(label)}</option>' for v, label in (
         ("order", "job order"), ("score", "score (high first)"), ("deletion_auc", "deletion AUC (low first)"),
         ("insertion_auc", "insertion AUC (high first)"), ("drop", "drop (low first)")))
+    named = f" · {escape(job.name)}" if job.name else ""
+    pager = ('<button id="prev" type="button">&larr; previous</button><span id="page"></span>'
+             '<button id="next" type="button">next &rarr;</button>')
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
@@ -165,7 +168,7 @@ def _page(data: Collected, class_maps: dict[tuple[int, str], str]) -> str:
 <style>{css}</style></head>
 <body>
 <h1>salient report</h1>
-<p class="muted">job <code>{escape(job.id)}</code>{f" · {escape(job.name)}" if job.name else ""} · {escape(job.status)}</p>
+<p class="muted">job <code>{escape(job.id)}</code>{named} · {escape(job.status)}</p>
 {_summary_html(data)}
 {_metrics_html(data)}
 {_classes_html(data, class_maps)}
@@ -177,7 +180,7 @@ def _page(data: Collected, class_maps: dict[tuple[int, str], str]) -> str:
 <label>class <select id="f-class"><option value="-1">all</option></select></label>
 <label>sort <select id="f-sort">{sort_options}</select></label>
 <span id="count" data-count="0"></span>
-<button id="prev" type="button">&larr; previous</button><span id="page"></span><button id="next" type="button">next &rarr;</button>
+{pager}
 </div>
 <div id="gallery"></div>
 <script type="application/json" id="report-data">{embedded}</script>
@@ -199,7 +202,8 @@ def _summary_html(data: Collected) -> str:
             ("precision", settings.get("precision")),
             # `salient run` records method_options; a queued job's spec carries all options as options
             ("options", json.dumps(settings.get("method_options") or settings.get("options") or {}, sort_keys=True)),
-            ("metrics", json.dumps(settings.get("metrics"), sort_keys=True) if settings.get("metrics") else "not computed"),
+            ("metrics", json.dumps(settings.get("metrics"), sort_keys=True) if settings.get("metrics")
+             else "not computed"),
             ("overlay", json.dumps(settings.get("overlay") or {}, sort_keys=True)),
             ("versions", ", ".join(f"{k} {v}" for k, v in (settings.get("versions") or {}).items()) or "not recorded"),
             ("settings digest", job.settings_digest)]
@@ -210,7 +214,8 @@ def _summary_html(data: Collected) -> str:
     rows.append(("throughput", _throughput(data)))
     body = "".join(f"<tr><th>{escape(k)}</th><td>{escape(str(v))}</td></tr>" for k, v in rows)
     methods = "".join(
-        f"<tr><td><code>{escape(m)}</code></td><td class='mono'>{escape(json.dumps(data.method_params.get(m, {}), sort_keys=True))}</td>"
+        f"<tr><td><code>{escape(m)}</code></td>"
+        f"<td class='mono'>{escape(json.dumps(data.method_params.get(m, {}), sort_keys=True))}</td>"
         f"<td>{escape(definitions.get(m, ''))}</td></tr>"
         for m in data.methods)
     return (f"<h2>Job</h2><table>{body}</table><h2>Methods</h2>"
@@ -239,7 +244,8 @@ def _legend(methods: list[str]) -> str:
 
 def _metrics_html(data: Collected) -> str:
     if not data.metric_values:
-        return "<h2>Faithfulness</h2><p class='muted'>No metrics in this job (run with --metrics deletion,insertion,drop).</p>"
+        return ("<h2>Faithfulness</h2>"
+                "<p class='muted'>No metrics in this job (run with --metrics deletion,insertion,drop).</p>")
     rows = []
     for m in data.methods:
         values = data.metric_values.get(m, {})
@@ -250,7 +256,8 @@ def _metrics_html(data: Collected) -> str:
         n = max((len(v) for v in values.values()), default=0)
         rows.append(f"<tr><td><code>{escape(m)}</code></td>" + "".join(f"<td class='num'>{c}</td>" for c in cells)
                     + f"<td class='num'>{n}</td></tr>")
-    table = ("<table><tr><th>method</th><th class='num'>mean deletion AUC ↓</th><th class='num'>mean insertion AUC ↑</th>"
+    table = ("<table><tr><th>method</th><th class='num'>mean deletion AUC ↓</th>"
+             "<th class='num'>mean insertion AUC ↑</th>"
              "<th class='num'>Average Drop % ↓</th><th class='num'>Increase in Confidence % ↑</th>"
              "<th class='num'>explanations</th></tr>" + "".join(rows) + "</table>")
     plots = [charts.histogram_svg({m: data.metric_values[m][k] for m in data.methods if data.metric_values[m].get(k)},

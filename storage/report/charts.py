@@ -34,7 +34,8 @@ def histogram_svg(series: dict[str, list[float]], title: str, lo: float = 0.0, h
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="{escape(title)}"><title>{escape(title)}</title>',
              f'<text x="{pad_left}" y="12" class="t">{escape(title)}</text>',
-             f'<line x1="{pad_left}" y1="{pad_top + plot_h}" x2="{pad_left + plot_w}" y2="{pad_top + plot_h}" class="ax"/>',
+             f'<line x1="{pad_left}" y1="{pad_top + plot_h}" x2="{pad_left + plot_w}" y2="{pad_top + plot_h}" '
+             'class="ax"/>',
              f'<text x="{pad_left}" y="{height - 4}" class="l">{lo:g}</text>',
              f'<text x="{pad_left + plot_w}" y="{height - 4}" class="l" text-anchor="end">{hi:g}</text>',
              f'<text x="{pad_left - 4}" y="{pad_top + 8}" class="l" text-anchor="end">{peak}</text>']
@@ -59,7 +60,8 @@ def curves_svg(series: dict[str, list[float]], title: str, width: int = 260, hei
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="{escape(title)}"><title>{escape(title)}</title>',
              f'<text x="{pad_left}" y="12" class="t">{escape(title)}</text>',
-             f'<line x1="{pad_left}" y1="{pad_top + plot_h}" x2="{pad_left + plot_w}" y2="{pad_top + plot_h}" class="ax"/>',
+             f'<line x1="{pad_left}" y1="{pad_top + plot_h}" x2="{pad_left + plot_w}" y2="{pad_top + plot_h}" '
+             'class="ax"/>',
              f'<line x1="{pad_left}" y1="{pad_top}" x2="{pad_left}" y2="{pad_top + plot_h}" class="ax"/>',
              f'<text x="{pad_left}" y="{height - 4}" class="l">0%</text>',
              f'<text x="{pad_left + plot_w}" y="{height - 4}" class="l" text-anchor="end">100% of pixels</text>',

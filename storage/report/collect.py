@@ -31,7 +31,8 @@ class Collected:
     cards: list[dict] = field(default_factory=list)
     method_params: dict[str, dict] = field(default_factory=dict)
     overlay_styles: dict[str, dict] = field(default_factory=dict)
-    metric_values: dict[str, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(lambda: defaultdict(list)))
+    metric_values: dict[str, dict[str, list[float]]] = field(
+        default_factory=lambda: defaultdict(lambda: defaultdict(list)))
     increases: dict[str, list[bool]] = field(default_factory=lambda: defaultdict(list))
     curve_sums: dict[str, dict[str, list[float]]] = field(default_factory=lambda: defaultdict(dict))
     curve_counts: Counter = field(default_factory=Counter)
@@ -81,8 +82,9 @@ def collect(conn: Connection, job, draw: Drawer) -> Collected:
             data.classes.append(class_name)
         m, c = method_index[row.method], class_index[class_name]
         metrics = (row.extra or {}).get("metrics") or {}
-        card["x"].append([m, c, round(row.score, 5), row.rank, draw.overlay(record, shared.overlay), draw.shard(row.shard),
-                          *(_rounded(metrics.get(name)) for name in METRICS), metrics.get("increase")])
+        card["x"].append([m, c, round(row.score, 5), row.rank, draw.overlay(record, shared.overlay),
+                          draw.shard(row.shard), *(_rounded(metrics.get(name)) for name in METRICS),
+                          metrics.get("increase")])
         _aggregate(data, row.method, metrics)
         if row.rank == 1:
             if m == 0:
