@@ -112,8 +112,7 @@ def picture_of(record: Mapping, settings: Settings, max_side: int, local_files: 
     import cv2
 
     from .overlays import fit_long_side
-    from .sources import SourceError, read_uri
-    from .sources import with_command_line_roots
+    from .sources import SourceError, read_uri, with_command_line_roots
 
     if local_files and record["uri"].startswith("file://"):
         settings = with_command_line_roots(settings, [record["uri"]])

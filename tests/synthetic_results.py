@@ -14,8 +14,17 @@ from urllib.parse import quote
 import numpy as np
 from sqlalchemy import update
 
-from salient_maps.storage.database import (Explanation, Image, Item, Job, ResultSettings, Shard, connect, create_job,
-                                           utcnow)
+from salient_maps.storage.database import (
+    Explanation,
+    Image,
+    Item,
+    Job,
+    ResultSettings,
+    Shard,
+    connect,
+    create_job,
+    utcnow,
+)
 from salient_maps.storage.shards import encode, shard_key
 
 POOL = 64

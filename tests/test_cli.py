@@ -18,9 +18,8 @@ from urllib.parse import unquote_to_bytes, urlparse
 import cv2
 import numpy as np
 import pytest
-from sqlalchemy import func, select
-
 from safetensors import safe_open
+from sqlalchemy import func, select
 
 from salient_maps.storage.database import Explanation, Image, Item, Shard, connect
 from salient_maps.storage.maps import MapReader

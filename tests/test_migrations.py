@@ -65,7 +65,8 @@ def test_results_of_the_layout_before_shards_are_kept_and_say_so(tmp_path):
                              "created_at) VALUES ('j1', 'finished', '{}', 'd1', 1, 1, 0, 0, '2026-01-01')"))
         conn.execute(sa.text("INSERT INTO items (job_id, uri, sha256, status, updated_at, deliveries) "
                              "VALUES ('j1', 'file:///a.png', 'aa', 'done', '2026-01-01', 1)"))
-        conn.execute(sa.text("INSERT INTO images (sha256, width, height, created_at) VALUES ('aa', 4, 3, '2026-01-01')"))
+        conn.execute(sa.text("INSERT INTO images (sha256, width, height, created_at) "
+                             "VALUES ('aa', 4, 3, '2026-01-01')"))
         conn.execute(sa.text(
             "INSERT INTO explanations (sha256, settings_digest, model, method, layer, class_id, class_name, score, "
             "rank, map_key, overlay_key, extra, seconds, created_at) VALUES ('aa', 'd1', 'm', 'gradcam', 'layer4', "

@@ -18,8 +18,8 @@ from salient_maps.storage.database import (
     Job,
     ResultSettings,
     Shard,
-    already_explained,
     add_items,
+    already_explained,
     close_listing,
     connect,
     create_job,
@@ -192,7 +192,8 @@ def finished_job(tmp_path, db):
         conn.execute(Job.__table__.update().where(Job.id == job).values(settings_digest="d1"))
         conn.execute(insert_ignore(db, Image.__table__, [{"sha256": sha, "width": 4, "height": 3}]))
         conn.execute(insert_ignore(db, Explanation.__table__, [
-            explanation(sha, shared(conn, "d1"), method, rank) for method in ("gradcam", "saliency") for rank in (1, 2)]))
+            explanation(sha, shared(conn, "d1"), method, rank)
+            for method in ("gradcam", "saliency") for rank in (1, 2)]))
         # an explanation under other settings must not show up in this job
         conn.execute(insert_ignore(db, Explanation.__table__, [explanation(sha, shared(conn, "other"), "gradcam", 1)]))
         finish_item(conn, good, job, "done", sha256=sha, seconds=0.2)
