@@ -41,7 +41,7 @@ from salient_maps.storage.database import Item, cancel_job, connect
 from salient_maps.storage.maps import MapReader
 from salient_maps.storage.results import find_job, find_record, iter_results
 from salient_maps.storage.settings import Settings
-from salient_maps.storage.sources import SourceError, iter_uris, read_uri
+from salient_maps.storage.sources import SourceError, iter_entries, read_uri
 
 from .jobs import JobProgress, get_job
 from .submit import build_spec, submit
@@ -87,6 +87,8 @@ class JobRequest(BaseModel):
         "gradcam,saliency", description="Comma-separated or a list; 'all' for every method.")
     topk: int = Field(3, ge=1, le=1000)
     classes: Text | list[int | Text] | None = Field(None, description="Ids or names to explain instead of the top-k.")
+    with_label: bool = Field(False, description="Also explain each image's ground-truth label (manifest 'label'); "
+                             "classes 'label' explains only that.")
     labels: RemoteUri | None = Field(None, description="Class names for a custom model (JSON list or CSV id,name).")
     localize: bool = False
     score: Literal["logit", "probability"] | None = None
@@ -156,6 +158,17 @@ class ResultRecord(BaseModel):
     insertion_auc: float | None
     drop: float | None
     increase: bool | None
+    pointing_game: int | None = Field(description="1 when the map's maximum lies within 15 px of a box or the mask.")
+    energy_in_box: float | None = Field(description="Share of the map's positive mass inside the boxes or mask.")
+    localization_iou: float | None = Field(description="IoU of the --localize box with the best ground-truth box.")
+    localization_correct: int | None = Field(description="1 when localization_iou >= 0.5.")
+    border_energy: float | None = Field(description="Share of the map's positive mass in the image's outer 10 %.")
+    label: int | None = Field(description="The manifest's label as a class id.")
+    correct: bool | None = Field(description="Whether the top-1 class equals the label.")
+    boxes: list[list[float]] | None = Field(description="Ground-truth boxes [x0, y0, x1, y1] in original pixels.")
+    mask: str | None = Field(description="URI of the ground-truth mask PNG.")
+    localization_box: list[float] | None = Field(description="The --localize GrabCut box in original pixels.")
+    localization_mask: str | None = Field(description="Object key of the --localize mask PNG.")
 
 
 class ResultsPage(BaseModel):
@@ -362,9 +375,10 @@ def _manifest_source(manifest: str | None, settings: Settings) -> Iterator[str |
         path = Path(folder) / f"manifest{suffix}"
         path.write_bytes(data)
         del data
-        for n, uri in enumerate(iter_uris([str(path)], settings), 1):
+        for n, entry in enumerate(iter_entries([str(path)], settings), 1):
             # The message names the entry by number only: the manifest's text stays the client's business.
-            if urlparse(uri).scheme not in ("s3", "http", "https"):
+            mask = (entry.truth or {}).get("mask")
+            if any(urlparse(uri).scheme not in ("s3", "http", "https") for uri in (entry.uri, mask) if uri):
                 raise _unprocessable(("manifest",), f"entry {n} is not an absolute s3:// or http(s):// URI")
         yield str(path)
 

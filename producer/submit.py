@@ -17,7 +17,7 @@ from salient_maps.storage.database import cancel_job, close_listing, connect, cr
 from salient_maps.storage.job_options import job_spec
 from salient_maps.storage.messages import chunk_message
 from salient_maps.storage.settings import Settings
-from salient_maps.storage.sources import file_sha256, iter_uris
+from salient_maps.storage.sources import file_sha256, iter_entries
 
 from .queue import Publisher
 
@@ -89,7 +89,7 @@ def _submit(db: Engine, settings: Settings, sources: list[str], spec: dict[str, 
     try:
         with Publisher(settings) as publisher:
             waiting: list[tuple[int, str]] = []
-            for new_items in record_items(db, job_id, iter_uris(sources, settings, stdin)):
+            for new_items in record_items(db, job_id, iter_entries(sources, settings, stdin)):
                 waiting.extend(new_items)
                 while len(waiting) >= chunk:
                     publisher.publish(chunk_message(job_id, waiting[:chunk], spec))

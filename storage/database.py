@@ -33,6 +33,7 @@ from sqlalchemy import (
     event,
     func,
     inspect,
+    null,
     select,
     text,
     update,
@@ -40,6 +41,8 @@ from sqlalchemy import (
 from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+from .sources import Entry
 
 
 def utcnow() -> datetime:
@@ -82,6 +85,11 @@ class Item(Base):
     seconds: Mapped[float | None] = mapped_column(Float)
     # Times a worker started explaining it; an image that keeps killing workers fails past a limit.
     deliveries: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    # The manifest's ground truth as given (label, boxes, mask), the class id the worker resolved the label to,
+    # and the model's top-1 class: an audit's accuracy is one SQL query.
+    truth: Mapped[dict | None] = mapped_column(JSON)
+    label: Mapped[int | None] = mapped_column(Integer)
+    predicted: Mapped[int | None] = mapped_column(Integer)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -135,6 +143,11 @@ class Explanation(Base):
     slot: Mapped[int] = mapped_column(Integer)
     # faithfulness metrics and localisation, only when asked for
     extra: Mapped[dict | None] = mapped_column(JSON)
+    # Localisation metrics (workers/localization_metrics.py): columns, so audits summarise them in SQL.
+    border_energy: Mapped[float | None] = mapped_column(Float)
+    energy_in_box: Mapped[float | None] = mapped_column(Float)
+    pointing_game: Mapped[int | None] = mapped_column(Integer)
+    localization_iou: Mapped[float | None] = mapped_column(Float)
 
 
 class ClassVisualization(Base):
@@ -186,7 +199,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 # The newest revision in storage/migrations/versions; a new database is built from the models and
 # stamped with it (tests/test_migrations.py checks that the migrations build the same schema).
-SCHEMA_REVISION = "0005"
+SCHEMA_REVISION = "0006"
 _SCHEMA_LOCK_ID = 0x5A11E47  # PostgreSQL advisory lock: one process at a time creates or migrates
 _alembic_version = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
 
@@ -256,26 +269,19 @@ def create_job(engine: Engine, settings: dict, name: str | None = None) -> str:
     return job_id
 
 
-def add_items(engine: Engine, job_id: str, uris: Iterable[str]) -> int:
-    """Record URIs as pending items (duplicates ignored); returns how many new items."""
-    added = 0
-    batch: list[dict] = []
+def _item_row(job_id: str, entry: str | Entry) -> dict:
+    """A new item's row: pending, or failed at once with the reason its ground truth is unusable."""
+    if isinstance(entry, str):
+        entry = Entry(entry)
+    failed = entry.problem is not None
+    return {"job_id": job_id, "uri": entry.uri, "status": "failed" if failed else "pending", "error": entry.problem,
+            "truth": null() if entry.truth is None else entry.truth, "updated_at": utcnow()}
 
-    def flush() -> int:
-        if not batch:
-            return 0
-        with engine.begin() as conn:
-            n = conn.execute(insert_ignore(engine, Item.__table__, batch)).rowcount
-            conn.execute(update(Job).where(Job.id == job_id).values(total=Job.total + n))
-        batch.clear()
-        return n
 
-    for uri in uris:
-        batch.append({"job_id": job_id, "uri": uri, "status": "pending", "updated_at": utcnow()})
-        if len(batch) >= 1000:
-            added += flush()
-    added += flush()
-    return added
+def add_items(engine: Engine, job_id: str, entries: Iterable[str | Entry]) -> int:
+    """Record URIs or manifest entries (``storage.sources.Entry``: ground truth kept with the item; one with a
+    ``problem`` fails now with it as the reason) as items, duplicates ignored; returns how many new items."""
+    return sum(len(page) for page in _recorded(engine, job_id, entries, 1000, pending_only=False))
 
 
 def finish_item(
@@ -294,6 +300,8 @@ class ItemEnd:
     sha256: str | None = None
     error: str | None = None
     seconds: float | None = None
+    label: int | None = None  # the ground-truth class id the label resolved to
+    predicted: int | None = None  # the model's top-1 class
 
 
 def finish_items(conn, ends: list[ItemEnd]) -> set[int]:
@@ -317,7 +325,8 @@ def finish_items(conn, ends: list[ItemEnd]) -> set[int]:
             update(Item)
             .where(Item.id.in_(list(by_id)), Item.status == "pending")
             .values(status=status, sha256=per_item("sha256"), error=per_item("error"),
-                    seconds=per_item("seconds"), updated_at=utcnow())
+                    seconds=per_item("seconds"), label=per_item("label"), predicted=per_item("predicted"),
+                    updated_at=utcnow())
             .returning(Item.id, Item.job_id)
         ).all()
         for row in rows:
@@ -383,24 +392,35 @@ def legacy_explanations(conn, settings_digest: str | None) -> int:
                         {"d": settings_digest}).scalar()
 
 
-def record_items(engine: Engine, job_id: str, uris: Iterable[str], page: int = 1000) -> Iterator[list[tuple[int, str]]]:
-    """Record URIs as pending items, a page at a time, yielding each page's *new* ``(item id, uri)`` rows.
+def record_items(engine: Engine, job_id: str, entries: Iterable[str | Entry],
+                 page: int = 1000) -> Iterator[list[tuple[int, str]]]:
+    """Record URIs or manifest entries as items (see ``add_items``), a page at a time, yielding each page's *new*
+    pending ``(item id, uri)`` rows.
 
     Duplicates (within the job) come back from the database as ignored rows, so the caller never
     keeps a set of seen URIs: memory stays flat for any number of URIs.
     """
+    return _recorded(engine, job_id, entries, page, pending_only=True)
+
+
+def _recorded(engine: Engine, job_id: str, entries: Iterable[str | Entry], page: int,
+              pending_only: bool) -> Iterator[list[tuple[int, str]]]:
+    """Insert item rows a page at a time (duplicates within the job ignored), counting the new ones into the job
+    (those failed by their entry's problem into ``failed`` too); yields each page's new ``(id, uri)`` rows."""
     batch: list[dict] = []
 
     def flush() -> list[tuple[int, str]]:
-        stmt = insert_ignore(engine, Item.__table__, batch).returning(Item.id, Item.uri)
+        stmt = insert_ignore(engine, Item.__table__, batch).returning(Item.id, Item.uri, Item.status)
         with engine.begin() as conn:
-            new = [(row.id, row.uri) for row in conn.execute(stmt)]
-            conn.execute(update(Job).where(Job.id == job_id).values(total=Job.total + len(new)))
+            new = conn.execute(stmt).all()
+            failed = sum(row.status == "failed" for row in new)
+            conn.execute(update(Job).where(Job.id == job_id).values(
+                total=Job.total + len(new), failed=Job.failed + failed))
         batch.clear()
-        return new
+        return [(row.id, row.uri) for row in new if not pending_only or row.status == "pending"]
 
-    for uri in uris:
-        batch.append({"job_id": job_id, "uri": uri, "status": "pending", "updated_at": utcnow()})
+    for entry in entries:
+        batch.append(_item_row(job_id, entry))
         if len(batch) >= page:
             yield flush()
     if batch:

@@ -21,6 +21,7 @@ OVERLAY_OPTIONS = ("colormap", "alpha", "polarity", "clip_upper", "clip_lower", 
 SPEC_OPTIONS = (*METHOD_OPTIONS, *METRIC_OPTIONS, *OVERLAY_OPTIONS, "localize")
 
 DEFAULT_MODEL = "efficientnet_lite0"
+LABEL_TARGET = "label"  # the --classes entry naming each image's ground-truth label
 DEFAULT_METHODS = "gradcam,saliency"
 DEFAULT_DATA_HELP = "default ./salient-data or SALIENT_DATA_DIR"
 
@@ -134,7 +135,10 @@ def job_options(*, local: bool) -> Callable[[Command], Command]:
         click.option("--topk", type=click.IntRange(1, 1000), default=3, show_default=True,
                      help="Explain the K most probable classes."),
         click.option("--classes", help="Explain these classes instead of the top-k: ids or names (any case), "
-                                       "comma-separated, e.g. '281,Egyptian cat'; a name with a comma: use its id."),
+                                       "comma-separated, e.g. '281,Egyptian cat'; a name with a comma: use its id. "
+                                       "'label': each image's ground-truth label from the manifest."),
+        click.option("--with-label", is_flag=True, default=False,
+                     help="Explain each image's ground-truth label (manifest 'label') beside the top-k or --classes."),
         labels_option(local=local),
         click.option("--localize", is_flag=True, default=False,
                      help="GrabCut each map into a bounding box + mask (Simonyan 2014), stored in each record."),
@@ -152,12 +156,13 @@ def job_spec(*, model: str = DEFAULT_MODEL, weights: str | Path | None = None, l
              layer: str | None = None, methods: str | list[str] = DEFAULT_METHODS, topk: int = 3,
              classes: str | Iterable[int | str] | None = None, precision: str = "fp32", batch_size: int = 16,
              input_size: int | None = None, mean: str | Iterable[float] | None = None,
-             std: str | Iterable[float] | None = None, **options: Any) -> dict[str, Any]:
+             std: str | Iterable[float] | None = None, with_label: bool = False, **options: Any) -> dict[str, Any]:
     """The spec of a job's messages from ``job_options`` values, as given: ``weights`` and ``labels``
     are kept as written (``producer.submit.build_spec`` makes them readable by the workers first).
     ``options`` are the spec's options by name (``SPEC_OPTIONS``); None and False mean "not set".
     ``classes``: ids or names ("281,tabby"), resolved against the model's class names when it loads.
-    ``input_size``, ``mean``, ``std`` ("0.5,0.5,0.5" or three numbers): overrides of the model's preprocessing."""
+    ``input_size``, ``mean``, ``std`` ("0.5,0.5,0.5" or three numbers): overrides of the model's preprocessing.
+    The class entry ``label`` and ``with_label`` explain each image's ground-truth label (``targets.label``)."""
     preprocessing = {key: _numbers(key, value) if key != "input_size" else value
                      for key, value in (("input_size", input_size), ("mean", mean), ("std", std)) if value is not None}
     if isinstance(methods, str):
@@ -165,8 +170,11 @@ def job_spec(*, model: str = DEFAULT_MODEL, weights: str | Path | None = None, l
     if isinstance(classes, str):
         classes = [c.strip() for c in classes.split(",")]
     classes = [int(c) if isinstance(c, str) and c.lstrip("-").isdigit() else c for c in classes or ()]
+    label = with_label or LABEL_TARGET in classes
+    classes = [c for c in classes if c != LABEL_TARGET]
+    targets: dict[str, Any] = {"classes": classes} if classes else {} if label and not with_label else {"topk": topk}
     return {**SPEC_DEFAULTS, "model": model, "layer": layer, "methods": list(methods), "precision": precision,
-            "batch_size": batch_size, "targets": {"classes": classes} if classes else {"topk": topk},
+            "batch_size": batch_size, "targets": {**targets, "label": True} if label else targets,
             "weights": None if weights is None else str(weights), "labels": None if labels is None else str(labels),
             "preprocessing": preprocessing or None,
             "options": {k: v for k, v in options.items() if v is not None and v is not False}}

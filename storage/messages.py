@@ -56,7 +56,9 @@ MESSAGE_SCHEMA: dict[str, Any] = {
                     {"type": "object", "required": ["classes"],
                      "properties": {"classes": {"type": "array", "minItems": 1, "description": "ids or names",
                                                 "items": {"type": ["integer", "string"]}}}},
-                ]},
+                    {"type": "object", "required": ["label"], "properties": {"label": {"const": True}}},
+                ], "description": "label: true explains each item's ground-truth label too (alone, or beside "
+                                  "topk or classes)"},
                 "precision": {"enum": ["fp32", "bf16", "fp16"], "default": "fp32"},
                 "batch_size": {"type": "integer", "minimum": 1, "default": 16},
             },
@@ -112,8 +114,9 @@ def parse_chunk(kwargs: dict[str, Any]) -> Chunk:
     topk_ok = isinstance(targets, dict) and isinstance(targets.get("topk"), int) and targets["topk"] >= 1
     classes = targets.get("classes") if isinstance(targets, dict) else None
     classes_ok = isinstance(classes, list) and bool(classes) and all(isinstance(c, (int, str)) for c in classes)
-    if not (topk_ok or classes_ok):
-        raise MessageError("spec.targets must be {'topk': K} or {'classes': [ids]}")
+    label_ok = isinstance(targets, dict) and targets.get("label") is True
+    if not (topk_ok or classes_ok or label_ok):
+        raise MessageError("spec.targets must be {'topk': K}, {'classes': [ids]} or {'label': true}")
     if not isinstance(spec["options"], dict):
         raise MessageError("spec.options must be an object")
     _check_preprocessing(spec["preprocessing"])

@@ -28,9 +28,10 @@ if TYPE_CHECKING:
     import pyarrow
 
 _BATCH_ROWS = 10_000
-_INT_FIELDS = ("class_id", "rank", "slot")
-_FLOAT_FIELDS = ("score", "seconds", "deletion_auc", "insertion_auc", "drop")
-_BOOL_FIELDS = ("increase",)
+_INT_FIELDS = ("class_id", "rank", "slot", "label", "pointing_game", "localization_correct")
+_FLOAT_FIELDS = ("score", "seconds", "deletion_auc", "insertion_auc", "drop", "energy_in_box", "localization_iou",
+                 "border_energy")
+_BOOL_FIELDS = ("increase", "correct")
 
 
 def open_results(location: str | Path | None = None, job: str | None = None, *, objects: str | None = None,

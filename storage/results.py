@@ -13,15 +13,19 @@ from typing import IO, Iterator, Protocol
 from sqlalchemy import and_, select
 from sqlalchemy.engine import Engine
 
-from salient_maps.storage.database import (Explanation, Item, Job, ResultSettings, Shard, connect,
-                                           legacy_explanations)
+from salient_maps.storage.database import Explanation, Item, Job, ResultSettings, Shard, connect, legacy_explanations
 from salient_maps.storage.settings import Settings
 
 # Scalar faithfulness metrics copied from an explanation's extra JSON (null where not computed).
 METRIC_FIELDS = ("deletion_auc", "insertion_auc", "drop", "increase")
+# Localisation metrics (workers/localization_metrics.py): columns of the explanation, null where not computed.
+LOCALIZATION_FIELDS = ("pointing_game", "energy_in_box", "localization_iou", "localization_correct", "border_energy")
+# Ground truth from the manifest (``label`` as the class id it names), top-1 == label, and the --localize result.
+TRUTH_FIELDS = ("label", "correct", "boxes", "mask", "localization_box", "localization_mask")
 # ``shard`` + ``slot``: where the record's map lies (storage/shards.py; read it with ``storage.maps``)
 FIELDS = ("job_id", "uri", "sha256", "model", "method", "method_params", "layer", "class_id", "class_name", "score",
-          "rank", "shard", "slot", "status", "error", "seconds") + METRIC_FIELDS
+          "rank", "shard", "slot", "status", "error", "seconds") + METRIC_FIELDS + LOCALIZATION_FIELDS + TRUTH_FIELDS
+IOU_CORRECT = 0.5  # Simonyan et al. 2014's localisation criterion (as workers/localization_metrics.py)
 ERROR_FIELDS = ("job_id", "uri", "sha256", "status", "error", "seconds")
 FORMATS = ("jsonl", "csv", "parquet")
 PARQUET_ROW_GROUP = 10_000
@@ -57,9 +61,11 @@ def job_records(conn, job, item_range: tuple[int, int] | None = None):
     settings = result_settings(conn, job)
     settings_id = settings.id if settings is not None else -1
     query = (
-        select(Item.id, Item.uri, Item.sha256, Item.status, Item.error, Item.seconds, Explanation.method,
+        select(Item.id, Item.uri, Item.sha256, Item.status, Item.error, Item.seconds, Item.truth,
+               Item.label.label("label_id"), Item.predicted, Explanation.method,
                Explanation.class_id, Explanation.score, Explanation.rank, Explanation.slot, Explanation.extra,
-               Shard.key.label("shard"))
+               Explanation.border_energy, Explanation.energy_in_box, Explanation.pointing_game,
+               Explanation.localization_iou, Shard.key.label("shard"))
         .outerjoin(Explanation, and_(
             Explanation.sha256 == Item.sha256,
             Explanation.settings_id == settings_id,
@@ -90,8 +96,24 @@ def iter_results(settings: Settings, job_id: str | None, *, db: Engine | None = 
                 record.update(status="done", model=shared.model, layer=shared.layer,
                               method_params=shared.methods.get(row["method"], {}),
                               class_name=shared.class_names[row["class_id"]])
+            record.update(_truth_fields(row, shared.class_names if shared is not None else ()))
             metrics = (row["extra"] or {}).get("metrics") or {}
             yield {f: metrics.get(f) if f in METRIC_FIELDS else record.get(f) for f in FIELDS}
+
+
+def _truth_fields(row, class_names) -> dict:
+    """A record's ground truth (``label`` as a class id: the worker's, or the exact class name's when no worker
+    resolved it), its top-1 verdict and localisation as result fields."""
+    truth = row["truth"] or {}
+    label = row["label_id"] if row["label_id"] is not None else truth.get("label")
+    if isinstance(label, str):
+        label = list(class_names).index(label) if label in class_names else None
+    found = (row["extra"] or {}).get("localization") or {}
+    iou = row["localization_iou"]
+    return {"label": label, "boxes": truth.get("boxes"), "mask": truth.get("mask"),
+            "correct": None if row["predicted"] is None or label is None else row["predicted"] == label,
+            "localization_box": found.get("bbox"), "localization_mask": found.get("mask_key"),
+            "localization_correct": None if iou is None else int(iou >= IOU_CORRECT)}
 
 
 def write_results(settings: Settings, job_id: str | None, fmt: str, out: IO[str]) -> None:
@@ -175,9 +197,12 @@ class _Parquet:
             import pyarrow.parquet as pq
         except ImportError:
             raise ValueError("parquet export needs pyarrow: pip install 'salient-maps[parquet]'") from None
-        types = {"class_id": pa.int32(), "rank": pa.int32(), "slot": pa.int32(), "score": pa.float64(), "seconds": pa.float64(),
+        types = {"class_id": pa.int32(), "rank": pa.int32(), "slot": pa.int32(), "score": pa.float64(),
+                 "seconds": pa.float64(),
                  "deletion_auc": pa.float64(), "insertion_auc": pa.float64(), "drop": pa.float64(),
-                 "increase": pa.bool_()}
+                 "increase": pa.bool_(), "pointing_game": pa.int32(), "energy_in_box": pa.float64(),
+                 "localization_iou": pa.float64(), "localization_correct": pa.int32(), "border_energy": pa.float64(),
+                 "correct": pa.bool_(), "label": pa.int32()}
         self.pa = pa
         self.schema = pa.schema([(f, types.get(f, pa.string())) for f in fields])
         self.writer = pq.ParquetWriter(str(path), self.schema)
@@ -206,8 +231,8 @@ class _Parquet:
 
 
 def _flat(row: dict) -> dict:
-    """Nested values (``method_params``) as JSON text, for the tabular formats."""
-    return {k: json.dumps(v, sort_keys=True) if isinstance(v, dict) else v for k, v in row.items()}
+    """Nested values (``method_params``, ``boxes``) as JSON text, for the tabular formats."""
+    return {k: json.dumps(v, sort_keys=True) if isinstance(v, (dict, list)) else v for k, v in row.items()}
 
 
 def _text_writer(fmt: str, out: IO[str], fields: tuple[str, ...]) -> RecordWriter:

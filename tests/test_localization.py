@@ -72,7 +72,7 @@ def test_run_with_localize_stores_box_and_mask_and_is_its_own_result(tmp_path, r
     db = connect(f"sqlite:///{out / 'salient.db'}")
     with db.connect() as conn:
         extras = [row[0] for row in conn.execute(select(Explanation.extra))]
-    extras = [e if isinstance(e, dict) else json.loads(e) for e in extras]
+    extras = [e if isinstance(e, dict) else json.loads(e) if e else {} for e in extras]
     located = [e["localization"] for e in extras if "localization" in e]
     assert len(extras) == 2 and len(located) == 1
     x0, y0, x1, y1 = located[0]["bbox"]

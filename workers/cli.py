@@ -15,7 +15,7 @@ from salient_maps.storage.job_options import (DEFAULT_METHODS, METHOD_OPTIONS, d
 from salient_maps.storage.objects import open_store
 from salient_maps.storage.results import iter_results, write_results
 from salient_maps.storage.settings import Settings
-from salient_maps.storage.sources import SourceError, iter_uris, with_command_line_roots
+from salient_maps.storage.sources import SourceError, iter_entries, iter_uris, with_command_line_roots
 
 
 def _versions() -> dict[str, str]:
@@ -71,7 +71,7 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
                     "versions": _versions()}
     job_id = create_job(db, job_settings)
     try:
-        add_items(db, job_id, iter_uris([str(s) for s in sources], settings))
+        add_items(db, job_id, iter_entries([str(s) for s in sources], settings))
     except SourceError as exc:
         raise click.ClickException(str(exc)) from None
     close_listing(db, job_id)
@@ -83,8 +83,8 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
     from salient_maps.storage.database import Job
 
     with db.connect() as conn:
-        total = conn.execute(select(Job.total).where(Job.id == job_id)).scalar_one()
-    counts: Counter = Counter()
+        total, failed = conn.execute(select(Job.total, Job.failed).where(Job.id == job_id)).one()
+    counts: Counter = Counter(failed=failed)  # entries whose ground truth was unusable failed at listing
     start = time.perf_counter()
     with Progress(
         TextColumn("[bold]explaining"), BarColumn(), MofNCompleteColumn(),

@@ -67,7 +67,7 @@ class Explainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _forward(self, x: Tensor) -> ForwardPass:
+    def _forward(self, x: Tensor, labels: Tensor | None = None) -> ForwardPass:
         captured: list[Tensor] = []
 
         def keep(_mod, _inp, out):
@@ -96,13 +96,14 @@ class Explainer:
         probs = logits.detach().float().softmax(dim=1)
         return ForwardPass(
             model=self.module, layer=self.layer, x=x, logits=logits,
-            activations=captured[-1] if self.layer is not None else None, targets=self.targets.select(probs),
+            activations=captured[-1] if self.layer is not None else None, targets=self.targets.select(probs, labels),
             autocast=self.autocast, mean=self.model.mean, std=self.model.std,
         ), probs
 
-    def explain(self, x: Tensor) -> BatchResult:
+    def explain(self, x: Tensor, labels: Tensor | None = None) -> BatchResult:
+        """``labels``: each image's ground-truth class id, explained too when the targets say ``label``."""
         t0 = time.perf_counter()
-        fp, probs = self._forward(x)
+        fp, probs = self._forward(x, labels)
         shared = (time.perf_counter() - t0) / max(len(self.methods), 1)
         outputs, seconds = {}, {}
         for method in self.methods:

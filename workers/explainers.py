@@ -119,8 +119,9 @@ def load_setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
                 "gradient; load the model as Python code (--model ARCH --weights FILE) or use saliency, "
                 "integrated_gradients")
         classes = spec["targets"].get("classes")
-        targets = Targets(topk=None, classes=parse_classes(",".join(map(str, classes)), loaded.class_names)) \
-            if classes else Targets(topk=spec["targets"]["topk"])
+        targets = Targets(topk=None if classes else spec["targets"].get("topk"),
+                          classes=parse_classes(",".join(map(str, classes)), loaded.class_names) if classes else (),
+                          label=bool(spec["targets"].get("label")))
         explainer = Explainer(loaded, layer, methods, targets, device=device, precision=spec["precision"])
     except (ModelError, MethodError, SourceError, factories.FactoryError, FileNotFoundError, TypeError,
             ValueError) as exc:

@@ -13,7 +13,8 @@ inside the region (an integral image interpolated bilinearly, which is exact for
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from functools import lru_cache
 from typing import Sequence
 
 import cv2
@@ -131,19 +132,47 @@ def box_iou(a: Box, b: Box) -> float:
 def localization_metrics(heat: np.ndarray, frame: InputFrame, boxes: Sequence[Box] = (),
                          mask: np.ndarray | None = None, localized_box: Box | None = None) -> dict[str, float | int]:
     """The metric fields one explanation gets: ``border_energy`` always, the others where their ground truth is."""
-    heat = np.asarray(heat, np.float64)
-    fields: dict[str, float | int] = {}
-    share = mass_share(heat, cell_coverage(border_region(frame.height, frame.width), frame, heat.shape))
-    if share is not None:
-        fields["border_energy"] = share
-    if boxes or mask is not None:
-        region = region_mask(frame.height, frame.width, boxes, mask)
-        fields["pointing_game"] = int(pointing_hit(peak_point(heat, frame), region))
-        share = mass_share(heat, cell_coverage(region, frame, heat.shape))
+    return GroundTruth(frame, boxes, mask).metrics(heat, localized_box)
+
+
+@lru_cache(maxsize=64)
+def _border_coverage(frame: InputFrame, map_shape: tuple[int, int]) -> np.ndarray:
+    # Most datasets have few image sizes: the border's coverage is computed once per size and map shape.
+    return cell_coverage(border_region(frame.height, frame.width), frame, map_shape)
+
+
+@dataclass
+class GroundTruth:
+    """One image's frame and ground truth, for the metrics of all its maps: the region and its per-cell coverage
+    are computed once per map shape, not once per map."""
+
+    frame: InputFrame
+    boxes: Sequence[Box] = ()
+    mask: np.ndarray | None = None
+    _region: np.ndarray | None = field(default=None, repr=False)
+    _coverage: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def region(self) -> np.ndarray | None:
+        if self._region is None and (self.boxes or self.mask is not None):
+            self._region = region_mask(self.frame.height, self.frame.width, self.boxes, self.mask)
+        return self._region
+
+    def metrics(self, heat: np.ndarray, localized_box: Box | None = None) -> dict[str, float | int]:
+        heat = np.asarray(heat, np.float64)
+        fields: dict[str, float | int] = {}
+        share = mass_share(heat, _border_coverage(self.frame, heat.shape))
         if share is not None:
-            fields["energy_in_box"] = share
-    if boxes and localized_box is not None:
-        iou = max(box_iou(localized_box, box) for box in boxes)
-        fields["localization_iou"] = iou
-        fields["localization_correct"] = int(iou >= IOU_CORRECT)
-    return fields
+            fields["border_energy"] = share
+        if (region := self.region) is not None:
+            fields["pointing_game"] = int(pointing_hit(peak_point(heat, self.frame), region))
+            if heat.shape not in self._coverage:
+                self._coverage[heat.shape] = cell_coverage(region, self.frame, heat.shape)
+            share = mass_share(heat, self._coverage[heat.shape])
+            if share is not None:
+                fields["energy_in_box"] = share
+        if self.boxes and localized_box is not None:
+            iou = max(box_iou(localized_box, box) for box in self.boxes)
+            fields["localization_iou"] = iou
+            fields["localization_correct"] = int(iou >= IOU_CORRECT)
+        return fields

@@ -28,17 +28,28 @@ from sqlalchemy.engine import Engine
 from salient_maps.storage.database import Item, ItemEnd, Job, explained_among, finish_items
 from salient_maps.storage.objects import ObjectStore
 from salient_maps.storage.overlays import OverlayStyle
+from salient_maps.storage.settings import Settings
 from salient_maps.storage.shards import FORMAT as SHARD_FORMAT
 from salient_maps.storage.shards import encode as encode_shard
-from salient_maps.storage.settings import Settings
 from salient_maps.storage.sources import SourceError, read_uri
 
 from .engine import BatchResult, Explainer
-from .images import decode_jpegs_on_device, decode_scaled, device_decodable, to_input
+from .images import decode_image, decode_jpegs_on_device, decode_scaled, device_decodable, to_input
 from .localization import PARAMS as LOCALIZATION_PARAMS
 from .localization import localize, mask_png
+from .localization_metrics import GroundTruth, InputFrame
 from .metrics import Faithfulness
-from .writer import THUMBNAIL_SIDE, BackgroundWriter, EncodedBatch, Row, ShardWriter, shard_tensors, thumbnail_jpeg
+from .targets import ClassNames, TargetError
+from .writer import (
+    METRIC_COLUMNS,
+    THUMBNAIL_SIDE,
+    BackgroundWriter,
+    EncodedBatch,
+    Row,
+    ShardWriter,
+    shard_tensors,
+    thumbnail_jpeg,
+)
 
 log = logging.getLogger(__name__)
 
@@ -63,6 +74,9 @@ class Prepared:
     error: str | None = None
     seconds: float = 0.0
     explained: bool = False  # these bytes already have results under these settings: not decoded
+    truth: dict | None = None  # the item's ground truth (label, boxes, mask) from the manifest
+    label: int | None = None  # its label as a class id of the model
+    mask: np.ndarray | None = None  # its mask decoded, H×W bool at the image's own size
 
 
 def host_threads() -> int:
@@ -145,6 +159,7 @@ class ItemProcessor:
         self.picture_side: int | None = None if localize else THUMBNAIL_SIDE
         # CPU seconds by stage: read, decode, preprocess (input side), encode, upload, database (output side)
         self.cpu_seconds = StageClock()
+        self.class_names = ClassNames(explainer.model.class_names)
         self.writer = ShardWriter(db, store, {
             "digest": self.digest, "model": explainer.model.tag, "layer": explainer.layer_name,
             "methods": {m.name: m.params() for m in explainer.methods}, "overlay": overlay_style.params(),
@@ -174,6 +189,45 @@ class ItemProcessor:
         for p in read:
             if p.sha256 in found:
                 p.explained, p.data = True, None
+
+    def take_truths(self, batch: list[Prepared]) -> None:
+        """The decoded images' ground truth (one query for the batch; see ``take_truth``), masks decoded."""
+        with self.cpu_seconds("database"), self.db.connect() as conn:
+            truths = dict(conn.execute(select(Item.id, Item.truth).where(
+                Item.id.in_([p.item.id for p in batch]), Item.truth.is_not(None))).all())
+        for p in batch:
+            self.take_truth(p, truths.get(p.item.id))
+            self.decode_mask(p)
+
+    def take_truth(self, p: Prepared, truth: dict | None) -> None:
+        """Keep an item's ground truth, its label as the model's class id; an item whose label names no class
+        (or that has none when the targets need it) fails with the reason."""
+        p.truth = truth or None
+        label = (truth or {}).get("label")
+        try:
+            p.label = None if label is None else self.class_names.class_id(label)
+        except TargetError as exc:
+            p.error = f"ground truth: {exc}"
+            return
+        if p.label is None and self.explainer.targets.label:
+            p.error = "no ground-truth label to explain (the job explains each image's label)"
+
+    def decode_mask(self, p: Prepared) -> None:
+        """Read and decode the item's ground-truth mask (nonzero = object) with the images' reading policy; one
+        that cannot be read or does not match the image's size fails the item with the reason."""
+        uri = (p.truth or {}).get("mask")
+        if uri is None or p.error is not None:
+            return
+        try:
+            data = read_uri(uri, self.settings.max_image_bytes, self.settings, expect_image=True)
+            mask = decode_image(data, self.settings.max_image_pixels).any(axis=2)
+        except SourceError as exc:
+            p.error = f"ground-truth mask: {exc}"
+            return
+        if mask.shape != (p.height, p.width):
+            p.error = f"ground-truth mask is {mask.shape[1]}×{mask.shape[0]}, the image {p.width}×{p.height}"
+            return
+        p.mask = mask
 
     def decode(self, p: Prepared) -> Prepared:
         """Decode one read image into its picture and model input on the host (thread-safe); a bad image
@@ -305,6 +359,8 @@ class ItemProcessor:
         rest; returns the statuses of the items ended here and what is left to store."""
         ends: list[ItemEnd] = []
         todo: list[Prepared] = []
+        if decoded := [p for p in batch if p.error is None and not p.explained]:
+            self.take_truths(decoded)  # a label that names no class or an unreadable mask fails the item here
         for p in batch:
             if p.error is not None:
                 ends.append(ItemEnd(p.item.id, p.item.job_id, "failed", p.sha256, p.error, p.seconds))
@@ -312,12 +368,12 @@ class ItemProcessor:
                 ends.append(ItemEnd(p.item.id, p.item.job_id, "skipped", p.sha256, None, p.seconds))
             else:
                 todo.append(p)
-        with self.cpu_seconds("database"), self.db.begin() as conn:
-            by_peer = explained_among(conn, [p.sha256 for p in todo], self.digest) if todo else set()
-            ends += [ItemEnd(p.item.id, p.item.job_id, "skipped", p.sha256, None, p.seconds)
-                     for p in todo if p.sha256 in by_peer]  # explained by a peer since it was read
-            todo = [p for p in todo if p.sha256 not in by_peer]
-            ended = finish_items(conn, ends) if ends else set()
+        # (``skip_explained`` asked which images have results when the batch was read; one a peer explains
+        # since is explained again, its rows ignored as duplicates: one statement less per batch.)
+        ended: set[int] = set()
+        if ends:
+            with self.cpu_seconds("database"), self.db.begin() as conn:
+                ended = finish_items(conn, ends)
         statuses = [e.status for e in ends if e.id in ended]
         if not todo:
             return statuses, None
@@ -329,7 +385,10 @@ class ItemProcessor:
         t = time.perf_counter()
         try:
             x = stacked_inputs(unique, self.explainer.device)
-            result = self.explainer.explain(x)
+            if self.explainer.targets.label:
+                result = self.explainer.explain(x, torch.tensor([p.label for p in unique]))
+            else:
+                result = self.explainer.explain(x)
             scores = self._faithfulness(x, result)
         except Exception as exc:  # one bad batch must not end the job: every item gets the reason
             reason = f"explanation failed: {type(exc).__name__}: {exc}"
@@ -364,25 +423,40 @@ class ItemProcessor:
             ranks = (-probs).argsort(axis=1, kind="stable").argsort(axis=1) + 1
             tensors, methods = shard_tensors(ex.methods, result.outputs)
             input_size = list(next(iter(result.outputs.values())).maps.shape[-2:])
+            # the maps at input size as the method returned them: the localisation metrics' input
+            heats = {m.name: result.outputs[m.name].maps.detach().float().cpu().numpy() for m in ex.methods}
             rows = []
             for i, p in enumerate(e.unique):
                 tensors[f"thumbnail.{i}"] = thumbnail_jpeg(p.rgb)
+                truth = self._ground_truth(p, tuple(input_size[::-1]))
                 for method in ex.methods:
                     for k, class_id in enumerate(targets[i].tolist()):
+                        out = result.outputs[method.name]
                         extra = {**_metrics_extra(self.metrics, e.scores.get(method.name), i, k),
-                                 **self._localization_extra(p, method.name, class_id, result.outputs[method.name], i, k)}
+                                 **self._localization_extra(p, method.name, class_id, out, i, k)}
+                        found = (extra.get("localization") or {}).get("bbox")
+                        fields = truth.metrics(heats[method.name][i, k], found)
                         rows.append(Row(p.sha256, method.name, class_id, float(probs[i, class_id]),
-                                        int(ranks[i, class_id]), i * k_targets + k, extra or None))
+                                        int(ranks[i, class_id]), i * k_targets + k, extra or None,
+                                        *(fields.get(name) for name in METRIC_COLUMNS)))
             description = {"format": SHARD_FORMAT, "settings_digest": self.digest, "model": ex.model.tag,
                            "layer": ex.layer_name, "input_size": input_size,
                            "images": [p.sha256 for p in e.unique], "targets": k_targets,
                            "classes": targets.tolist(), "methods": methods}
             data = encode_shard(tensors, description)
             first = {p.sha256: p for p in e.unique}
+            top1 = dict(zip(first, probs.argmax(axis=1).tolist()))
             ends = [ItemEnd(p.item.id, p.item.job_id, "done", p.sha256, None,
-                            p.seconds + (e.per_image if first[p.sha256] is p else 0.0)) for p in e.items]
+                            p.seconds + (e.per_image if first[p.sha256] is p else 0.0), p.label, top1[p.sha256])
+                    for p in e.items]
             images = [{"sha256": p.sha256, "width": p.width, "height": p.height} for p in e.unique]
         return EncodedBatch(data, images, rows, ends)
+
+    def _ground_truth(self, p: Prepared, input_size: tuple[int, int]) -> GroundTruth:
+        """The image's boxes and mask in the frame of the model's input: salient resizes the whole image to the
+        input size, no crop (workers/images.py ``to_input``; nvJPEG's path likewise)."""
+        boxes = (p.truth or {}).get("boxes") or ()
+        return GroundTruth(InputFrame.whole(p.width, p.height, input_size), boxes, p.mask)
 
     def _localization_extra(self, p: Prepared, method: str, class_id: int, out, i: int, k: int) -> dict:
         """With --localize: the GrabCut box from this map (None when the map cannot seed it) and its mask object."""

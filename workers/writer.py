@@ -20,8 +20,15 @@ import numpy as np
 from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from salient_maps.storage.database import (Explanation, Image, ItemEnd, ResultSettings, Shard, finish_items,
-                                           insert_ignore)
+from salient_maps.storage.database import (
+    Explanation,
+    Image,
+    ItemEnd,
+    ResultSettings,
+    Shard,
+    finish_items,
+    insert_ignore,
+)
 from salient_maps.storage.objects import ObjectStore
 from salient_maps.storage.overlays import fit_long_side
 from salient_maps.storage.shards import RENDERINGS, shard_key
@@ -41,6 +48,14 @@ class Row:
     rank: int
     slot: int
     extra: dict | None
+    # localisation metrics (workers/localization_metrics.py), None where the map or the ground truth has none
+    border_energy: float | None = None
+    energy_in_box: float | None = None
+    pointing_game: int | None = None
+    localization_iou: float | None = None
+
+
+METRIC_COLUMNS = ("border_energy", "energy_in_box", "pointing_game", "localization_iou")
 
 
 @dataclass
@@ -114,7 +129,8 @@ class ShardWriter:
             conn.execute(insert_ignore(self.db, Image.__table__, batch.images))
             conn.execute(insert_ignore(self.db, Explanation.__table__, [
                 {"sha256": r.sha256, "settings_id": settings_id, "method": r.method, "class_id": r.class_id,
-                 "score": r.score, "rank": r.rank, "shard_id": shard_id, "slot": r.slot, "extra": r.extra}
+                 "score": r.score, "rank": r.rank, "shard_id": shard_id, "slot": r.slot, "extra": r.extra,
+                 **{name: getattr(r, name) for name in METRIC_COLUMNS}}
                 for r in batch.rows]))
             return finish_items(conn, batch.ends)
 
