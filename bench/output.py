@@ -25,7 +25,7 @@ import launch  # noqa: E402
 
 
 def make_images(folder: Path, n: int) -> None:
-    """N different 640×480 JPEGs: sample photos, each shifted by a different offset (and flipped)."""
+    """N different 640×480 JPEGs: sample photos shifted, flipped and marked in a corner."""
     import cv2
     import numpy as np
     import skimage.data
@@ -36,6 +36,7 @@ def make_images(folder: Path, n: int) -> None:
         rgb = cv2.resize(photos[i % len(photos)], (700, 520))
         dy, dx = (i * 7) % 40, (i * 11) % 60
         picture = np.ascontiguousarray(rgb[dy:dy + 480, dx:dx + 640][:, ::-1 if i % 2 else 1])
+        picture[:8, :8] = (i % 256, i // 256, 0)  # a mark of its own: no two files alike
         cv2.imwrite(str(folder / f"img{i:04d}.jpg"), cv2.cvtColor(picture, cv2.COLOR_RGB2BGR),
                     [cv2.IMWRITE_JPEG_QUALITY, 90])
 
