@@ -82,7 +82,7 @@ def _hinting_missing_extra(name: str, command: click.Command) -> click.Command:
                 raise
             raise _worker_extra_error(name, exc) from None
 
-    hinting.invoke = invoke
+    hinting.invoke = invoke  # type: ignore[method-assign]  # this copy's invoke, wrapped; the command is untouched
     return hinting
 
 
@@ -185,4 +185,10 @@ main.add_command(reconcile)
 from .map_commands import COMMANDS as MAP_COMMANDS  # noqa: E402
 
 for _command in MAP_COMMANDS:
+    main.add_command(_command)
+
+# Audits against ground truth and between runs.
+from .audit_commands import COMMANDS as AUDIT_COMMANDS  # noqa: E402
+
+for _command in AUDIT_COMMANDS:
     main.add_command(_command)

@@ -27,7 +27,8 @@ def _record(db, row) -> dict:
     """The schedule as JSON-ready values (ISO 8601 times), with its last job's counts."""
     record = dict(row._mapping)
     for key in ("next_run_at", "last_run_at", "created_at"):
-        record[key] = record[key] and _utc(record[key]).isoformat()
+        moment = _utc(record[key])
+        record[key] = moment and moment.isoformat()
     last_job = None
     if row.last_job_id:
         try:

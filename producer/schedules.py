@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
-from sqlalchemy import Row, delete, select, update
+from sqlalchemy import Row, delete, insert, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -97,9 +97,9 @@ def add_schedule(db: Engine, cron: str, sources: list[str], options: dict[str, A
     now = now or utcnow()
     try:
         with db.begin() as conn:
-            schedule_id = conn.execute(Schedule.__table__.insert().values(
+            schedule_id = conn.execute(insert(Schedule).values(
                 name=name, cron=cron, timezone=tz, sources=sources, options=options, chunk=chunk,
-                next_run_at=next_run(cron, tz, now), created_at=now)).inserted_primary_key[0]
+                next_run_at=next_run(cron, tz, now), created_at=now).returning(Schedule.id)).scalar_one()
     except IntegrityError:  # the only unique column besides the id
         raise ScheduleError(f"a schedule named {name!r} exists already") from None
     return get_schedule(db, schedule_id)
@@ -115,7 +115,7 @@ def get_schedule(db: Engine, schedule_id: int) -> Row:
 
 def list_schedules(db: Engine) -> list[Row]:
     with db.connect() as conn:
-        return conn.execute(select(Schedule.__table__).order_by(Schedule.id)).all()
+        return list(conn.execute(select(Schedule.__table__).order_by(Schedule.id)).all())
 
 
 def remove_schedule(db: Engine, id_or_name: str) -> bool:
@@ -127,8 +127,8 @@ def remove_schedule(db: Engine, id_or_name: str) -> bool:
 
 def due_schedules(db: Engine, now: datetime) -> list[Row]:
     with db.connect() as conn:
-        return conn.execute(select(Schedule.__table__).where(Schedule.next_run_at <= now)
-                            .order_by(Schedule.next_run_at)).all()
+        return list(conn.execute(select(Schedule.__table__).where(Schedule.next_run_at <= now)
+                                 .order_by(Schedule.next_run_at)).all())
 
 
 def _aware(moment: datetime) -> datetime:

@@ -100,7 +100,7 @@ def overlay_png(rgb: np.ndarray, values: np.ndarray, style: OverlayStyle = Overl
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
     if style.overlay == "mask-black":
         strength = np.abs(2 * heat - 1) if style.polarity == "both" else heat
-        out = (bgr.astype(np.float32) * strength[..., None]).round().astype(np.uint8)
+        out: np.ndarray = (bgr.astype(np.float32) * strength[..., None]).round().astype(np.uint8)
     else:
         colormap = getattr(cv2, f"COLORMAP_{style.colormap.upper()}")
         colored = cv2.applyColorMap(np.clip(heat * 255, 0, 255).round().astype(np.uint8), colormap)

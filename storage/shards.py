@@ -29,9 +29,9 @@ from functools import cached_property
 import numpy as np
 
 FORMAT = 1
-_DTYPES = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8",
+_DTYPES: dict[np.dtype, str] = {np.dtype(np.float32): "F32", np.dtype(np.float16): "F16", np.dtype(np.uint8): "U8",
            np.dtype(np.int32): "I32"}
-_NUMPY = {name: dtype for dtype, name in _DTYPES.items()}
+_NUMPY: dict[str, np.dtype] = {name: dtype for dtype, name in _DTYPES.items()}
 # saliency's usual renderings of its raw gradient, derived on read (see ``renderings``)
 RENDERINGS = ("color", "gray", "positive", "negative")
 

@@ -114,7 +114,7 @@ def _manifest_entries(stream: IO[str], suffix: str, base: Path) -> Iterator[Entr
     keys, and label/boxes/mask). A plain path is relative to the manifest's folder (stdin: the current folder)."""
     records: Iterator[dict[str, Any]]
     if suffix == ".csv":
-        rows = csv.reader(stream)
+        rows: Iterator[list[str]] = csv.reader(stream)
         header = next(rows, None)
         if header is None:
             return

@@ -98,7 +98,7 @@ def vetted_addresses(host: str, port: int, settings: Settings) -> list[str]:
     allowed: list[str] = []
     first_refused: str | None = None
     for *_, sockaddr in socket.getaddrinfo(host, port, type=socket.SOCK_STREAM):
-        ip = ipaddress.ip_address(sockaddr[0].split("%")[0])  # without an IPv6 zone ("fe80::1%eth0")
+        ip = ipaddress.ip_address(str(sockaddr[0]).split("%")[0])  # without an IPv6 zone ("fe80::1%eth0")
         reason = refusal(ip, settings)
         if reason is None:
             if str(ip) not in allowed:

@@ -82,6 +82,8 @@ def build(name: str) -> tuple[nn.Module, str]:
         source = path.read_bytes()
         spec = importlib.util.spec_from_file_location(f"salient_factory_{hashlib.sha256(source).hexdigest()[:16]}",
                                                       path)
+        if spec is None or spec.loader is None:
+            raise FactoryError(f"model factory file {target} cannot be imported as Python")
         module = importlib.util.module_from_spec(spec)
         # The file may import its neighbours, as it would when run from its folder.
         sys.path.insert(0, str(path.parent))

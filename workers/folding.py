@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import weakref
+from typing import cast
 
 import torch
 from torch import fx, nn
@@ -57,23 +58,27 @@ def _fold_copy(module: nn.Module) -> nn.Module:
     calls: dict[str, int] = {}
     for node in graph.nodes:
         if node.op == "call_module":
-            calls[node.target] = calls.get(node.target, 0) + 1
+            calls[str(node.target)] = calls.get(str(node.target), 0) + 1
     pairs = []
     for node in graph.nodes:
         src = node.args[0] if node.op == "call_module" and len(node.args) == 1 and not node.kwargs else None
         if not isinstance(src, fx.Node) or src.op != "call_module" or len(src.users) != 1:
             continue
-        if calls[src.target] != 1 or calls[node.target] != 1:  # a module called twice is shared
+        conv_name, norm_name = str(src.target), str(node.target)  # call_module targets are module paths
+        if calls[conv_name] != 1 or calls[norm_name] != 1:  # a module called twice is shared
             continue
-        conv, norm = module.get_submodule(src.target), module.get_submodule(node.target)
+        conv, norm = module.get_submodule(conv_name), module.get_submodule(norm_name)
         if isinstance(conv, nn.Conv2d) and _foldable(norm) and norm.num_features == conv.out_channels:
-            pairs.append((src.target, node.target))
+            pairs.append((conv_name, norm_name))
     if not pairs:
         return module
     copied = copy.deepcopy(module)
     with torch.no_grad():
         for conv_name, norm_name in pairs:
             conv, norm = copied.get_submodule(conv_name), copied.get_submodule(norm_name)
+            # what the pairing above checked, for the type checker
+            assert isinstance(conv, nn.Conv2d) and isinstance(norm, nn.BatchNorm2d)
+            assert norm.running_var is not None and norm.running_mean is not None
             scale = torch.rsqrt(norm.running_var + norm.eps)
             shift = -norm.running_mean * scale
             if norm.affine:
@@ -100,4 +105,6 @@ def _is_timm_norm_act(norm: nn.Module) -> bool:
 
 def _after_norm(norm: nn.Module) -> nn.Module:
     """What remains of ``norm`` once its affine map is in the convolution."""
-    return nn.Sequential(norm.drop, norm.act) if _is_timm_norm_act(norm) else nn.Identity()
+    if _is_timm_norm_act(norm):
+        return nn.Sequential(cast(nn.Module, norm.drop), cast(nn.Module, norm.act))
+    return nn.Identity()

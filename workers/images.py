@@ -109,9 +109,9 @@ def decode_scaled(data: bytes, max_pixels: int, short_side: int = 0, long_side: 
 def _decode_with_pillow(data: bytes) -> np.ndarray:
     # OpenCV gives up on some valid files; Pillow reads the first frame. Same conventions as the OpenCV path.
     try:
-        with PILImage.open(io.BytesIO(data)) as im:
-            im.seek(0)
-            im = ImageOps.exif_transpose(im)
+        with PILImage.open(io.BytesIO(data)) as opened:
+            opened.seek(0)
+            im = ImageOps.exif_transpose(opened)
             if im.mode.startswith("I;16"):  # 16-bit grey: Pillow's convert would clip, not scale
                 grey = (np.asarray(im).astype(np.int64) >> 8).clip(0, 255).astype(np.uint8)
                 return np.repeat(grey[..., None], 3, axis=2)

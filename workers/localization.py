@@ -47,7 +47,9 @@ def localize(rgb: np.ndarray, heat: np.ndarray) -> Localization | None:
     seeds[heat <= low] = cv2.GC_BGD
     cv2.setRNGSeed(0)  # GrabCut's k-means draws from OpenCV's per-thread generator: same input, same box
     background_model, foreground_model = np.zeros((1, 65)), np.zeros((1, 65))
-    cv2.grabCut(small, seeds, None, background_model, foreground_model, GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_MASK)
+    # OpenCV's stubs want a rectangle, which GC_INIT_WITH_MASK ignores (None is what its documentation passes)
+    cv2.grabCut(small, seeds, None, background_model, foreground_model,  # type: ignore[call-overload]
+                GRABCUT_ITERATIONS, cv2.GC_INIT_WITH_MASK)
     foreground = ((seeds == cv2.GC_FGD) | (seeds == cv2.GC_PR_FGD)).astype(np.uint8)
     count, _labels, stats, _ = cv2.connectedComponentsWithStats(foreground, connectivity=8)
     if count < 2:

@@ -60,7 +60,7 @@ class LoadedModel:
     declared_transform: dict = field(default_factory=dict)  # the model's own eval transform, for the record
 
     def layout(self, layer: str | None) -> Layout:
-        return self.layer_layouts.get(layer, Layout())
+        return self.layer_layouts.get(layer, Layout()) if layer is not None else Layout()
 
     def preprocessing(self) -> dict:
         """How an image becomes this model's input; recorded with each result."""
@@ -138,7 +138,7 @@ def _fit_timm_head(module: nn.Module, state: dict) -> None:
     head = state.get(f"{first}.weight") if first else None
     if isinstance(head, torch.Tensor) and head.dim() >= 2 and hasattr(module, "reset_classifier") \
             and head.shape[0] != getattr(module, "num_classes", head.shape[0]):
-        module.reset_classifier(head.shape[0])
+        module.reset_classifier(head.shape[0])  # type: ignore[operator]  # timm's, checked by hasattr above
 
 
 def _load_state_dict(module: nn.Module, path: Path, state: dict | None = None) -> None:
@@ -266,7 +266,8 @@ def _timm(name: str, input_size: int | None) -> _Built:
                                                            " (timm.list_models() lists them)"))
     try:
         # Transformers take their size at construction (position embeddings, windows); CNNs take any size.
-        module = timm.create_model(arch, pretrained=False, **({"img_size": input_size} if input_size else {}))
+        sized: dict = {"img_size": input_size} if input_size else {}
+        module = timm.create_model(arch, pretrained=False, **sized)
     except TypeError:
         module = timm.create_model(arch, pretrained=False)
     config = resolve_data_config({}, model=module)

@@ -87,12 +87,13 @@ def randomise(layer: nn.Module, generator: torch.Generator) -> None:
     """Re-initialise a layer's weight (and bias) from a seeded normal distribution scaled like
     He initialisation, so activations keep their magnitude and the maps stay defined."""
     with torch.no_grad():
-        weight = layer.weight
+        weight: Tensor = layer.weight  # type: ignore[assignment]  # the layers randomised have one
         fan_in = weight[0].numel()
         noise = torch.randn(weight.shape, generator=generator, dtype=torch.float32)
         weight.copy_((noise * (2.0 / fan_in) ** 0.5).to(weight))
-        if getattr(layer, "bias", None) is not None:
-            layer.bias.zero_()
+        bias = getattr(layer, "bias", None)
+        if bias is not None:
+            bias.zero_()
 
 
 def spearman(a: np.ndarray, b: np.ndarray) -> np.ndarray:

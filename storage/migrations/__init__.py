@@ -38,4 +38,7 @@ def upgrade(connection, stamp_first: bool = False) -> None:
 def head_revision() -> str:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(alembic_config()).get_current_head()
+    head = ScriptDirectory.from_config(alembic_config()).get_current_head()
+    if head is None:
+        raise RuntimeError("storage/migrations/versions holds no revision")
+    return head

@@ -78,7 +78,7 @@ class _Pictures:
         self.folder = out_dir / "pictures"
         self.folder.mkdir(exist_ok=True)
         self.link_shards = isinstance(store, LocalObjectStore) and not copy
-        if self.link_shards:
+        if isinstance(store, LocalObjectStore) and not copy:
             self.root_from_report = Path(os.path.relpath(store.root.resolve(), out_dir.resolve())).as_posix()
         self.styles: dict[str, object] = {}
         try:
@@ -127,7 +127,8 @@ def _write_class_maps(data: Collected, reader: MapReader, out_dir: Path) -> dict
     top = [c for c, _ in data.predicted.most_common(CLASS_TABLE_ROWS)]
     for c in top:
         for m, method in enumerate(data.methods):
-            total, count = None, 0
+            total: np.ndarray | None = None
+            count = 0
             for record in data.class_maps.get((c, method), []):
                 try:
                     heat = reader.map(record).astype(np.float64)
@@ -137,7 +138,7 @@ def _write_class_maps(data: Collected, reader: MapReader, out_dir: Path) -> dict
                     continue
                 total = heat if total is None else total + heat
                 count += 1
-            if count:
+            if total is not None:
                 name = f"{c}-{m}.png"
                 (folder / name).write_bytes(charts.heat_png(total / count))
                 written[(c, method)] = f"class-maps/{name}"

@@ -49,9 +49,9 @@ class Drawer(Protocol):
 
     def thumbnail(self, record: dict) -> str | None: ...
 
-    def overlay(self, record: dict) -> str | None: ...
+    def overlay(self, record: dict, style: dict | None = None) -> str | None: ...
 
-    def shard(self, key: str) -> str | None: ...
+    def shard(self, key: str | None) -> str | None: ...
 
 
 def collect(conn: Connection, job, draw: Drawer) -> Collected:
@@ -60,7 +60,7 @@ def collect(conn: Connection, job, draw: Drawer) -> Collected:
     method_index: dict[str, int] = {}
     class_index: dict[str, int] = {}
     shared, query = job_records(conn, job)
-    card: dict | None = None
+    card: dict = {}  # the current item's; the first row starts one
     last_item = None
     for row in conn.execution_options(yield_per=2000).execute(query):
         record = dict(row._mapping)

@@ -63,6 +63,8 @@ def smoothgrad(attribute: Callable[[ForwardPass], Tensor], fp: ForwardPass, n: i
         part = attribute(forward_again(fp, noisy, fp.targets.repeat(len(e), 1)))
         part = part.unflatten(0, (len(e), b)).sum(dim=0)
         total = part if total is None else total + part
+    if total is None:
+        raise ValueError("SmoothGrad needs at least one noisy copy")
     return total / n
 
 
@@ -79,7 +81,7 @@ class InputAttribution(Method):
         self.noise = noise
         if smooth:
             # The shared pass's input gradient is not read, so the engine need not keep its graph.
-            self.needs = frozenset()
+            self.needs = frozenset()  # type: ignore[misc]  # this instance's, not the class's
 
     def params(self) -> dict:
         # Only when on, so results made without SmoothGrad keep their identity.

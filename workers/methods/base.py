@@ -37,6 +37,13 @@ class ForwardPass:
     def input_size(self) -> tuple[int, int]:
         return self.x.shape[-2], self.x.shape[-1]
 
+    @property
+    def layer_output(self) -> Tensor:
+        """``activations``, for the methods that read the layer; raises when no layer is hooked."""
+        if self.activations is None:
+            raise ValueError("this method reads a layer's activations: this model has no hooked layer")
+        return self.activations
+
     def class_scores(self, score: str = "logit") -> Tensor:
         """B×K score of each target class: its pre-softmax logit, or its softmax probability."""
         if score == "probability":
@@ -52,7 +59,7 @@ class ForwardPass:
         (eval mode), so the gradient of the batch sum is each image's own gradient.
         """
         if (wrt, score) not in self._grads:
-            tensor = {"layer": self.activations, "input": self.x}[wrt]
+            tensor = self.layer_output if wrt == "layer" else {"input": self.x}[wrt]
             scores = self.class_scores(score)
             grads = [
                 torch.autograd.grad(scores[:, k].sum(), tensor, retain_graph=True)[0]

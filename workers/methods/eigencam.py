@@ -31,7 +31,7 @@ class EigenCAM(Method):
     name = "eigencam"
 
     def explain(self, fp: ForwardPass) -> MethodOutput:
-        cam = first_principal_component(fp.activations.detach())  # B×h×w
+        cam = first_principal_component(fp.layer_output.detach())  # B×h×w
         k = fp.targets.shape[1]
         unit = cam_to_unit(cam.unsqueeze(1))
         return MethodOutput(maps=upsample_maps(unit, fp.input_size).expand(-1, k, -1, -1),

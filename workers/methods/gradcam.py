@@ -12,5 +12,5 @@ class GradCAM(Method):
     def explain(self, fp: ForwardPass) -> MethodOutput:
         grads = fp.gradients("layer")  # B×K×C×h×w
         weights = grads.mean(dim=(-2, -1), keepdim=True)
-        cam = (weights * fp.activations.detach().float().unsqueeze(1)).sum(dim=2)
+        cam = (weights * fp.layer_output.detach().float().unsqueeze(1)).sum(dim=2)
         return cam_output(cam, fp.input_size)

@@ -20,7 +20,7 @@ class GradCAMPlusPlus(Method):
 
     def explain(self, fp: ForwardPass) -> MethodOutput:
         grads = fp.gradients("layer")  # B×K×C×h×w
-        acts = fp.activations.detach().float().unsqueeze(1)  # B×1×C×h×w
+        acts = fp.layer_output.detach().float().unsqueeze(1)  # B×1×C×h×w
         denom = 2 + acts.sum(dim=(-2, -1), keepdim=True) * grads
         # denom can only be 0 for g > 0 on a layer with a negative activation sum; weight 0 there.
         share = torch.where(denom != 0, grads.clamp_min(0) / torch.where(denom != 0, denom, 1.0), 0.0)

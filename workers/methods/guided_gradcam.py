@@ -22,7 +22,7 @@ class GuidedGradCAM(Method):
     def explain(self, fp: ForwardPass) -> MethodOutput:
         grads = fp.gradients("layer", self.score)  # B×K×C×h×w
         weights = grads.mean(dim=(-2, -1), keepdim=True)
-        cam = (weights * fp.activations.detach().float().unsqueeze(1)).sum(dim=2)
+        cam = (weights * fp.layer_output.detach().float().unsqueeze(1)).sum(dim=2)
         product = cam_to_maps(cam, fp.input_size).unsqueeze(2) * guided_gradients(fp, self.score)  # B×K×3×H×W
         return MethodOutput(maps=scale_to_unit(product.abs().amax(dim=2)), arrays={"guided_gradcam": product},
                             attribution="guided_gradcam")

@@ -13,5 +13,5 @@ class HiResCAM(Method):
 
     def explain(self, fp: ForwardPass) -> MethodOutput:
         grads = fp.gradients("layer")  # B×K×C×h×w
-        cam = (grads * fp.activations.detach().float().unsqueeze(1)).sum(dim=2)
+        cam = (grads * fp.layer_output.detach().float().unsqueeze(1)).sum(dim=2)
         return cam_output(cam, fp.input_size)

@@ -76,6 +76,8 @@ class IntegratedGradients(InputAttribution):
             grads = forward_again(fp, points, fp.targets.repeat(len(a), 1)).gradients("input", self.score)
             part = (grads.unflatten(0, (len(a), b)) * w.view(-1, 1, 1, 1, 1, 1)).sum(dim=0)
             integral = part if integral is None else integral + part
+        if integral is None:
+            raise ValueError("Integrated Gradients needs at least one step")
         return (x - base).unsqueeze(1) * integral
 
     def render(self, attribution: Tensor) -> MethodOutput:

@@ -12,5 +12,5 @@ class LayerCAM(Method):
 
     def explain(self, fp: ForwardPass) -> MethodOutput:
         grads = fp.gradients("layer")  # B×K×C×h×w
-        cam = (grads.clamp_min(0) * fp.activations.detach().float().unsqueeze(1)).sum(dim=2)
+        cam = (grads.clamp_min(0) * fp.layer_output.detach().float().unsqueeze(1)).sum(dim=2)
         return cam_output(cam, fp.input_size)

@@ -72,10 +72,8 @@ class ScoreCAM(Method):
         return max(1, min(_MAX_AUTO_BATCH.get(device.type, _MAX_AUTO_BATCH["cpu"]), budget // per_image))
 
     def explain(self, fp: ForwardPass) -> MethodOutput:
-        if fp.activations is None:
-            raise ValueError("Score-CAM masks the input with a layer's activations: this model has no hooked layer")
         with torch.inference_mode():
-            acts = self._kept_channels(fp.activations.detach().float())  # B×C'×h×w
+            acts = self._kept_channels(fp.layer_output.detach().float())  # B×C'×h×w
             scores = self._masked_scores(fp, acts)  # B×C'×K
             weights = self._channel_weights(scores)  # B×C'×K
             cam = torch.einsum("bck,bchw->bkhw", weights, acts)

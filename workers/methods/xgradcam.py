@@ -15,7 +15,7 @@ class XGradCAM(Method):
 
     def explain(self, fp: ForwardPass) -> MethodOutput:
         grads = fp.gradients("layer")  # B×K×C×h×w
-        acts = fp.activations.detach().float().unsqueeze(1)  # B×1×C×h×w
+        acts = fp.layer_output.detach().float().unsqueeze(1)  # B×1×C×h×w
         total = acts.sum(dim=(-2, -1), keepdim=True)
         weighted = (grads * acts).sum(dim=(-2, -1), keepdim=True)
         weights = torch.where(total != 0, weighted / torch.where(total != 0, total, 1.0), 0.0)
