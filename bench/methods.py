@@ -26,7 +26,7 @@ takes minutes per image on resnet50 at 224 px, so resnet50's Score-CAM compariso
 Models are random-init except EfficientNet-Lite0 (bundled ImageNet weights); inputs are scikit-image's
 sample photos. Timings on a shared machine are noisy: each figure is a median of rounds run side by side.
 
-    .venv/bin/python bench/methods.py                 # ~20-25 min
+    .venv/bin/python bench/methods.py                 # ~30 min (the vit_b_16 section adds ~5-8)
     .venv/bin/python bench/methods.py --quick         # smoke run, resnet18 at 64 px (~1 min)
     .venv/bin/python bench/methods.py --vit-only --repeats 1 --vit-channels 256   # reduced ViT part (~5 min)
     python bench/methods.py --device cuda             # on a GPU: all three models at 224 px (~3 min on an H200)
