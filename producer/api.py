@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from http.client import InvalidURL
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal
 from urllib.parse import urlparse
 
 import numpy as np
@@ -227,10 +227,10 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
     app.add_middleware(ContentLengthLimit, max_bytes=settings.api_max_body_bytes)
     app.add_exception_handler(RequestValidationError, _unprocessable_answer)
 
-    def answer(description: str) -> dict:
+    def answer(description: str) -> dict[str, Any]:
         return {"model": ErrorDetail, "description": description}
 
-    read_responses = {401: answer("Missing or wrong bearer token"), 404: answer("No such job")}
+    read_responses: dict[int | str, dict[str, Any]] = {401: answer("Missing or wrong bearer token"), 404: answer("No such job")}
 
     def job_or_404(job_id: uuid.UUID) -> JobProgress:
         try:
@@ -346,13 +346,15 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
 
 def _item_ids(db: Engine, job_id: str, after: int, limit: int) -> list[int]:
     with db.connect() as conn:
-        return conn.execute(select(Item.id).where(Item.job_id == job_id, Item.id > after)
-                            .order_by(Item.id).limit(limit)).scalars().all()
+        return list(conn.execute(select(Item.id).where(Item.job_id == job_id, Item.id > after)
+                                 .order_by(Item.id).limit(limit)).scalars())
 
 
-async def _unprocessable_answer(request, exc: RequestValidationError) -> JSONResponse:
+async def _unprocessable_answer(request, exc: Exception) -> JSONResponse:
     """FastAPI's 422 without the echo of each bad input: that can be large, or a number such as 1e400 that
     JSON cannot carry back (FastAPI's own handler then fails with a 500)."""
+    if not isinstance(exc, RequestValidationError):  # registered for that class only
+        raise exc
     errors = [{key: error[key] for key in ("type", "loc", "msg")} for error in exc.errors()]
     return JSONResponse({"detail": errors}, status_code=422)
 

@@ -73,11 +73,11 @@ def submit(sources: Iterable[str | Path], spec: dict[str, Any] | None = None, *,
     elif spec_options:
         raise TypeError("give either spec or its keyword arguments, not both")
     chunk = chunk or settings.chunk_size
-    sources = [str(s) for s in sources]
+    uris = [str(s) for s in sources]
     own_engine = db is None
     db = db or connect(settings.resolved_database_url)
     try:
-        return _submit(db, settings, sources, spec, name, chunk, stdin)
+        return _submit(db, settings, uris, spec, name, chunk, stdin)
     finally:
         if own_engine:
             db.dispose()

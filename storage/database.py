@@ -32,6 +32,7 @@ from sqlalchemy import (
     create_engine,
     event,
     func,
+    insert,
     inspect,
     null,
     select,
@@ -265,7 +266,7 @@ def insert_ignore(engine: Engine, table, rows: list[dict[str, Any]]):
 def create_job(engine: Engine, settings: dict, name: str | None = None) -> str:
     job_id = str(uuid.uuid4())
     with engine.begin() as conn:
-        conn.execute(Job.__table__.insert().values(id=job_id, name=name, settings=settings, created_at=utcnow()))
+        conn.execute(insert(Job).values(id=job_id, name=name, settings=settings, created_at=utcnow()))
     return job_id
 
 
@@ -466,7 +467,7 @@ def cancel_job(engine: Engine, job_id: str) -> int | None:
             .where(Item.job_id == job_id, Item.status == "pending", Item.deliveries == 0)
             .values(status="skipped", error="job cancelled", updated_at=utcnow())
         ).rowcount
-        values = {"skipped": Job.skipped + skipped}
+        values: dict[str, Any] = {"skipped": Job.skipped + skipped}
         if status in ("listing", "running"):
             values["status"] = "cancelled"
         conn.execute(update(Job).where(Job.id == job_id).values(values))

@@ -163,8 +163,9 @@ def job_spec(*, model: str = DEFAULT_MODEL, weights: str | Path | None = None, l
     ``classes``: ids or names ("281,tabby"), resolved against the model's class names when it loads.
     ``input_size``, ``mean``, ``std`` ("0.5,0.5,0.5" or three numbers): overrides of the model's preprocessing.
     The class entry ``label`` and ``with_label`` explain each image's ground-truth label (``targets.label``)."""
-    preprocessing = {key: _numbers(key, value) if key != "input_size" else value
-                     for key, value in (("input_size", input_size), ("mean", mean), ("std", std)) if value is not None}
+    preprocessing: dict[str, Any] = {} if input_size is None else {"input_size": input_size}
+    preprocessing.update({key: _numbers(key, value) for key, value in (("mean", mean), ("std", std))
+                          if value is not None})
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if isinstance(classes, str):

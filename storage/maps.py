@@ -136,7 +136,8 @@ def export_maps(settings: Settings, records, out: Path, fmt: str = "npy", size: 
     if fmt not in ("npy", "png"):
         raise ValueError("map format must be npy or png")
     reader = MapReader.for_settings(settings)
-    written, picture_for = 0, {}
+    written = 0
+    picture_for: dict[str, np.ndarray | None] = {}  # the one image whose records are being written
     for record in records:
         if not record.get("shard") or (methods and record["method"] not in methods) or \
                 (classes and record["class_id"] not in classes):

@@ -66,7 +66,7 @@ MESSAGE_SCHEMA: dict[str, Any] = {
     },
 }
 
-SPEC_DEFAULTS = {"weights": None, "weights_sha256": None, "labels": None, "layer": None, "options": {},
+SPEC_DEFAULTS: dict[str, Any] = {"weights": None, "weights_sha256": None, "labels": None, "layer": None, "options": {},
                  "precision": "fp32", "batch_size": 16, "preprocessing": None}
 PREPROCESSING_KEYS = ("input_size", "mean", "std")
 

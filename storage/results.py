@@ -134,20 +134,19 @@ def export_results(settings: Settings, job_id: str | None, fmt: str, out: str | 
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {', '.join(FORMATS)}")
     # A str keeps the trailing slash that a Path would drop.
-    folder = out is not None and (str(out).endswith(("/", os.sep)) or Path(out).is_dir())
-    out = Path(out) if out is not None else None
+    path = Path(out) if out is not None else None
     counts = {"predictions": 0, "errors": 0}
-    if not folder:
-        if out is None and fmt == "parquet":
+    if path is None or not (str(out).endswith(("/", os.sep)) or path.is_dir()):
+        if path is None and fmt == "parquet":
             raise ValueError("parquet needs --out FILE or FOLDER/")
-        with _opened(fmt, out, FIELDS, stdout, row_group) as writer:
+        with _opened(fmt, path, FIELDS, stdout, row_group) as writer:
             for row in iter_results(settings, job_id):
                 writer.write(row)
                 counts["errors" if row["shard"] is None else "predictions"] += 1
         return counts
-    out.mkdir(parents=True, exist_ok=True)
-    with _opened(fmt, out / f"predictions_00001.{fmt}", FIELDS, None, row_group) as predictions, \
-            _opened(fmt, out / f"errors_00001.{fmt}", ERROR_FIELDS, None, row_group) as errors:
+    path.mkdir(parents=True, exist_ok=True)
+    with _opened(fmt, path / f"predictions_00001.{fmt}", FIELDS, None, row_group) as predictions, \
+            _opened(fmt, path / f"errors_00001.{fmt}", ERROR_FIELDS, None, row_group) as errors:
         for row in iter_results(settings, job_id):
             if row["shard"] is None:
                 errors.write({f: row[f] for f in ERROR_FIELDS})
@@ -244,13 +243,17 @@ def _opened(fmt: str, path: Path | None, fields: tuple[str, ...], stdout: IO[str
             row_group: int) -> Iterator[RecordWriter]:
     """A writer for ``fmt`` on ``path`` (``stdout`` when path is None), closed with its file."""
     if fmt == "parquet":
-        writer = _Parquet(path, fields, row_group)
+        if path is None:
+            raise ValueError("parquet needs a file")
+        parquet = _Parquet(path, fields, row_group)
         try:
-            yield writer
+            yield parquet
         finally:
-            writer.close()
+            parquet.close()
         return
     with open(path, "w", newline="", encoding="utf-8") if path else nullcontext(stdout) as file:
+        if file is None:
+            raise ValueError("no file and no stdout to write to")
         writer = _text_writer(fmt, file, fields)
         yield writer
         writer.close()

@@ -67,7 +67,7 @@ class Explainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=dtype)
 
-    def _forward(self, x: Tensor, labels: Tensor | None = None) -> ForwardPass:
+    def _forward(self, x: Tensor, labels: Tensor | None = None) -> tuple[ForwardPass, Tensor]:
         captured: list[Tensor] = []
 
         def keep(_mod, _inp, out):

@@ -22,7 +22,7 @@ from salient_maps.storage.settings import Settings
 from salient_maps.storage.sources import allowed_local_path, file_sha256, read_uri
 
 from . import factories
-from .batching import guard_model
+from .batching import ModelLock, guard_model
 from .engine import Explainer
 from .metrics import Faithfulness
 from salient_maps.storage.overlays import OverlayStyle
@@ -152,7 +152,7 @@ class ProcessorCache:
     """The last few processors by spec; building one (loading a model) happens under a lock, once."""
 
     def __init__(self, settings: Settings, db: Engine, store: ObjectStore, device: str,
-                 model_lock: threading.Lock, size: int = 2):
+                 model_lock: ModelLock, size: int = 2):
         self.settings, self.db, self.store, self.device, self.size = settings, db, store, device, size
         self.model_lock = model_lock  # one device: every model call of every processor takes it
         self._lock = threading.Lock()

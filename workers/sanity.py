@@ -40,7 +40,9 @@ class PinnedTargets(Targets):
 
     ids: Tensor | None = None
 
-    def select(self, probs: Tensor) -> Tensor:
+    def select(self, probs: Tensor, labels: Tensor | None = None) -> Tensor:
+        if self.ids is None:
+            raise ValueError("pinned targets need the class ids each image was explained for")
         return self.ids.to(probs.device)
 
 

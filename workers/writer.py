@@ -77,7 +77,8 @@ def thumbnail_jpeg(rgb: np.ndarray) -> np.ndarray:
 def shard_tensors(methods, outputs) -> tuple[dict[str, np.ndarray], dict[str, dict]]:
     """The tensors a shard keeps of each method's B×K results, flattened to (B·K) slots, and how each
     method's map is stored (see storage/shards.py)."""
-    tensors, described = {}, {}
+    tensors: dict[str, np.ndarray] = {}
+    described: dict[str, dict] = {}  # per method, how its map is stored
     for method in methods:
         out = outputs[method.name]
         name = method.name
