@@ -124,8 +124,11 @@ def to_input(rgb: np.ndarray, size: int, mean, std) -> torch.Tensor:
     """Whole image resized (no crop) so the map covers all of it: float32 3×size×size, normalised."""
     interp = cv2.INTER_AREA if min(rgb.shape[:2]) > size else cv2.INTER_LINEAR
     resized = cv2.resize(rgb, (size, size), interpolation=interp)
-    x = torch.from_numpy(resized).permute(2, 0, 1).float().div_(255)
-    return (x - torch.tensor(mean).view(3, 1, 1)) / torch.tensor(std).view(3, 1, 1)
+    # NumPy, not torch: this runs on the decode threads, where torch's parallel ops cost ~5x the CPU
+    # (6.4 against 1.2 ms per 224 px image here) and start thread teams that compete with the model's.
+    std_ = np.asarray(std, np.float32)
+    x = resized.astype(np.float32) * (np.float32(1 / 255) / std_) - np.asarray(mean, np.float32) / std_
+    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
 
 
 def device_decodable(data: bytes, max_pixels: int) -> tuple[int, int] | None:
