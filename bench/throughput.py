@@ -103,10 +103,9 @@ def model_only(explainer, batches: list) -> tuple[float, float]:
     """(seconds, host CPU seconds) of the explainer over the batches, results brought to the host as
     the pipeline does (maps and probabilities), so the GPU's queue is drained inside the timing.
 
-    Runs on a thread of its own: on this machine the same explainer on the same batch took 3-4x the CPU
-    time when called again from the main thread after a `salient run` had finished in this process
-    (whose decode threads ran torch ops) than from a fresh thread, which matched the run's own model
-    calls. Cause not pinned down (OpenMP thread teams per calling thread are the suspect)."""
+    Runs on a thread of its own, so the figure does not depend on what ran before it in this process:
+    while ``to_input`` still normalised with torch on the decode threads, the main thread's model calls
+    after a `salient run` took 3-4x the CPU of a fresh thread's (the decode threads' OpenMP teams)."""
     out: list = []
 
     def work() -> None:
