@@ -21,7 +21,8 @@ from salient_maps.workers.methods import build_methods
 from salient_maps.workers.models import load_model, resolve_layer
 from salient_maps.workers.targets import Targets
 
-SIZES = {"maxvit_t": 224, "inception_v3": 80, "vit_h_14": 56}
+# 32-px patches: 96 px gives a 3×3 grid (at 64 px, 2×2, every top class of a random ViT-L/32 had a negative CAM)
+SIZES = {"maxvit_t": 224, "inception_v3": 80, "vit_h_14": 56, "vit_b_32": 96, "vit_l_32": 96}
 TIMM = {  # name: (input size, layout of its default layer)
     "timm:vit_tiny_patch16_224": (64, {"kind": "tokens", "prefix_tokens": 1}),
     "timm:deit_tiny_distilled_patch16_224": (64, {"kind": "tokens", "prefix_tokens": 2}),
