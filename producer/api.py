@@ -230,7 +230,8 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
     def answer(description: str) -> dict[str, Any]:
         return {"model": ErrorDetail, "description": description}
 
-    read_responses: dict[int | str, dict[str, Any]] = {401: answer("Missing or wrong bearer token"), 404: answer("No such job")}
+    read_responses: dict[int | str, dict[str, Any]] = {401: answer("Missing or wrong bearer token"),
+                                                       404: answer("No such job")}
 
     def job_or_404(job_id: uuid.UUID) -> JobProgress:
         try:

@@ -49,8 +49,8 @@ MESSAGE_SCHEMA: dict[str, Any] = {
                 "layer": {"type": ["string", "null"], "description": "dotted module path; null = last spatial layer"},
                 "methods": {"type": "array", "items": {"type": "string"}, "minItems": 1},
                 "options": {"type": "object", "description": "`salient run` option values by name: method, metric "
-                            "and overlay options, e.g. {\"score\": \"logit\", \"steps\": 32, \"colormap\": \"viridis\", "
-                            "\"localize\": true}"},
+                            "and overlay options, e.g. {\"score\": \"logit\", \"steps\": 32, "
+                            "\"colormap\": \"viridis\", \"localize\": true}"},
                 "targets": {"oneOf": [
                     {"type": "object", "required": ["topk"], "properties": {"topk": {"type": "integer", "minimum": 1}}},
                     {"type": "object", "required": ["classes"],

@@ -262,7 +262,8 @@ def sanity(sources, job_id, sample, stops, topk, model, weights, layer, methods,
     path = out_dir / f"sanity-{job_id or 'sources'}.json"
     path.write_text(json.dumps(result, indent=1))
     if job_id:
-        open_store(settings.resolved_object_store_url).put(f"sanity/{job_id}.json", path.read_bytes(), "application/json")
+        open_store(settings.resolved_object_store_url).put(f"sanity/{job_id}.json", path.read_bytes(),
+                                                           "application/json")
     click.echo(f"{len(used)} images, {len(layers)} weight layers, {len(steps)} steps measured: {path}")
 
 

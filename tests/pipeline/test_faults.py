@@ -331,8 +331,11 @@ def test_retries_last_the_budget_in_seconds_then_give_up(monkeypatch):
 
     # A clock that only the waits move: the test measures the retry schedule, not this machine's load.
     clock = SimpleNamespace(now=1000.0)
-    monkeypatch.setattr(retry, "time", SimpleNamespace(monotonic=lambda: clock.now,
-                                                       sleep=lambda seconds: setattr(clock, "now", clock.now + seconds)))
+
+    def sleep(seconds: float) -> None:
+        clock.now += seconds
+
+    monkeypatch.setattr(retry, "time", SimpleNamespace(monotonic=lambda: clock.now, sleep=sleep))
     calls: list[float] = []
 
     def down_for(seconds: float):
