@@ -85,11 +85,14 @@ def build(name: str) -> tuple[nn.Module, str]:
         if spec is None or spec.loader is None:
             raise FactoryError(f"model factory file {target} cannot be imported as Python")
         module = importlib.util.module_from_spec(spec)
-        # The file may import its neighbours, as it would when run from its folder.
+        # The file may import its neighbours, as it would when run from its folder; and it is registered while it
+        # runs, as an import would, since e.g. @dataclass looks its own module up in sys.modules.
         sys.path.insert(0, str(path.parent))
+        sys.modules[spec.name] = module
         try:
             spec.loader.exec_module(module)
         except Exception as exc:
+            sys.modules.pop(spec.name, None)
             raise FactoryError(f"model factory file {target} failed to import: {type(exc).__name__}: {exc}") from None
         finally:
             sys.path.remove(str(path.parent))
