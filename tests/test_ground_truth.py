@@ -125,3 +125,39 @@ def test_explaining_only_the_label_fails_an_image_without_one(tmp_path, run_cli)
     assert done[0]["energy_in_box"] is None and done[0]["pointing_game"] is None  # no boxes, no mask
     (failed,) = [r for r in records if r["status"] == "failed"]
     assert failed["uri"].endswith("img1.png") and "no ground-truth label" in failed["error"]
+
+
+def test_audit_summarises_the_records(tmp_path, run_cli):
+    """Accuracy, per-class means and the ranking of `salient audit` against the same numbers from `salient results`."""
+    folder, _ = _scene(tmp_path)
+    out = tmp_path / "out"
+    run_cli(["run", folder / "truth.jsonl", "--model", "tests/model_factories.py:small_cnn", "--labels",
+             folder / "labels.json", "--input-size", INPUT, "--methods", "gradcam,saliency", "--topk", "2",
+             "--with-label", "--out", out, "--device", "cpu"])
+    records = [json.loads(line) for line in run_cli(["results", "--out", out]).output.splitlines()]
+    done = [r for r in records if r["status"] == "done"]
+    verdicts = {r["uri"]: r["correct"] for r in done}
+    text = run_cli(["audit", "--out", out]).output
+    assert f"accuracy {sum(verdicts.values()) / len(verdicts):.3f} ({sum(verdicts.values())}/{len(verdicts)}" in text
+    for method, class_id in {(r["method"], r["class_id"]) for r in done}:
+        rows = [r for r in done if (r["method"], r["class_id"]) == (method, class_id)]
+        values = [r["energy_in_box"] for r in rows if r["energy_in_box"] is not None]
+        mean = f"{sum(values) / len(values):.3f}" if values else "-"
+        line = next(li for li in text.splitlines() if li.startswith(f"{method}\t{class_id}\t"))
+        assert line.split("\t")[3] == str(len(rows)) and line.split("\t")[5] == mean
+    ranked = [json.loads(line) for line in run_cli(["audit", "--out", out, "--format", "jsonl"]).output.splitlines()]
+    expected = sorted(((r["energy_in_box"], r["uri"], r["method"]) for r in done
+                       if r["correct"] and r["class_id"] == r["label"] and r["energy_in_box"] is not None))
+    assert [(r["energy_in_box"], r["uri"], r["method"]) for r in ranked] == expected
+
+
+def test_audit_without_boxes_ranks_by_border_energy(tmp_path, run_cli):
+    folder, _ = _scene(tmp_path)
+    out = tmp_path / "out"
+    run_cli(["run", folder, "--model", "tests/model_factories.py:small_cnn", "--labels", folder / "labels.json",
+             "--input-size", INPUT, "--methods", "saliency", "--topk", "1", "--out", out, "--device", "cpu"])
+    ranked = [json.loads(line) for line in run_cli(["audit", "--out", out, "--format", "jsonl"]).output.splitlines()]
+    assert len(ranked) == 7 and all("border_energy" in r for r in ranked)  # 5 images and 2 masks, no labels
+    values = [r["border_energy"] for r in ranked]
+    assert values == sorted(values, reverse=True)
+    assert "no labels" in run_cli(["audit", "--out", out]).output
