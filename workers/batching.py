@@ -43,7 +43,7 @@ import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator, cast
 
 from sqlalchemy.engine import Engine
 
@@ -52,6 +52,10 @@ from salient_maps.storage.retry import is_transient, with_backoff
 from salient_maps.storage.settings import Settings
 
 from .process import ItemProcessor, PendingItem, Prepared, host_threads
+
+if TYPE_CHECKING:
+    from .engine import Explainer
+    from .metrics import Faithfulness
 
 log = logging.getLogger(__name__)
 EXIT_TIME_LIMIT = 75  # the worker's exit status after a time limit (EX_TEMPFAIL): restart it
@@ -77,9 +81,10 @@ class ModelGuard:
 
 def guard_model(processor: ItemProcessor, lock: "ModelLock") -> ItemProcessor:
     """Make every model call of ``processor`` (explanations, faithfulness metrics) take ``lock``."""
-    processor.explainer = ModelGuard(processor.explainer, lock, ("explain",))
+    # A guard answers every attribute of what it guards, so it stands in for it.
+    processor.explainer = cast("Explainer", ModelGuard(processor.explainer, lock, ("explain",)))
     if processor.metrics is not None:
-        processor.metrics = ModelGuard(processor.metrics, lock, ("evaluate",))
+        processor.metrics = cast("Faithfulness", ModelGuard(processor.metrics, lock, ("evaluate",)))
     return processor
 
 
@@ -159,7 +164,8 @@ class ModelLock:
 
     def __exit__(self, *exc_info) -> None:
         try:
-            self._watch.__exit__(*exc_info)
+            if self._watch is not None:
+                self._watch.__exit__(*exc_info)
         finally:
             self._lock.release()
 
@@ -214,6 +220,13 @@ class Ticket:
     error: BaseException | None = None
     ended: threading.Event = field(default_factory=threading.Event)
 
+    @property
+    def read(self) -> Prepared:
+        """``prepared``, which every step after reading has."""
+        if self.prepared is None:
+            raise RuntimeError(f"item {self.item.id} was not read")
+        return self.prepared
+
 
 class DeviceLoop:
     """The lanes own the model and the device; message tasks feed them images and wait for them."""
@@ -257,7 +270,7 @@ class DeviceLoop:
         given_back = [t for t in tickets if t.error is not None]
         if given_back:
             self._give_back([t.item for t in given_back])
-            raise given_back[0].error
+            raise cast(BaseException, given_back[0].error)
 
     def explain_alone(self, processor: ItemProcessor, item: PendingItem) -> None:
         """A suspect: claim, decode and explain it with nothing else running in this process; past
@@ -388,7 +401,7 @@ class DeviceLoop:
                         hand(t)
                 alive = [t for t in tickets if t.error is None]
                 try:
-                    with_backoff(lambda: processor.skip_explained([t.prepared for t in alive]), self.retry_seconds,
+                    with_backoff(lambda: processor.skip_explained([t.read for t in alive]), self.retry_seconds,
                                  "looking up explained images")
                 except Exception as exc:
                     if is_transient(exc):
@@ -397,18 +410,18 @@ class DeviceLoop:
                     else:  # the batch checks again before writing: decoding them all is only slower
                         log.exception("looking up explained images failed")
                 for t in alive:
-                    if t.error is not None or t.prepared.data is None:  # given back, failed or explained
+                    if t.error is not None or t.read.data is None:  # given back, failed or explained
                         hand(t)
                 todo = [t for t in alive if id(t) not in handed]
                 if todo and processor.explainer.device.type == "cuda":
                     with self.watchdog.watch([t.item for t in todo], "decoding on the device"):
-                        processor.decode_on_device([t.prepared for t in todo])
+                        processor.decode_on_device([t.read for t in todo])
                     for t in todo:
-                        if t.prepared.data is None:
+                        if t.read.data is None:
                             hand(t)
                 decodes = [self._decode.submit(self._decode_one, t, hand) for t in todo if id(t) not in handed]
-                for future in decodes:
-                    future.result()
+                for decoding in decodes:
+                    decoding.result()
         except BaseException as exc:  # never leave a message waiting for its images
             for t in tickets:
                 if id(t) not in handed:
@@ -418,10 +431,10 @@ class DeviceLoop:
     def _decode_one(self, t: Ticket, hand: Callable[[Ticket], None]) -> None:
         try:
             with self.watchdog.watch([t.item], "decoding"):
-                t.processor.decode(t.prepared)  # a bad image comes back with its reason, not raised
+                t.processor.decode(t.read)  # a bad image comes back with its reason, not raised
         except Exception as exc:
             log.exception("decoding item %d (%s) failed", t.item.id, t.item.uri)
-            t.prepared.error, t.prepared.data = f"decoding failed: {type(exc).__name__}: {exc}", None
+            t.read.error, t.read.data = f"decoding failed: {type(exc).__name__}: {exc}", None
         hand(t)
 
     def _next_batch(self) -> list[Ticket]:
@@ -446,7 +459,7 @@ class DeviceLoop:
             error: BaseException | None = None
             try:
                 with self.gate.shared():
-                    error = self._run_batch(batch[0].processor, [t.prepared for t in batch])
+                    error = self._run_batch(batch[0].processor, [t.read for t in batch])
             except BaseException as exc:  # never leave a message waiting for its images
                 error = exc
             finally:

@@ -15,7 +15,7 @@ import logging
 import os
 import threading
 import time
-from collections import Counter, deque
+from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Iterable, Iterator
@@ -103,8 +103,8 @@ class StageClock:
     """CPU seconds of the host's own work per stage (read, decode, ...), summed over the threads doing it:
     ``time.thread_time`` counts what the calling thread itself computed, not time spent waiting."""
 
-    def __init__(self):
-        self.seconds: Counter = Counter()
+    def __init__(self) -> None:
+        self.seconds: defaultdict[str, float] = defaultdict(float)
         self._lock = threading.Lock()
 
     @contextlib.contextmanager
@@ -193,7 +193,7 @@ class ItemProcessor:
     def take_truths(self, batch: list[Prepared]) -> None:
         """The decoded images' ground truth (one query for the batch; see ``take_truth``), masks decoded."""
         with self.cpu_seconds("database"), self.db.connect() as conn:
-            truths = dict(conn.execute(select(Item.id, Item.truth).where(
+            truths: dict[int, dict] = dict(conn.execute(select(Item.id, Item.truth).where(
                 Item.id.in_([p.item.id for p in batch]), Item.truth.is_not(None))).all())
         for p in batch:
             self.take_truth(p, truths.get(p.item.id))
@@ -428,7 +428,7 @@ class ItemProcessor:
             rows = []
             for i, p in enumerate(e.unique):
                 tensors[f"thumbnail.{i}"] = thumbnail_jpeg(p.rgb)
-                truth = self._ground_truth(p, tuple(input_size[::-1]))
+                truth = self._ground_truth(p, (input_size[1], input_size[0]))
                 for method in ex.methods:
                     for k, class_id in enumerate(targets[i].tolist()):
                         out = result.outputs[method.name]
