@@ -158,3 +158,56 @@ def test_reconciler_repairs_drifted_counters_and_finishes_the_job(pipeline):
         job = conn.execute(select(Job).where(Job.id == job_id)).one()
     assert (job.done, job.status) == (3, "finished") and job.finished_at is not None
     assert reconcile_jobs(db) == 0
+
+
+def test_audit_and_compare_summaries_run_on_postgres(pipeline):
+    """The audit's SQL (FILTER, averages of the metric columns, the ranking) and compare's pairing, on PostgreSQL."""
+    import numpy as np
+
+    from salient_maps.storage.audits import audit_job, suspects
+    from salient_maps.storage.database import Explanation, ItemEnd, ResultSettings, Shard, finish_items
+    from salient_maps.storage.run_comparison import compare_jobs
+    from salient_maps.storage.sources import Entry
+
+    db = connect(pipeline.database_url)
+    jobs = []
+    with db.begin() as conn:
+        for n in range(2):
+            conn.execute(ResultSettings.__table__.insert().values(
+                digest=f"audit-{n}", model="m", layer="l", methods={"gradcam": {}}, overlay={},
+                class_names=["a", "b"], created_at=sa.func.now()))
+        conn.execute(Shard.__table__.insert().values(key="audit-shard", images=3, bytes=1, created_at=sa.func.now()))
+        conn.execute(sa.text("INSERT INTO images (sha256, width, height, created_at) VALUES "
+                             "('s0', 8, 8, now()), ('s1', 8, 8, now()), ('s2', 8, 8, now())"))
+    for n in range(2):
+        job_id = create_job(db, {})
+        items = [row for page in record_items(db, job_id, [Entry(f"file:///{i}.png", {"label": 1}) for i in range(3)])
+                 for row in page]
+        with db.begin() as conn:
+            conn.execute(update(Job).where(Job.id == job_id).values(settings_digest=f"audit-{n}"))
+            settings_id = conn.execute(select(ResultSettings.id).where(ResultSettings.digest == f"audit-{n}")).scalar()
+            shard_id = conn.execute(select(Shard.id)).scalar()
+            finish_items(conn, [ItemEnd(item_id, job_id, "done", f"s{i}", label=1, predicted=1 if i < 2 else 0)
+                                for i, (item_id, _) in enumerate(items)])
+            conn.execute(Explanation.__table__.insert(), [
+                {"sha256": f"s{i}", "settings_id": settings_id, "method": "gradcam", "class_id": 1, "score": 0.5,
+                 "rank": 1, "shard_id": shard_id, "slot": 3 * n + i, "extra": None, "energy_in_box": [0.9, 0.2, 0.5][i],
+                 "border_energy": 0.1, "pointing_game": 1, "localization_iou": None} for i in range(3)])
+        jobs.append(job_id)
+    with db.connect() as conn:
+        summary = audit_job(conn, jobs[0])
+        assert (summary.images, summary.labelled, summary.correct, summary.ranked_by) == (3, 3, 2, "energy_in_box")
+        (row,) = summary.classes
+        assert row["explanations"] == 3 and abs(row["energy_in_box"] - 1.6 / 3) < 1e-9
+        assert [r["sha256"] for r in suspects(conn, jobs[0], "energy_in_box")] == ["s1", "s0"]  # s2 is wrong
+
+        class Maps:  # the slot's own map: job 0's slots 0-2, job 1's 3-5, job 1's image s1 moved
+            def map(self, record):
+                heat = np.zeros((4, 4))
+                heat.flat[record["slot"] % 3 if record["slot"] != 4 else 15] = 1.0
+                return heat
+
+        result = compare_jobs(conn, Maps(), jobs[0], jobs[1])
+    assert result.images == 3 and result.predictions_changed == 0
+    assert result.pairs[0]["sha256"] == "s1" and result.pairs[0]["top10_iou"] < 0.5  # 2 top cells, one shared
+    assert [p["top10_iou"] for p in result.pairs[1:]] == [1.0, 1.0]
