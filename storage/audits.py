@@ -14,7 +14,7 @@ from typing import Iterator
 
 from sqlalchemy import and_, case, func, select
 
-from .database import Explanation, Item
+from .database import Explanation, Item, Shard
 from .results import IOU_CORRECT, find_job, result_settings
 
 METRIC_COLUMNS = ("pointing_game", "energy_in_box", "localization_iou", "border_energy")
@@ -66,7 +66,7 @@ def audit_job(conn, job_id: str | None) -> Audit:
 def suspects(conn, job_id: str, ranked_by: str, *, method: str | None = None, class_id: int | None = None,
              limit: int | None = None) -> Iterator[dict]:
     """Right for the wrong reason, best suspect first: one record per image and method (``uri``, ``sha256``,
-    ``class_id``, ``method`` and the ranking metric). With labels: the correct predictions' explanations of
+    ``class_id``, ``method``, the ranking metric, and ``shard`` + ``slot`` where its map lies). With labels: the correct predictions' explanations of
     their class; without: the top-1 explanations."""
     job = find_job(conn, job_id)
     shared = result_settings(conn, job)
@@ -75,7 +75,9 @@ def suspects(conn, job_id: str, ranked_by: str, *, method: str | None = None, cl
     labelled = conn.execute(select(func.count(Item.label)).where(Item.job_id == job.id)).scalar()
     chosen = (and_(Item.predicted == Item.label, Explanation.class_id == Item.label) if labelled
               else Explanation.rank == 1)
-    query = (select(Item.uri, Item.sha256, Explanation.class_id, Explanation.method, metric.label(ranked_by))
+    query = (select(Item.uri, Item.sha256, Explanation.class_id, Explanation.method, metric.label(ranked_by),
+                    Shard.key.label("shard"), Explanation.slot)
+             .join(Shard, Shard.id == Explanation.shard_id)
              .where(_scope(job, settings_id), chosen, metric.is_not(None))
              .order_by(metric.asc() if ranked_by == "energy_in_box" else metric.desc(), Item.id, Explanation.method))
     if method is not None:

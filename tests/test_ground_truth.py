@@ -161,3 +161,18 @@ def test_audit_without_boxes_ranks_by_border_energy(tmp_path, run_cli):
     values = [r["border_energy"] for r in ranked]
     assert values == sorted(values, reverse=True)
     assert "no labels" in run_cli(["audit", "--out", out]).output
+
+
+def test_the_report_has_an_audit_page(tmp_path, run_cli):
+    folder, _ = _scene(tmp_path)
+    out, report = tmp_path / "out", tmp_path / "report"
+    run_cli(["run", folder / "truth.jsonl", "--model", "tests/model_factories.py:small_cnn", "--labels",
+             folder / "labels.json", "--input-size", INPUT, "--methods", "gradcam", "--classes", "label",
+             "--out", out, "--device", "cpu"])
+    run_cli(["report", "--data", out, "--out", report])
+    assert 'href="audit.html"' in (report / "index.html").read_text()
+    page = (report / "audit.html").read_text()
+    ranked = [json.loads(line) for line in run_cli(["audit", "--out", out, "--format", "jsonl"]).output.splitlines()]
+    assert "accuracy" in page and page.count("<figure>") == len(ranked)
+    for n, record in enumerate(ranked, 1):
+        assert f"{n}. {record['uri'].rsplit('/', 1)[1]}" in page

@@ -28,6 +28,7 @@ from salient_maps.storage.results import find_job
 from salient_maps.storage.settings import Settings
 
 from . import charts
+from .audit_page import audit_page
 from .collect import CURVES, METRICS, Collected, collect
 
 PAGE_SIZE = 100
@@ -59,6 +60,9 @@ def build_report(settings: Settings, job_id: str | None, out_dir: Path | None = 
             out_dir.mkdir(parents=True, exist_ok=True)
             draw = _Pictures(store, out_dir, copy=copy or not isinstance(store, LocalObjectStore))
             data = collect(conn, job, draw)
+            css = files(__package__).joinpath("report.css").read_text(encoding="utf-8")
+            audit = audit_page(conn, job, draw, next(iter(data.overlay_styles.values()), None), css, _sha256(css))
+            (out_dir / "audit.html").write_text(audit, encoding="utf-8")
     finally:
         db.dispose()
     class_maps = _write_class_maps(data, draw.reader, out_dir)
@@ -169,7 +173,7 @@ def _page(data: Collected, class_maps: dict[tuple[int, str], str]) -> str:
 <style>{css}</style></head>
 <body>
 <h1>salient report</h1>
-<p class="muted">job <code>{escape(job.id)}</code>{named} · {escape(job.status)}</p>
+<p class="muted">job <code>{escape(job.id)}</code>{named} · {escape(job.status)} · <a href="audit.html">audit</a></p>
 {_summary_html(data)}
 {_metrics_html(data)}
 {_classes_html(data, class_maps)}
