@@ -48,7 +48,8 @@ def submit(sources, name, chunk, wait, data_dir, **spec):
     """
     from kombu.exceptions import OperationalError
 
-    from .submit import build_spec, submit as submit_job
+    from .submit import build_spec
+    from .submit import submit as submit_job
 
     settings = _settings(data_dir)
     try:

@@ -10,8 +10,17 @@ import click
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from salient_maps.storage.database import add_items, close_listing, connect, create_job
-from salient_maps.storage.job_options import (DEFAULT_METHODS, METHOD_OPTIONS, data_dir_option, device_option, job_options,
-                                 job_spec, labels_option, model_option, weights_option)
+from salient_maps.storage.job_options import (
+    DEFAULT_METHODS,
+    METHOD_OPTIONS,
+    data_dir_option,
+    device_option,
+    job_options,
+    job_spec,
+    labels_option,
+    model_option,
+    weights_option,
+)
 from salient_maps.storage.objects import open_store
 from salient_maps.storage.results import iter_results, write_results
 from salient_maps.storage.settings import Settings

@@ -18,6 +18,7 @@ from sqlalchemy.engine import Engine
 
 from salient_maps.storage.job_options import METHOD_OPTIONS, OVERLAY_OPTIONS, SPEC_OPTIONS
 from salient_maps.storage.objects import ObjectStore
+from salient_maps.storage.overlays import OverlayStyle
 from salient_maps.storage.settings import Settings
 from salient_maps.storage.sources import allowed_local_path, file_sha256, read_uri
 
@@ -25,7 +26,6 @@ from . import factories
 from .batching import ModelLock, guard_model
 from .engine import Explainer
 from .metrics import Faithfulness
-from salient_maps.storage.overlays import OverlayStyle
 from .process import ItemProcessor
 
 MAX_DOWNLOAD_BYTES = 8 << 30

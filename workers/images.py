@@ -157,8 +157,7 @@ def decode_jpegs_on_device(jpegs: list[bytes], device: torch.device, size: int, 
 
     The resize is antialiased bicubic, the nearest of torch's filters to OpenCV's INTER_AREA on the CPU path
     (mean 0.5-0.8, 99th percentile 2.5-6 of 255 levels on photos, 640×480 to 224)."""
-    from torchvision.io import ImageReadMode
-    from torchvision.io import decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's notice that its decoders move to TorchCodec

@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from sqlalchemy import select
 
 from salient_maps.storage.database import Item, connect, finish_item, job_is_cancelled, reconcile_jobs
-from salient_maps.storage.requeue import requeue_lost
 from salient_maps.storage.messages import TASK_NAME, Chunk, MessageError, parse_chunk
 from salient_maps.storage.objects import open_store
+from salient_maps.storage.requeue import requeue_lost
 from salient_maps.storage.retry import backoff_delay, is_transient, with_backoff
 from salient_maps.storage.settings import Settings
 
