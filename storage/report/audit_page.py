@@ -29,7 +29,8 @@ def audit_page(conn, job, draw, style: dict | None, css: str, csp_style: str) ->
         image = f'<img src="{picture}" alt="" width="160">' if picture else ""
         name = record["uri"].rstrip("/").rsplit("/", 1)[-1]
         cards.append(f"<figure>{image}<figcaption>{n}. {escape(name)} · {escape(record['method'])} · class "
-                     f"{record['class_id']} · {summary.ranked_by} {record[summary.ranked_by]:.3f}</figcaption></figure>")
+                     f"{record['class_id']} · {summary.ranked_by} {record[summary.ranked_by]:.3f}"
+                     "</figcaption></figure>")
     csp = f"default-src 'none'; img-src 'self' file: data:; style-src '{csp_style}'"
     return f"""<!doctype html>
 <html lang="en"><head><meta charset="utf-8">
