@@ -8,7 +8,6 @@ import time
 from typing import Callable
 
 import numpy as np
-
 from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
