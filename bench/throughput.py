@@ -252,9 +252,9 @@ def main() -> None:
     counts = {"gradcam": args.images,
               "scorecam": args.scorecam_images or (args.images if args.device.startswith("cuda") else 32)}
 
-    import launch
     import torch
 
+    import launch
     from salient_maps.workers.runtime import keep_freed_memory
 
     keep_freed_memory()  # as `salient run` and the worker do

@@ -16,9 +16,15 @@ from sqlalchemy import event
 
 from salient_maps.storage.sources import SourceError
 from salient_maps.workers import process
+from salient_maps.workers.images import (
+    decode_image,
+    decode_jpegs_on_device,
+    decode_scaled,
+    device_decodable,
+    jpeg_reduction,
+    to_input,
+)
 from salient_maps.workers.process import stacked_inputs
-from salient_maps.workers.images import (decode_image, decode_jpegs_on_device, decode_scaled, device_decodable,
-                                         jpeg_reduction, to_input)
 
 MEAN, STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 LIMIT = 40_000_000
