@@ -66,8 +66,8 @@ def audit_job(conn, job_id: str | None) -> Audit:
 def suspects(conn, job_id: str, ranked_by: str, *, method: str | None = None, class_id: int | None = None,
              limit: int | None = None) -> Iterator[dict]:
     """Right for the wrong reason, best suspect first: one record per image and method (``uri``, ``sha256``,
-    ``class_id``, ``method``, the ranking metric, and ``shard`` + ``slot`` where its map lies). With labels: the correct predictions' explanations of
-    their class; without: the top-1 explanations."""
+    ``class_id``, ``method``, the ranking metric, and ``shard`` + ``slot`` where its map lies). With labels: the
+    correct predictions' explanations of their class; without: the top-1 explanations."""
     job = find_job(conn, job_id)
     shared = result_settings(conn, job)
     settings_id = shared.id if shared is not None else -1

@@ -1,4 +1,5 @@
-"""A data set with a planted shortcut, and a tiny CNN trained on it in seconds (``--model tests/planted_shortcut.py:tiny_net``).
+"""A data set with a planted shortcut, and a tiny CNN trained on it in seconds
+(``--model tests/planted_shortcut.py:tiny_net``).
 
 Each image shows one object at a random place on a noisy background: a disc (class 0), a square (class 1) or a cross
 (class 2); three classes, so that every class has evidence of its own (with two, "not a square" would do). With

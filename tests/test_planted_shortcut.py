@@ -13,7 +13,6 @@ import cv2
 import numpy as np
 import pytest
 import torch
-
 from planted_shortcut import CLASSES, make_images, train
 
 TOP = 10  # how many of the first ranked must be marked (quoted in the closing note)
@@ -23,15 +22,17 @@ SEED = int(os.environ.get("SHORTCUT_SEED", 1))  # the effect held for seeds 1-4 
 
 @pytest.fixture(scope="module")
 def shortcut_runs(tmp_path_factory):
-    from salient_maps.producer.cli import main
     from click.testing import CliRunner
+
+    from salient_maps.producer.cli import main
 
     folder = tmp_path_factory.mktemp("shortcut")
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny batches: one thread is as fast, and leaves the other core alone
     try:
         for name, rate in (("a", 0.9), ("b", 0.0)):
-            torch.save(train(make_images(600, rate, seed=SEED), epochs=10, seed=SEED).state_dict(), folder / f"{name}.pt")
+            model = train(make_images(600, rate, seed=SEED), epochs=10, seed=SEED)
+            torch.save(model.state_dict(), folder / f"{name}.pt")
     finally:
         torch.set_num_threads(threads)
     held_out = make_images(160, 0.5, seed=100 + SEED)
