@@ -83,6 +83,10 @@ class JobRequest(BaseModel):
     model: Text = "efficientnet_lite0"
     weights: RemoteUri | None = Field(None, description="State dict the workers download.")
     layer: Text | None = None
+    input_size: int | None = Field(None, ge=16, le=4096,
+                                   description="Model input side in pixels (default: the model's own).")
+    mean: Text | None = Field(None, description="Input normalisation mean 'R,G,B' (default: the model's own).")
+    std: Text | None = Field(None, description="Input normalisation std 'R,G,B' (default: the model's own).")
     methods: MethodList | Annotated[list[MethodName], Field(min_length=1)] = Field(
         "gradcam,saliency", description="Comma-separated or a list; 'all' for every method.")
     topk: int = Field(3, ge=1, le=1000)
