@@ -3,7 +3,9 @@ on demand. Light side: numpy; drawing overlays imports OpenCV (the worker extra)
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
+from typing import Iterator
 
 import click
 
@@ -24,6 +26,19 @@ def _job_style(settings: Settings, job_id: str | None):
     finally:
         db.dispose()
     return OverlayStyle(**shared.overlay) if shared is not None else OverlayStyle()
+
+
+@contextlib.contextmanager
+def _user_errors() -> Iterator[None]:
+    """A missing record or a bad choice, and drawing without OpenCV, end the command with one line."""
+    try:
+        yield
+    except (LookupError, ValueError) as exc:
+        raise click.ClickException(str(exc)) from None
+    except ModuleNotFoundError as exc:
+        if exc.name != "cv2":
+            raise
+        raise click.ClickException("drawing overlays needs OpenCV: pip install 'salient-maps[worker]'") from None
 
 
 def _int_set(text: str | None) -> set[int] | None:
@@ -48,16 +63,10 @@ def maps(job_id, out, fmt, size, methods, classes, arrays, overlays, data_dir):
     from salient_maps.storage.results import iter_results
 
     settings = Settings().with_data_dir(data_dir)
-    try:
+    with _user_errors():
         style = _job_style(settings, job_id) if overlays else None
         n = export_maps(settings, iter_results(settings, job_id), out, fmt, size, arrays, overlays, style,
                         set(methods.split(",")) if methods else None, _int_set(classes))
-    except (LookupError, ValueError) as exc:
-        raise click.ClickException(str(exc)) from None
-    except ModuleNotFoundError as exc:
-        if exc.name != "cv2":
-            raise
-        raise click.ClickException("drawing overlays needs OpenCV: pip install 'salient-maps[worker]'") from None
     click.echo(f"{n} maps -> {out}")
 
 
@@ -76,7 +85,7 @@ def show(image, job_id, method, class_id, out, thumbnail, data_dir):
     from salient_maps.storage.results import iter_results
 
     settings = Settings().with_data_dir(data_dir)
-    try:
+    with _user_errors():
         matches = [r for r in iter_results(settings, job_id)
                    if image in (r["uri"], r["sha256"], r["uri"].rstrip("/").rsplit("/", 1)[-1])
                    and (method is None or r["method"] == method)
@@ -97,12 +106,6 @@ def show(image, job_id, method, class_id, out, thumbnail, data_dir):
             return
         picture = None if thumbnail else picture_of(record, settings, settings.overlay_max_side, local_files=True)
         out.write_bytes(reader.overlay_png(record, _job_style(settings, job_id), picture))
-    except LookupError as exc:
-        raise click.ClickException(str(exc)) from None
-    except ModuleNotFoundError as exc:
-        if exc.name != "cv2":
-            raise
-        raise click.ClickException("drawing overlays needs OpenCV: pip install 'salient-maps[worker]'") from None
     click.echo(f"{record['uri']} {record['method']} class {record['class_id']} -> {out}")
 
 

@@ -10,9 +10,11 @@ arrays, thumbnail or overlay out. Numpy only, except overlays (OpenCV, imported 
 
 from __future__ import annotations
 
+import re
 from collections import OrderedDict
 from pathlib import Path
 from typing import Mapping
+from urllib.parse import unquote
 
 import numpy as np
 
@@ -124,6 +126,13 @@ def picture_of(record: Mapping, settings: Settings, max_side: int, local_files: 
     return None if bgr is None else fit_long_side(cv2.cvtColor(bgr, cv2.COLOR_BGR2RGB), max_side)
 
 
+def _folder_name(uri: str) -> str:
+    """The image's file name without its suffix, as the user named it (a URI's percent-escapes decoded), never a
+    path: separators and leading dots become underscores."""
+    name = unquote(uri.rstrip("/").rsplit("/", 1)[-1]).rsplit(".", 1)[0]
+    return re.sub(r"^\.+|[/\\\x00]", "_", name) or "image"
+
+
 def export_maps(settings: Settings, records, out: Path, fmt: str = "npy", size: str = "input",
                 arrays: bool = False, overlays: bool = False, style=None,
                 methods: set[str] | None = None, classes: set[int] | None = None) -> int:
@@ -142,7 +151,7 @@ def export_maps(settings: Settings, records, out: Path, fmt: str = "npy", size: 
         if not record.get("shard") or (methods and record["method"] not in methods) or \
                 (classes and record["class_id"] not in classes):
             continue
-        name = record["uri"].rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] or "image"
+        name = _folder_name(record["uri"])
         folder = out / f"{name}-{record['sha256'][:8]}" / record["method"]
         folder.mkdir(parents=True, exist_ok=True)
         stem = folder / str(record["class_id"])

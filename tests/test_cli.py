@@ -25,6 +25,7 @@ from salient_maps.storage.database import Explanation, Image, Item, Shard, conne
 from salient_maps.storage.maps import MapReader
 from salient_maps.storage.objects import LocalObjectStore
 from salient_maps.storage.results import FIELDS
+from salient_maps.storage.settings import Settings
 from salient_maps.workers import process
 
 REQUIRED_FIELDS = ("job_id", "uri", "sha256", "model", "method", "method_params", "layer", "class_id", "class_name",
@@ -248,3 +249,27 @@ def test_bundled_model_looks_at_the_cats_face(tmp_path, run_cli):
     inside = np.zeros(heat.shape, bool)
     inside[box] = True
     assert heat[inside].mean() > 2.5 * heat[~inside].mean()  # measured 0.70 vs 0.20
+
+
+def test_maps_writes_each_map_as_the_reader_returns_it_and_show_draws_one_overlay(run, run_cli, tmp_path):
+    out = run["out"]
+    rows = [r for r in records(run_cli, out, "jsonl") if r["status"] == "done" and r["method"]]
+    reader = MapReader.for_settings(Settings().with_data_dir(out))
+    written = run_cli(["maps", "--out", tmp_path / "maps", "--data", out]).output
+    files = sorted((tmp_path / "maps").rglob("*.npy"))
+    assert f"{len(files)} maps" in written and len(files) == len(rows)
+    for row in rows:
+        stem = f"{path_of(row['uri']).stem}-{row['sha256'][:8]}"
+        saved = np.load(tmp_path / "maps" / stem / row["method"] / f"{row['class_id']}.npy")
+        np.testing.assert_array_equal(saved, reader.map(row))
+    gradcam = next(r for r in rows if r["method"] == "gradcam" and r["rank"] == 1)
+    name = path_of(gradcam["uri"]).name
+    printed = run_cli(["show", name, "--method", "gradcam", "--data", out]).output
+    assert "map 7×7 as computed" in printed
+    png = tmp_path / "one.png"
+    run_cli(["show", name, "--method", "gradcam", "--out", png, "--data", out])
+    overlay = cv2.imread(str(png))
+    original = cv2.imread(str(path_of(gradcam["uri"])))
+    assert overlay.shape == original.shape and not np.array_equal(overlay, original)
+    missing = run_cli(["show", "nothing.png", "--data", out], expect_exit=1).output
+    assert "no record of 'nothing.png'" in missing
