@@ -11,9 +11,10 @@ import torch
 from sqlalchemy import select
 
 from salient_maps.producer.submit import build_spec
-from salient_maps.storage.database import Explanation, Job, connect
+from salient_maps.storage.database import Job, connect
 from salient_maps.storage.messages import chunk_message, parse_chunk
 from salient_maps.storage.objects import open_store
+from salient_maps.storage.results import iter_results
 from salient_maps.storage.settings import Settings
 from salient_maps.workers.explainers import SpecError, build_processor, load_setup
 
@@ -40,9 +41,9 @@ def test_a_queued_spec_builds_what_run_builds(tmp_path, tiny_images, run_cli):
     db = connect(f"sqlite:///{data / 'salient.db'}")
     with db.connect() as conn:
         run_digest = conn.execute(select(Job.settings_digest)).scalar_one()
-        rows = conn.execute(select(Explanation.class_name, Explanation.extra)).all()
-    assert {r.class_name for r in rows} == {"thing 5", "thing 7"}
-    assert all("localization" in r.extra and "metrics" in r.extra for r in rows)
+    rows = [r for r in iter_results(Settings().with_data_dir(data), None) if r["method"]]
+    assert {r["class_name"] for r in rows} == {"thing 5", "thing 7"}
+    assert all(r["drop"] is not None and r["localization_box"] for r in rows)
 
     processor = queued_processor(build_spec(**OPTIONS, labels=labels), tmp_path)
     assert processor.digest == run_digest  # model, layer, methods and options, targets, metrics, overlay, localize

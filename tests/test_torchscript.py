@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 import torchvision
-from sqlalchemy import select
 
-from salient_maps.storage.database import Explanation, connect
+from salient_maps.storage.results import iter_results
+from salient_maps.storage.settings import Settings
 from salient_maps.workers.engine import Explainer
 from salient_maps.workers.methods import build_methods
 from salient_maps.workers.models import ModelError, load_model, resolve_layer
@@ -84,10 +84,9 @@ def test_cli_runs_gradient_methods_and_refuses_gradcam_on_torchscript(tmp_path, 
     done = run_cli(["run", folder, "--model", path, "--methods", "saliency", "--topk", "2", "--device", "cpu",
                     "--out", tmp_path / "o"])
     assert "done 2" in done.output
-    with connect(f"sqlite:///{tmp_path / 'o' / 'salient.db'}").connect() as conn:
-        rows = conn.execute(select(Explanation.layer, Explanation.class_name)).all()
-    assert len(rows) == 4 and {r.layer for r in rows} == {"input"}
-    assert all(r.class_name.startswith("class_") for r in rows)
+    rows = [r for r in iter_results(Settings().with_data_dir(tmp_path / "o"), None) if r["method"]]
+    assert len(rows) == 4 and {r["layer"] for r in rows} == {"input"}
+    assert all(r["class_name"].startswith("class_") for r in rows)
 
 
 def test_explaining_a_script_module_leaves_it_unchanged(scripted_file):
