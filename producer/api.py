@@ -21,7 +21,7 @@ from contextlib import contextmanager
 from datetime import datetime
 from http.client import InvalidURL
 from pathlib import Path, PurePosixPath
-from typing import Annotated, Any, Iterator, Literal
+from typing import Annotated, Any, Iterator, Literal, TypeVar
 from urllib.parse import urlparse
 
 import numpy as np
@@ -66,6 +66,10 @@ MethodQuery = Annotated[str, Query(pattern=r"^[a-z0-9_]{1,100}$", description="T
 ClassId = Annotated[int, Query(ge=0, le=2**31 - 1, description="The class id, as in the records.")]
 
 
+T = TypeVar("T")
+RGB = Annotated[list[T], Field(min_length=3, max_length=3)]
+
+
 class JobRequest(BaseModel):
     """A job: images as inline URIs and/or a manifest, and the options of ``salient submit``."""
 
@@ -85,8 +89,10 @@ class JobRequest(BaseModel):
     layer: Text | None = None
     input_size: int | None = Field(None, ge=16, le=4096,
                                    description="Model input side in pixels (default: the model's own).")
-    mean: Text | None = Field(None, description="Input normalisation mean 'R,G,B' (default: the model's own).")
-    std: Text | None = Field(None, description="Input normalisation std 'R,G,B' (default: the model's own).")
+    mean: RGB[Annotated[float, Field(allow_inf_nan=False)]] | None = Field(
+        None, description="Input normalisation mean [R, G, B] (default: the model's own).")
+    std: RGB[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
+        None, description="Input normalisation std [R, G, B] (default: the model's own).")
     methods: MethodList | Annotated[list[MethodName], Field(min_length=1)] = Field(
         "gradcam,saliency", description="Comma-separated or a list; 'all' for every method.")
     topk: int = Field(3, ge=1, le=1000)
