@@ -13,6 +13,20 @@ from salient_maps.workers.explainers import load_setup
 from salient_maps.workers.process import pending_items
 
 
+def job_of(folder, tmp_path, store, **spec):
+    """A listed job of ``folder``'s images and the processor that explains them with resnet18 Grad-CAM
+    (``store``: None for the data folder's own)."""
+    settings = Settings().with_data_dir(tmp_path / "data")
+    db = connect(settings.resolved_database_url)
+    job_id = create_job(db, {})
+    add_items(db, job_id, iter_uris([str(folder)], settings))
+    close_listing(db, job_id)
+    store = store or open_store(settings.resolved_object_store_url)
+    processor = load_setup(job_spec(model="resnet18", methods="gradcam", **spec), settings, "cpu").processor(
+        settings, db, store)
+    return db, job_id, processor
+
+
 def test_two_copies_of_one_image_in_a_batch_are_explained_once(tmp_path, smooth_rgb, encode_image):
     folder = tmp_path / "images"
     folder.mkdir()
@@ -20,13 +34,7 @@ def test_two_copies_of_one_image_in_a_batch_are_explained_once(tmp_path, smooth_
     (folder / "a.png").write_bytes(picture)
     (folder / "copy of a.png").write_bytes(picture)
     (folder / "b.png").write_bytes(encode_image(smooth_rgb(40, 48, seed=4), "PNG"))
-    settings = Settings().with_data_dir(tmp_path / "data")
-    db = connect(settings.resolved_database_url)
-    job_id = create_job(db, {})
-    add_items(db, job_id, iter_uris([str(folder)], settings))
-    close_listing(db, job_id)
-    spec = job_spec(model="resnet18", methods="gradcam", topk=2, batch_size=8)
-    processor = load_setup(spec, settings, "cpu").processor(settings, db, open_store(settings.resolved_object_store_url))
+    db, job_id, processor = job_of(folder, tmp_path, None, topk=2, batch_size=8)
     explained: list[int] = []
     explain = processor.explainer.explain
     processor.explainer.explain = lambda x: explained.append(len(x)) or explain(x)
@@ -60,13 +68,7 @@ def test_storing_runs_beside_the_model_and_its_failure_fails_the_items_with_the_
     folder.mkdir()
     for i in range(5):
         (folder / f"{i}.png").write_bytes(encode_image(smooth_rgb(40, 48, seed=i), "PNG"))
-    settings = Settings().with_data_dir(tmp_path / "data")
-    db = connect(settings.resolved_database_url)
-    job_id = create_job(db, {})
-    add_items(db, job_id, iter_uris([str(folder)], settings))
-    close_listing(db, job_id)
-    spec = job_spec(model="resnet18", methods="gradcam", topk=1, batch_size=2)
-    processor = load_setup(spec, settings, "cpu").processor(settings, db, BrokenStore())
+    db, job_id, processor = job_of(folder, tmp_path, BrokenStore(), topk=1, batch_size=2)
     statuses: list[str] = []
     processor.run(pending_items(db, job_id), on_item=statuses.append)
 
