@@ -113,6 +113,10 @@ class ResultSettings(Base):
     methods: Mapped[dict] = mapped_column(JSON)  # method name -> its parameters
     overlay: Mapped[dict] = mapped_column(JSON)  # the overlay style (see storage.overlays.OverlayStyle)
     class_names: Mapped[list] = mapped_column(JSON)  # the model's, by class id
+    # How the target layer's output became a B×C×h×w map (workers/layouts.py) and how an image became the
+    # model's input (input size, resize, crop, interpolation, mean, std); None on records made before 0007.
+    layout: Mapped[dict | None] = mapped_column(JSON)
+    preprocessing: Mapped[dict | None] = mapped_column(JSON)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -200,7 +204,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 # The newest revision in storage/migrations/versions; a new database is built from the models and
 # stamped with it (tests/test_migrations.py checks that the migrations build the same schema).
-SCHEMA_REVISION = "0006"
+SCHEMA_REVISION = "0007"
 _SCHEMA_LOCK_ID = 0x5A11E47  # PostgreSQL advisory lock: one process at a time creates or migrates
 _alembic_version = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
 

@@ -77,3 +77,25 @@ def test_results_of_the_layout_before_shards_are_kept_and_say_so(tmp_path):
         assert conn.execute(sa.text("SELECT count(*) FROM explanations")).scalar() == 0
     with pytest.raises(LookupError, match="before result shards .* 1 results are kept in the table explanations_0004"):
         list(iter_results(Settings(data_dir=tmp_path), "j1"))
+
+
+def test_settings_records_gain_layout_and_preprocessing_empty_for_old_ones(tmp_path):
+    from salient_maps.storage.database import ResultSettings
+
+    url = f"sqlite:///{tmp_path / 'salient.db'}"
+    with sa.create_engine(url).begin() as conn:
+        command.upgrade(alembic_config(conn), "0006")
+        conn.execute(sa.text("INSERT INTO result_settings (digest, model, layer, methods, overlay, class_names, "
+                             "created_at) VALUES ('d1', 'm', 'layer4', '{}', '{}', '[]', '2026-01-01')"))
+    engine = connect(url)  # migrates to the newest revision
+    with engine.begin() as conn:
+        assert conn.execute(sa.select(ResultSettings.digest, ResultSettings.layout,
+                                      ResultSettings.preprocessing)).all() == [("d1", None, None)]
+        conn.execute(sa.insert(ResultSettings).values(
+            digest="d2", model="m", layer="blocks.11.norm1", methods={}, overlay={}, class_names=[],
+            layout={"kind": "tokens", "prefix_tokens": 1}, preprocessing={"input_size": 224, "crop": 224}))
+        assert conn.execute(sa.select(ResultSettings.layout).where(ResultSettings.digest == "d2")).scalar_one() \
+            == {"kind": "tokens", "prefix_tokens": 1}
+    with engine.begin() as conn:  # and back: 0006 has neither column
+        command.downgrade(alembic_config(conn), "0006")
+        assert "layout" not in {c["name"] for c in sa.inspect(conn).get_columns("result_settings")}
