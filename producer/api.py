@@ -178,7 +178,8 @@ class ResultRecord(BaseModel):
     boxes: list[list[float]] | None = Field(description="Ground-truth boxes [x0, y0, x1, y1] in original pixels.")
     mask: str | None = Field(description="URI of the ground-truth mask PNG.")
     localization_box: list[float] | None = Field(description="The --localize GrabCut box in original pixels.")
-    localization_mask: str | None = Field(description="Object key of the --localize mask PNG.")
+    localization_mask: str | None = Field(description="The --localize mask PNG's tensor in the record's shard "
+                                                      "(GET /jobs/{id}/localization_mask returns it).")
 
 
 class ResultsPage(BaseModel):
@@ -322,6 +323,12 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         """One explanation's map as a .npy file (float32 in [0, 1]): at the model's input size or as computed."""
         return Response(_drawn(job_id, sha256, method, class_id, size), media_type="application/octet-stream")
 
+    @app.get("/jobs/{job_id}/localization_mask", dependencies=guard, response_class=Response, responses={
+        **read_responses, 200: {"content": {"image/png": {}}, "description": "The mask, 255 on the object"}})
+    def get_localization_mask(job_id: JobId, sha256: Sha256, method: MethodQuery, class_id: ClassId) -> Response:
+        """One explanation's --localize GrabCut mask as an 8-bit grey PNG at the image's own size."""
+        return Response(_drawn(job_id, sha256, method, class_id, "mask"), media_type="image/png")
+
     reader = MapReader.for_settings(settings)
     reader_lock = threading.Lock()
 
@@ -334,6 +341,11 @@ def create_app(settings: Settings | None = None, insecure_no_auth: bool = False)
         if record is None:
             raise HTTPException(404, f"job {job_id} has no {method} map of class {class_id} for image {sha256}")
         with reader_lock:  # its shard cache is not thread-safe; one shard serves many requests in a row
+            if what == "mask":
+                try:
+                    return reader.localization_mask_png(record)
+                except LookupError as exc:
+                    raise HTTPException(404, str(exc)) from None
             if what == "png":
                 try:
                     from salient_maps.storage.overlays import OverlayStyle

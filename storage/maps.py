@@ -20,7 +20,7 @@ import numpy as np
 
 from .objects import ObjectStore, open_store
 from .settings import Settings
-from .shards import Shard
+from .shards import Shard, localization_mask_name
 
 
 class MapReader:
@@ -64,6 +64,14 @@ class MapReader:
         """The image's JPEG thumbnail kept in the shard."""
         shard = _shard_of(self, record)
         return shard.thumbnail(record["slot"] // shard.targets)
+
+    def localization_mask_png(self, record: Mapping) -> bytes:
+        """The record's ``--localize`` GrabCut mask: an 8-bit grey PNG (255 object) at the image's own size."""
+        png = _shard_of(self, record).localization_mask(record["method"], record["slot"])
+        if png is None:
+            raise LookupError(f"{record.get('uri', 'this record')} has no localisation mask "
+                              "(run with --localize; a map that cannot seed GrabCut gets none)")
+        return png
 
     def overlay_png(self, record: Mapping, style=None, picture: np.ndarray | None = None) -> bytes:
         """The record's overlay as PNG bytes, drawn now onto ``picture`` (H×W×3 RGB; default the thumbnail)
@@ -138,7 +146,8 @@ def export_maps(settings: Settings, records, out: Path, fmt: str = "npy", size: 
                 methods: set[str] | None = None, classes: set[int] | None = None) -> int:
     """Write the chosen records' maps under ``out/<image name>-<sha256[:8]>/<method>/<class id>.<fmt>``
     (``npy``: float32; ``png``: viridis), with ``arrays`` each named array beside it, with ``overlays``
-    ``<class id>.overlay.png`` drawn on the original image (the thumbnail when it cannot be read).
+    ``<class id>.overlay.png`` drawn on the original image (the thumbnail when it cannot be read), and
+    ``<class id>.localization_mask.png`` where the job ran with ``--localize`` and found a box.
     Returns how many records were written."""
     from .report.charts import heat_png
 
@@ -163,6 +172,8 @@ def export_maps(settings: Settings, records, out: Path, fmt: str = "npy", size: 
                 np.save(f"{stem}{suffix}.npy", array.astype(np.float32), allow_pickle=False)
             elif array.ndim == 2:
                 Path(f"{stem}{suffix}.png").write_bytes(heat_png(array))
+        if record.get("localization_mask") == localization_mask_name(record["method"], record["slot"]):
+            Path(f"{stem}.localization_mask.png").write_bytes(reader.localization_mask_png(record))
         if overlays:
             if record["sha256"] not in picture_for:
                 picture_for.clear()  # one image's records come together

@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 
 from salient_maps.storage.database import Explanation, Item, Job, ResultSettings, Shard, connect, legacy_explanations
 from salient_maps.storage.settings import Settings
+from salient_maps.storage.shards import localization_mask_name
 
 # Scalar faithfulness metrics copied from an explanation's extra JSON (null where not computed).
 METRIC_FIELDS = ("deletion_auc", "insertion_auc", "drop", "increase")
@@ -112,8 +113,16 @@ def _truth_fields(row, class_names) -> dict:
     iou = row["localization_iou"]
     return {"label": label, "boxes": truth.get("boxes"), "mask": truth.get("mask"),
             "correct": None if row["predicted"] is None or label is None else row["predicted"] == label,
-            "localization_box": found.get("bbox"), "localization_mask": found.get("mask_key"),
+            "localization_box": found.get("bbox"), "localization_mask": _mask_name(row, found),
             "localization_correct": None if iou is None else int(iou >= IOU_CORRECT)}
+
+
+def _mask_name(row, found: dict) -> str | None:
+    """Where the record's --localize mask PNG lies: a tensor of its shard (``MapReader.localization_mask_png``
+    reads it); results made before masks moved into shards name their own object (``mask_key``)."""
+    if not found:
+        return None
+    return found.get("mask_key") or localization_mask_name(row["method"], row["slot"])
 
 
 def write_results(settings: Settings, job_id: str | None, fmt: str, out: IO[str]) -> None:

@@ -14,7 +14,9 @@ size (the input-size map is its bilinear upsampling; float32 so that upsampling 
 method returned); ``<method>.<attribution>`` (N·K)×3×H×W float16: input-gradient methods, the signed
 attribution (the map and saliency's renderings are derived from it); ``<method>.map`` (N·K)×H×W float16
 (+ ``<method>.<array>``): any other method, stored as it came. Slot ``n·K + k`` is image n's k-th target.
-``thumbnail.<n>``: image n as a JPEG (uint8). ``__metadata__["salient"]`` is the JSON description
+``thumbnail.<n>``: image n as a JPEG (uint8). With ``--localize``, ``<method>.localization_mask.<slot>``: that
+record's GrabCut mask as an 8-bit grey PNG (uint8; 255 object) at the image's own size, absent where the map
+could not seed GrabCut. ``__metadata__["salient"]`` is the JSON description
 (format, input size, the images' sha256, K, per method how its map is stored).
 """
 
@@ -56,6 +58,11 @@ def shard_key(data: bytes) -> str:
     """Content-derived: the same bytes always land on the same key, so a rewrite is a no-op."""
     digest = hashlib.sha256(data).hexdigest()
     return f"shards/{digest[:2]}/{digest}.safetensors"
+
+
+def localization_mask_name(method: str, slot: int) -> str:
+    """The tensor holding a record's ``--localize`` mask PNG (the results' ``localization_mask`` field)."""
+    return f"{method}.localization_mask.{slot}"
 
 
 class ShardError(ValueError):
@@ -142,6 +149,11 @@ class Shard:
 
     def thumbnail(self, image: int) -> bytes | None:
         name = f"thumbnail.{image}"
+        return self.tensor(name).tobytes() if name in self._header else None
+
+    def localization_mask(self, method: str, slot: int) -> bytes | None:
+        """The record's ``--localize`` mask as PNG bytes, or None when it has none."""
+        name = localization_mask_name(method, slot)
         return self.tensor(name).tobytes() if name in self._header else None
 
     @property

@@ -9,7 +9,10 @@ import numpy as np
 import pytest
 from sqlalchemy import select
 
-from salient_maps.storage.database import Explanation, connect
+from salient_maps.storage.database import Explanation, Job, connect
+from salient_maps.storage.maps import MapReader
+from salient_maps.storage.results import iter_results
+from salient_maps.storage.settings import Settings
 from salient_maps.workers.localization import WORK_SIDE, localize
 
 SQUARE = (260, 150, 420, 290)  # x0, y0, x1, y1 in a 480×640 image (larger than GrabCut's working size)
@@ -74,9 +77,47 @@ def test_run_with_localize_stores_box_and_mask_and_is_its_own_result(tmp_path, r
         extras = [row[0] for row in conn.execute(select(Explanation.extra))]
     extras = [e if isinstance(e, dict) else json.loads(e) if e else {} for e in extras]
     located = [e["localization"] for e in extras if "localization" in e]
-    assert len(extras) == 2 and len(located) == 1
+    assert len(extras) == 2 and len(located) == 1 and set(located[0]) == {"bbox"}
     x0, y0, x1, y1 = located[0]["bbox"]
     assert 0 <= x0 < x1 <= 640 and 0 <= y0 < y1 <= 480
-    mask = cv2.imdecode(np.frombuffer((out / "objects" / located[0]["mask_key"]).read_bytes(), np.uint8),
-                        cv2.IMREAD_UNCHANGED)
-    assert mask.shape == (480, 640) and set(np.unique(mask)) <= {0, 255}
+    # the mask lies in the batch's shard: the store holds the two runs' shards and nothing else
+    objects = sorted(p.relative_to(out / "objects").parts[0] for p in (out / "objects").rglob("*") if p.is_file())
+    assert objects == ["shards", "shards"]
+    settings = Settings().with_data_dir(out)
+    [record] = iter_results(settings, None)
+    assert record["localization_box"] == located[0]["bbox"]
+    assert record["localization_mask"] == f"saliency.localization_mask.{record['slot']}"
+    png = MapReader.for_settings(settings).localization_mask_png(record)
+    mask = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_UNCHANGED)
+    assert mask.shape == (480, 640) and set(np.unique(mask)) == {0, 255}
+    # the mask is GrabCut's on the stored map: the same call on the map read back gives it again
+    scene = textured_scene()
+    again = localize(scene, MapReader.for_settings(settings).map(record))
+    assert again is not None and np.array_equal(again.mask, mask == 255)
+    assert list(again.bbox) == located[0]["bbox"]
+    # safetensors reads it without salient
+    from safetensors.numpy import load
+    tensors = load((out / "objects" / record["shard"]).read_bytes())
+    assert tensors[record["localization_mask"]].tobytes() == png
+    # and the HTTP API serves it
+    from fastapi.testclient import TestClient
+
+    from salient_maps.producer.api import create_app
+    client = TestClient(create_app(settings, insecure_no_auth=True))
+    answer = client.get(f"/jobs/{record['job_id']}/localization_mask",
+                        params={"sha256": record["sha256"], "method": "saliency", "class_id": record["class_id"]})
+    assert answer.status_code == 200 and answer.headers["content-type"] == "image/png" and answer.content == png
+    exported = tmp_path / "maps"
+    run_cli(["maps", "--data", out, "--out", exported])
+    [written] = exported.rglob("*.localization_mask.png")
+    assert written.read_bytes() == png
+    [first] = iter_results(settings, run_id_of_first(out))
+    assert first["localization_mask"] is None and first["localization_box"] is None
+    with pytest.raises(LookupError, match="no localisation mask"):
+        MapReader.for_settings(settings).localization_mask_png(first)
+
+
+def run_id_of_first(out) -> str:
+    db = connect(f"sqlite:///{out / 'salient.db'}")
+    with db.connect() as conn:
+        return conn.execute(select(Job.id).order_by(Job.created_at)).scalars().first()

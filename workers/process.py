@@ -31,6 +31,7 @@ from salient_maps.storage.overlays import OverlayStyle
 from salient_maps.storage.settings import Settings
 from salient_maps.storage.shards import FORMAT as SHARD_FORMAT
 from salient_maps.storage.shards import encode as encode_shard
+from salient_maps.storage.shards import localization_mask_name
 from salient_maps.storage.sources import SourceError, read_uri
 
 from .engine import BatchResult, Explainer
@@ -431,13 +432,18 @@ class ItemProcessor:
                 truth = self._ground_truth(p, (input_size[1], input_size[0]))
                 for method in ex.methods:
                     for k, class_id in enumerate(targets[i].tolist()):
-                        out = result.outputs[method.name]
-                        extra = {**_metrics_extra(self.metrics, e.scores.get(method.name), i, k),
-                                 **self._localization_extra(p, method.name, class_id, out, i, k)}
-                        found = (extra.get("localization") or {}).get("bbox")
-                        fields = truth.metrics(heats[method.name][i, k], found)
+                        slot = i * k_targets + k
+                        extra = _metrics_extra(self.metrics, e.scores.get(method.name), i, k)
+                        found = None
+                        if self.localize:  # the box in the row, the mask in the shard beside the map
+                            found = localize(p.rgb, heats[method.name][i, k])
+                            extra["localization"] = None if found is None else {"bbox": list(found.bbox)}
+                            if found is not None:
+                                tensors[localization_mask_name(method.name, slot)] = np.frombuffer(
+                                    mask_png(found.mask), np.uint8)
+                        fields = truth.metrics(heats[method.name][i, k], None if found is None else list(found.bbox))
                         rows.append(Row(p.sha256, method.name, class_id, float(probs[i, class_id]),
-                                        int(ranks[i, class_id]), i * k_targets + k, extra or None,
+                                        int(ranks[i, class_id]), slot, extra or None,
                                         *(fields.get(name) for name in METRIC_COLUMNS)))
             description = {"format": SHARD_FORMAT, "settings_digest": self.digest, "model": ex.model.tag,
                            "layer": ex.layer_name, "input_size": input_size,
@@ -457,17 +463,6 @@ class ItemProcessor:
         input size, no crop (workers/images.py ``to_input``; nvJPEG's path likewise)."""
         boxes = (p.truth or {}).get("boxes") or ()
         return GroundTruth(InputFrame.whole(p.width, p.height, input_size), boxes, p.mask)
-
-    def _localization_extra(self, p: Prepared, method: str, class_id: int, out, i: int, k: int) -> dict:
-        """With --localize: the GrabCut box from this map (None when the map cannot seed it) and its mask object."""
-        if not self.localize:
-            return {}
-        found = localize(p.rgb, out.maps[i, k].float().cpu().numpy())
-        if found is None:
-            return {"localization": None}
-        mask_key = f"masks/{p.sha256[:2]}/{p.sha256}/{self.digest[:16]}/{method}/{class_id}.png"
-        self.store.put_if_absent(mask_key, lambda: mask_png(found.mask), "image/png")
-        return {"localization": {"bbox": list(found.bbox), "mask_key": mask_key}}
 
 
 @dataclass

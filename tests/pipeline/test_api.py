@@ -277,6 +277,9 @@ def test_a_job_submitted_over_http_is_explained_and_paged_back(pipeline, api_ser
     _, npy = fetch(f"/jobs/{job['id']}/map?{query}&size=layer")
     heat = np.load(io.BytesIO(npy), allow_pickle=False)
     assert heat.shape == (7, 7) and heat.dtype == np.float32 and 0 <= heat.min() and heat.max() <= 1
+    with pytest.raises(urllib.error.HTTPError) as unlocalized:  # the job ran without --localize
+        fetch(f"/jobs/{job['id']}/localization_mask?{query}")
+    assert unlocalized.value.code == 404
     with pytest.raises(urllib.error.HTTPError) as refused:
         fetch(f"/jobs/{job['id']}/overlay?{query}", token="wrong")
     assert refused.value.code == 401
@@ -339,7 +342,8 @@ def test_no_request_from_the_schema_gets_a_server_error(pipeline, mode):
     operations = sorted((result.ok() for result in schema.get_all_operations()), key=lambda op: op.method == "delete")
     assert sorted(op.label for op in operations) == [
         "DELETE /jobs/{job_id}", "GET /jobs/{job_id}", "GET /jobs/{job_id}/errors", "GET /jobs/{job_id}/map",
-        "GET /jobs/{job_id}/overlay", "GET /jobs/{job_id}/results", "POST /jobs"]
+        "GET /jobs/{job_id}/localization_mask", "GET /jobs/{job_id}/overlay", "GET /jobs/{job_id}/results",
+        "POST /jobs"]
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     generation = schemathesis.GenerationMode(mode)
     for operation in operations:
