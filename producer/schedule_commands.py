@@ -10,6 +10,7 @@ import click
 from salient_maps.storage.database import connect
 from salient_maps.storage.settings import Settings
 
+from .drift import DEFAULT_THRESHOLDS, describe, thresholds
 from .job_commands import data_dir_option, spec_options
 from .jobs import get_job
 
@@ -46,8 +47,9 @@ def _line(record: dict) -> str:
             f"skipped {job['skipped']} of {job['total']}") if job else "no job yet"
     error = f"; last error: {record['last_error']}" if record["last_error"] else ""
     next_run = datetime.fromisoformat(record["next_run_at"])
+    drift = f"; {describe(record['drift'], record['drift_thresholds'])}" if record["drift_thresholds"] else ""
     return (f"schedule {record['id']}{name}: '{record['cron']}' {record['timezone']}, next run "
-            f"{next_run:%Y-%m-%d %H:%M:%S} UTC; {last}{error}; sources {' '.join(record['sources'])}")
+            f"{next_run:%Y-%m-%d %H:%M:%S} UTC; {last}{drift}{error}; sources {' '.join(record['sources'])}")
 
 
 @click.group()
@@ -64,15 +66,26 @@ def schedule():
 @spec_options
 @click.option("--name", default=None, help="A unique name; also the name of the jobs it makes.")
 @click.option("--chunk", type=click.IntRange(1), default=None, help="Images per message (default SALIENT_CHUNK_SIZE).")
+@click.option("--compare-previous", is_flag=True,
+              help="Compare each finished run's maps with the previous finished run's (salient compare) and flag "
+                   "drift in `schedule list`: mean Spearman below --drift-spearman or more top-1 changes than "
+                   "--drift-changed.")
+@click.option("--drift-spearman", type=click.FloatRange(-1, 1), default=None,
+              help=f"Drift when the maps' mean Spearman falls below this (default "
+                   f"{DEFAULT_THRESHOLDS['min_spearman']}; implies --compare-previous).")
+@click.option("--drift-changed", type=click.FloatRange(0, 1), default=None,
+              help=f"Drift when more than this share of the common images change their top-1 class (default "
+                   f"{DEFAULT_THRESHOLDS['max_changed']}; implies --compare-previous).")
 @data_dir_option
-def add(cron, tz, sources, name, chunk, data_dir, **options):
+def add(cron, tz, sources, name, chunk, compare_previous, drift_spearman, drift_changed, data_dir, **options):
     """Explain SOURCES on a schedule, incrementally: each run explains only the images that are new or whose
     bytes changed since a run with the same settings; the others count as skipped."""
     from .schedules import ScheduleError, add_schedule
 
     db = _db(data_dir)
     try:
-        row = add_schedule(db, cron, list(sources), options, name=name, tz=tz, chunk=chunk)
+        row = add_schedule(db, cron, list(sources), options, name=name, tz=tz, chunk=chunk,
+                           drift_thresholds=thresholds(drift_spearman, drift_changed, compare_previous))
     except (ScheduleError, FileNotFoundError) as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(_line(_record(db, row)))
@@ -82,7 +95,7 @@ def add(cron, tz, sources, name, chunk, data_dir, **options):
 @click.option("--json", "as_json", is_flag=True, help="One JSON object per line instead of text.")
 @data_dir_option
 def list_(as_json, data_dir):
-    """Every schedule: when it runs next and how its last job went."""
+    """Every schedule: when it runs next, how its last job went and, with --compare-previous, its drift."""
     from .schedules import list_schedules
 
     db = _db(data_dir)

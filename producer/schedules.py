@@ -28,6 +28,7 @@ from salient_maps.storage.database import Schedule, utcnow
 from salient_maps.storage.settings import Settings
 from salient_maps.storage.sources import URI_SCHEMES
 
+from .drift import check_drift
 from .jobs import get_job
 from .submit import build_spec, submit
 
@@ -84,8 +85,10 @@ def _absolute_source(source: str) -> str:
 
 
 def add_schedule(db: Engine, cron: str, sources: list[str], options: dict[str, Any], *, name: str | None = None,
-                 tz: str = "UTC", chunk: int | None = None, now: datetime | None = None) -> Row:
-    """Store a schedule; ``options`` are ``build_spec``'s keyword arguments (checked here by building the spec)."""
+                 tz: str = "UTC", chunk: int | None = None, now: datetime | None = None,
+                 drift_thresholds: dict | None = None) -> Row:
+    """Store a schedule; ``options`` are ``build_spec``'s keyword arguments (checked here by building the spec).
+    ``drift_thresholds`` (producer/drift.py): compare each finished run with the previous one."""
     cron = check_cron(cron)
     if not sources:
         raise ScheduleError("a schedule needs at least one source")
@@ -99,7 +102,8 @@ def add_schedule(db: Engine, cron: str, sources: list[str], options: dict[str, A
         with db.begin() as conn:
             schedule_id = conn.execute(insert(Schedule).values(
                 name=name, cron=cron, timezone=tz, sources=sources, options=options, chunk=chunk,
-                next_run_at=next_run(cron, tz, now), created_at=now).returning(Schedule.id)).scalar_one()
+                drift_thresholds=drift_thresholds, next_run_at=next_run(cron, tz, now),
+                created_at=now).returning(Schedule.id)).scalar_one()
     except IntegrityError:  # the only unique column besides the id
         raise ScheduleError(f"a schedule named {name!r} exists already") from None
     return get_schedule(db, schedule_id)
@@ -152,8 +156,10 @@ def claim(db: Engine, schedule: Row, now: datetime) -> datetime | None:
 
 
 def fire_due(db: Engine, settings: Settings, now: datetime | None = None) -> list[Firing]:
-    """Fire every schedule due at ``now`` that this process claims; one beat tick."""
+    """Judge drift of the runs that finished (producer/drift.py), then fire every schedule due at ``now`` that
+    this process claims; one beat tick."""
     now = now or utcnow()
+    check_drift(db, settings)  # first: firing moves last_job_id on to the new run
     firings = []
     for schedule in due_schedules(db, now):
         following = claim(db, schedule, now)

@@ -16,6 +16,7 @@ from typing import Any, Iterable, Iterator
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Column,
     DateTime,
     Float,
@@ -43,7 +44,7 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from .sources import Entry
+from .sources import Entry, truth_digest
 
 
 def utcnow() -> datetime:
@@ -91,6 +92,8 @@ class Item(Base):
     truth: Mapped[dict | None] = mapped_column(JSON)
     label: Mapped[int | None] = mapped_column(Integer)
     predicted: Mapped[int | None] = mapped_column(Integer)
+    # Which boxes and mask (storage/ground_truth.py), so a shared explanation measured against others is not reused.
+    truth_digest: Mapped[int | None] = mapped_column(BigInteger)
     updated_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
 
 
@@ -153,6 +156,21 @@ class Explanation(Base):
     energy_in_box: Mapped[float | None] = mapped_column(Float)
     pointing_game: Mapped[int | None] = mapped_column(Integer)
     localization_iou: Mapped[float | None] = mapped_column(Float)
+    # The boxes and mask energy_in_box, pointing_game and localization_iou were measured against (Item.truth_digest)
+    truth_digest: Mapped[int | None] = mapped_column(BigInteger)
+
+
+class ItemMetrics(Base):
+    """The ground-truth metrics of an item whose boxes or mask differ from those its shared explanation row was
+    measured against (a rerun with other boxes): only such items have rows here (storage/ground_truth.py)."""
+
+    __tablename__ = "item_metrics"
+    item_id: Mapped[int] = mapped_column(ForeignKey("items.id"), primary_key=True)
+    method: Mapped[str] = mapped_column(String(100), primary_key=True)
+    class_id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    energy_in_box: Mapped[float | None] = mapped_column(Float)
+    pointing_game: Mapped[int | None] = mapped_column(Integer)
+    localization_iou: Mapped[float | None] = mapped_column(Float)
 
 
 class ClassVisualization(Base):
@@ -192,6 +210,11 @@ class Schedule(Base):
     last_job_id: Mapped[str | None] = mapped_column(String(36))
     last_error: Mapped[str | None] = mapped_column(Text)
     created_at: Mapped[datetime] = mapped_column(DateTime(timezone=True), default=utcnow)
+    # With ``--compare-previous``: each finished run is compared with the previous finished one (the baseline);
+    # ``drift`` keeps the last comparison's summary and whether it crossed a threshold (producer/drift.py).
+    drift_thresholds: Mapped[dict | None] = mapped_column(JSON)
+    baseline_job_id: Mapped[str | None] = mapped_column(String(36))
+    drift: Mapped[dict | None] = mapped_column(JSON)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:
@@ -204,7 +227,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 # The newest revision in storage/migrations/versions; a new database is built from the models and
 # stamped with it (tests/test_migrations.py checks that the migrations build the same schema).
-SCHEMA_REVISION = "0007"
+SCHEMA_REVISION = "0008"
 _SCHEMA_LOCK_ID = 0x5A11E47  # PostgreSQL advisory lock: one process at a time creates or migrates
 _alembic_version = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
 
@@ -280,7 +303,8 @@ def _item_row(job_id: str, entry: str | Entry) -> dict:
         entry = Entry(entry)
     failed = entry.problem is not None
     return {"job_id": job_id, "uri": entry.uri, "status": "failed" if failed else "pending", "error": entry.problem,
-            "truth": null() if entry.truth is None else entry.truth, "updated_at": utcnow()}
+            "truth": null() if entry.truth is None else entry.truth, "truth_digest": truth_digest(entry.truth),
+            "updated_at": utcnow()}
 
 
 def add_items(engine: Engine, job_id: str, entries: Iterable[str | Entry]) -> int:

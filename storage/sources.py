@@ -140,6 +140,16 @@ def _manifest_entries(stream: IO[str], suffix: str, base: Path) -> Iterator[Entr
 TRUTH_FIELDS = ("label", "boxes", "mask")
 
 
+def truth_digest(truth: dict[str, Any] | None) -> int | None:
+    """64 bits of the sha256 of the boxes and mask URI (what the localisation metrics depend on; not the label), as
+    a signed integer for a BIGINT column; None without either. Equal digests: the same metrics for the same map."""
+    region = {k: (truth or {}).get(k) for k in ("boxes", "mask")}
+    if region == {"boxes": None, "mask": None}:
+        return None
+    digest = hashlib.sha256(json.dumps(region, sort_keys=True).encode()).digest()
+    return int.from_bytes(digest[:8], "big", signed=True)
+
+
 def _entry(uri: str, fields: dict[str, Any], base: Path, from_csv: bool) -> Entry:
     truth = {k: v for k, v in fields.items() if k in TRUTH_FIELDS and v is not None}
     if not truth:
