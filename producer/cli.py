@@ -181,6 +181,10 @@ from .reconcile import reconcile  # noqa: E402
 
 main.add_command(reconcile)
 
+from .gc_command import gc  # noqa: E402
+
+main.add_command(gc)
+
 # Reading stored maps back: files and overlays drawn on demand.
 from .map_commands import COMMANDS as MAP_COMMANDS  # noqa: E402
 

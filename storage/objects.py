@@ -5,8 +5,9 @@ from __future__ import annotations
 import io
 import os
 import tempfile
+from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
 from urllib.parse import urlparse
 
 from .s3 import s3_client, split_s3_url
@@ -26,6 +27,14 @@ class ObjectStore(Protocol):
     def get(self, key: str) -> bytes: ...
 
     def exists(self, key: str) -> bool: ...
+
+    def delete(self, key: str) -> None:
+        """Remove ``key``; one that is not there is no error."""
+        ...
+
+    def list(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        """The keys under ``prefix`` with their last-modified times (UTC)."""
+        ...
 
 
 class LocalObjectStore:
@@ -63,6 +72,16 @@ class LocalObjectStore:
 
     def exists(self, key: str) -> bool:
         return self._path(key).is_file()
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+    def list(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        base = self._path(prefix)
+        for path in sorted(base.rglob("*")) if base.is_dir() else ():
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                yield (path.relative_to(self.root.resolve()).as_posix(),
+                       datetime.fromtimestamp(path.stat().st_mtime, timezone.utc))
 
 
 class S3ObjectStore:
@@ -129,6 +148,15 @@ class S3ObjectStore:
                 return False
             raise
         return True
+
+    def delete(self, key: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self._key(key))
+
+    def list(self, prefix: str) -> Iterator[tuple[str, datetime]]:
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket,
+                                                                          Prefix=self._key(prefix)):
+            for obj in page.get("Contents", ()):
+                yield obj["Key"].removeprefix(self.prefix), obj["LastModified"]
 
 
 def open_store(url: str, settings: Settings | None = None) -> ObjectStore:

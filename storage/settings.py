@@ -59,6 +59,10 @@ class Settings(BaseSettings):
                                "its size); past it the image fails and the worker process exits to be restarted")
     reconcile_interval: float = Field(
         60, gt=0, description="seconds between a worker's reconciliations (job counters, lost messages)")
+    orphan_grace: float = Field(
+        86400, ge=0, description="seconds `salient gc` leaves a shard that no result names (a worker died "
+                                 "between its upload and its rows) before deleting it; keep it far above the "
+                                 "visibility timeout")
     pending_timeout: float = Field(
         900, gt=0, description="seconds an item may stay pending untouched, in no message Redis holds, "
                                "before the reconciler publishes it again")

@@ -2,9 +2,10 @@
 
 ``encode_batch`` turns a batch's results into safetensors bytes (storage/shards.py describes the layout:
 CAM maps at the layer's size, input-gradient methods' signed attribution in float16, a JPEG thumbnail per
-image); ``ShardWriter.write`` puts the shard (content-addressed key) and then, in one transaction, its
-``shards`` row, the images, the explanation rows and the items' ends. Items end only after their shard is
-stored and their rows are in, so a worker killed anywhere in between leaves them pending for a redo.
+image); ``ShardWriter.write`` records the shard's row (storage/orphan_shards.py), puts the shard
+(content-addressed key) and then, in one transaction, the images, the explanation rows and the items' ends.
+Items end only after their shard is stored and their rows are in, so a worker killed anywhere in between
+leaves them pending for a redo (and at most a shard no row names, which ``salient gc`` deletes).
 ``BackgroundWriter`` runs ``write`` on one thread, at most ``depth`` batches behind the model.
 """
 
@@ -30,6 +31,7 @@ from salient_maps.storage.database import (
     insert_ignore,
 )
 from salient_maps.storage.objects import ObjectStore
+from salient_maps.storage.orphan_shards import record_shard
 from salient_maps.storage.overlays import fit_long_side
 from salient_maps.storage.shards import RENDERINGS, shard_key
 
@@ -119,6 +121,8 @@ class ShardWriter:
         """Store the shard, then its rows and the items' ends in one transaction; returns the item ids
         this call ended (a redone batch ends none twice)."""
         key = shard_key(batch.data)
+        with self.clock("database"), self.db.begin() as conn:  # the row first: an object no result names is
+            record_shard(conn, key, len(batch.images), len(batch.data))  # found by ``salient gc``
         with self.clock("upload"):
             self.store.put_if_absent(key, lambda: batch.data, "application/octet-stream")
         with self.clock("database"), self.db.begin() as conn:

@@ -12,6 +12,8 @@ from sqlalchemy import func, select
 from sqlalchemy.exc import OperationalError
 
 from salient_maps.storage.database import Explanation, Image, Item, Job, ResultSettings, Shard
+from salient_maps.storage.objects import open_store
+from salient_maps.storage.orphan_shards import collect
 from salient_maps.storage.shards import Shard as ShardFile
 
 # Cheap on CPU (~4 ms an image for Grad-CAM), 224 px maps; chunks of 4, batches of 4.
@@ -98,9 +100,11 @@ def check_consistent(pipeline, job_id: str, n_images: int, failed: dict[int, str
 
 def check_shards(pipeline, explanations: list, db) -> None:
     """Every shard the rows name is in the bucket, and each row's slot there holds its image (sha256), method
-    and class, with a finite map in [0, 1] and a thumbnail. Any other object is a shard no row names: a batch
-    whose worker died between the upload and the commit (or lost the race to a peer), so everything in it
-    must be a result that rows name in another shard."""
+    and class, with a finite map in [0, 1] and a thumbnail. Every object in the bucket has its shards row (the
+    row goes in before the upload). Any other object is a shard no explanation names: a batch whose worker
+    died between the upload and the commit (or lost the race to a peer), so everything in it must be a result
+    that rows name in another shard; ``salient gc`` (grace 0: the job has ended, nothing is being written)
+    deletes those and their rows, after which the bucket holds exactly the shards the explanations name."""
     with db.connect() as conn:
         shard_keys = dict(conn.execute(select(Shard.id, Shard.key)).all())
     keys = pipeline.bucket_keys()
@@ -108,6 +112,7 @@ def check_shards(pipeline, explanations: list, db) -> None:
     stored = {k.removeprefix(pipeline.prefix) for k in keys}
     named = {shard_keys[e.shard_id] for e in explanations}
     assert named <= stored, sorted(named - stored)
+    assert stored <= set(shard_keys.values()), sorted(stored - set(shard_keys.values()))  # no unrecorded object
     results = {(e.sha256, e.method, e.class_id) for e in explanations}
 
     def read(key: str) -> ShardFile:
@@ -133,6 +138,12 @@ def check_shards(pipeline, explanations: list, db) -> None:
             i, k = divmod(slot, shard.targets)
             for method in description["methods"]:
                 assert (description["images"][i], method, description["classes"][i][k]) in results, (key, slot)
+    collected = collect(db, open_store(pipeline.settings.resolved_object_store_url, pipeline.settings), grace=0,
+                        listing=True)
+    assert sorted(collected.rows) == sorted(set(shard_keys.values()) - named) and not collected.unrecorded
+    with db.connect() as conn:
+        assert set(conn.execute(select(Shard.key)).scalars()) == named
+    assert {k.removeprefix(pipeline.prefix) for k in pipeline.bucket_keys()} == named
 
 
 def claimed_ids(db, job_id: str) -> set[int]:
