@@ -290,10 +290,12 @@ def insert_ignore(engine: Engine, table, rows: list[dict[str, Any]]):
     return dialect.insert(table).values(rows).on_conflict_do_nothing()
 
 
-def create_job(engine: Engine, settings: dict, name: str | None = None) -> str:
+def create_job(engine: Engine, settings: dict, name: str | None = None, settings_digest: str | None = None) -> str:
+    """``settings_digest``: when the caller already resolved the model (``salient run``), else the worker records it."""
     job_id = str(uuid.uuid4())
     with engine.begin() as conn:
-        conn.execute(insert(Job).values(id=job_id, name=name, settings=settings, created_at=utcnow()))
+        conn.execute(insert(Job).values(id=job_id, name=name, settings=settings, settings_digest=settings_digest,
+                                        created_at=utcnow()))
     return job_id
 
 
@@ -333,44 +335,83 @@ class ItemEnd:
     predicted: int | None = None  # the model's top-1 class
 
 
+STATUSES = ("done", "failed", "skipped")
+
+
 def finish_items(conn, ends: list[ItemEnd]) -> set[int]:
     """End pending items once each; returns the ids this call ended (the others had ended already).
 
-    One conditional UPDATE per status present (per-item values by CASE), then one counter UPDATE per job:
-    only the first finisher changes an item's row, so counters move exactly once however often a batch
+    One conditional UPDATE of the items (per-item values by CASE), whose counts per job move the job
+    counters: on PostgreSQL in the same statement (a data-modifying CTE), elsewhere one UPDATE per job.
+    Only the first finisher changes an item's row, so counters move exactly once however often a batch
     is redone.
     """
-    ended: set[int] = set()
-    counts: dict[str, Counter] = {}
-    for status in sorted({e.status for e in ends}):
-        group = [e for e in ends if e.status == status]
-        by_id = {e.id: e for e in group}
+    if not ends:
+        return set()
+    ids = sorted({e.id for e in ends})
 
-        def per_item(attr: str):
-            values = {e.id: getattr(e, attr) for e in group if getattr(e, attr) is not None}
-            return case(values, value=Item.id, else_=None) if values else None
+    def per_item(attr: str):
+        values = {e.id: getattr(e, attr) for e in ends if getattr(e, attr) is not None}
+        return case(values, value=Item.id, else_=None) if values else None
 
-        rows = conn.execute(
-            update(Item)
-            .where(Item.id.in_(list(by_id)), Item.status == "pending")
-            .values(status=status, sha256=per_item("sha256"), error=per_item("error"),
-                    seconds=per_item("seconds"), label=per_item("label"), predicted=per_item("predicted"),
-                    updated_at=utcnow())
-            .returning(Item.id, Item.job_id)
-        ).all()
-        for row in rows:
-            ended.add(row.id)
-            counts.setdefault(row.job_id, Counter())[status] += 1
-    for job_id in sorted(counts):
-        # Counters and the finish in one statement: SET's right-hand sides read the row as it was.
-        n = sum(counts[job_id].values())
-        complete = and_(Job.status.in_(("running", "cancelled")), Job.finished_at.is_(None),
-                        Job.done + Job.failed + Job.skipped + n >= Job.total)
-        conn.execute(update(Job).where(Job.id == job_id).values({
-            **{getattr(Job, status): getattr(Job, status) + k for status, k in counts[job_id].items()},
-            Job.status: case((and_(complete, Job.status == "running"), "finished"), else_=Job.status),
-            Job.finished_at: case((complete, utcnow()), else_=Job.finished_at)}))
-    return ended
+    statuses = {e.status for e in ends}
+    status = next(iter(statuses)) if len(statuses) == 1 else case({e.id: e.status for e in ends}, value=Item.id)
+    ending = (update(Item).where(Item.id.in_(ids), Item.status == "pending")
+              .values(status=status, sha256=per_item("sha256"), error=per_item("error"), seconds=per_item("seconds"),
+                      label=per_item("label"), predicted=per_item("predicted"), updated_at=utcnow())
+              .returning(Item.id, Item.job_id, Item.status))
+    if conn.dialect.name == "postgresql":
+        ended = ending.cte("ended")
+        counts = (select(ended.c.job_id, *(func.count().filter(ended.c.status == s).label(s) for s in STATUSES))
+                  .group_by(ended.c.job_id).cte("counts"))
+        bump = (update(Job).where(Job.id == counts.c.job_id)
+                .values(_counted(Job, {s: counts.c[s] for s in STATUSES})).returning(Job.id).cte("bumped"))
+        return set(conn.execute(select(ended.c.id).add_cte(bump)).scalars())
+    counted: dict[str, Counter] = {}
+    ended_ids: set[int] = set()
+    for row in conn.execute(ending).all():
+        ended_ids.add(row.id)
+        counted.setdefault(row.job_id, Counter())[row.status] += 1
+    for job_id in sorted(counted):
+        conn.execute(update(Job).where(Job.id == job_id).values(_counted(Job, dict(counted[job_id]))))
+    return ended_ids
+
+
+def _counted(job, counts: dict) -> dict:
+    """A job's counters moved by ``counts`` (status -> how many, numbers or SQL) and, when that completes it,
+    the finish, in one SET: its right-hand sides read the row as it was."""
+    n = sum(counts.values())
+    complete = and_(job.status.in_(("running", "cancelled")), job.finished_at.is_(None),
+                    job.done + job.failed + job.skipped + n >= job.total)
+    return {**{getattr(job, status): getattr(job, status) + k for status, k in counts.items()},
+            job.status: case((and_(complete, job.status == "running"), "finished"), else_=job.status),
+            job.finished_at: case((complete, utcnow()), else_=job.finished_at)}
+
+
+def result_settings_id(conn, row: dict) -> int:
+    """The id of the ``result_settings`` row of ``row["digest"]``, inserted if new: one statement."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    stmt = dialect.insert(ResultSettings).values(row)
+    return conn.execute(stmt.on_conflict_do_update(index_elements=[ResultSettings.digest],
+                                                   set_={"digest": stmt.excluded.digest})
+                        .returning(ResultSettings.id)).scalar_one()
+
+
+def store_shard_rows(conn, shard_key: str, images: list[dict], explanations: list[dict]) -> None:
+    """A batch's images and its explanations (every column but ``shard_id``: they name the shard by its key, whose
+    row ``record_shard`` made before the upload), each insert-or-ignore, so a redone batch adds nothing.
+    PostgreSQL: one statement (a data-modifying CTE; foreign keys are checked at its end); elsewhere two."""
+    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
+    now = utcnow()  # given, not left to the column's default: SQLAlchemy renders none inside a CTE
+    new_images = (dialect.insert(Image).values([{**image, "created_at": now} for image in images])
+                  .on_conflict_do_nothing())
+    shard_id = select(Shard.id).where(Shard.key == shard_key).scalar_subquery()
+    new_rows = dialect.insert(Explanation).values([{**r, "shard_id": shard_id} for r in explanations])
+    if conn.dialect.name != "postgresql":
+        conn.execute(new_images)
+        conn.execute(new_rows.on_conflict_do_nothing())
+        return
+    conn.execute(new_rows.on_conflict_do_nothing().add_cte(new_images.returning(Image.sha256).cte("new_images")))
 
 
 def _finish_job_if_complete(conn, job_id: str) -> None:
@@ -383,11 +424,18 @@ def _finish_job_if_complete(conn, job_id: str) -> None:
     )
 
 
-def close_listing(engine: Engine, job_id: str) -> None:
-    """All items are recorded: from now on the job finishes when its last item ends."""
+def close_listing(engine: Engine, job_id: str) -> tuple[int, int] | None:
+    """All items are recorded: from now on the job finishes when its last item ends (now, if all have ended).
+    One statement; returns the job's (total, failed), None when there is no such job."""
+    complete = and_(Job.finished_at.is_(None), Job.done + Job.failed + Job.skipped >= Job.total)
     with engine.begin() as conn:
-        conn.execute(update(Job).where(Job.id == job_id, Job.status == "listing").values(status="running"))
-        _finish_job_if_complete(conn, job_id)
+        row = conn.execute(update(Job).where(Job.id == job_id).values(
+            status=case((and_(complete, Job.status.in_(("listing", "running"))), "finished"),
+                        (Job.status == "listing", "running"), else_=Job.status),
+            finished_at=case((and_(complete, Job.status.in_(("listing", "running", "cancelled"))), utcnow()),
+                             else_=Job.finished_at),
+        ).returning(Job.total, Job.failed)).one_or_none()
+    return None if row is None else (row.total, row.failed)
 
 
 def _settings_id(settings_digest: str):

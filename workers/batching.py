@@ -47,7 +47,7 @@ from typing import TYPE_CHECKING, Callable, Iterator, cast
 
 from sqlalchemy.engine import Engine
 
-from salient_maps.storage.database import claim_items, finish_item, release_items
+from salient_maps.storage.database import ItemEnd, claim_items, finish_items, release_items
 from salient_maps.storage.retry import is_transient, with_backoff
 from salient_maps.storage.settings import Settings
 
@@ -333,8 +333,7 @@ class DeviceLoop:
 
     def _end(self, items: list[PendingItem], status: str, reason: str) -> None:
         with self.db.begin() as conn:
-            for item in items:
-                finish_item(conn, item.id, item.job_id, status, error=reason)
+            finish_items(conn, [ItemEnd(item.id, item.job_id, status, error=reason) for item in items])
 
     def _give_back(self, items: list[PendingItem]) -> None:
         """Undo the delivery count of images handed back alive; the database may be the thing that is

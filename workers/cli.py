@@ -48,7 +48,7 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
 
     from .explainers import SpecError, load_setup
     from .factories import is_factory
-    from .process import pending_items, record_digest
+    from .process import pending_items
 
     # What this command line names is readable, as in any in-process command (storage/uri_policy.py).
     named = [str(s) for s in sources] + [str(p) for p in (weights, labels, model) if p and Path(p).is_file()]
@@ -78,21 +78,13 @@ def explain_sources(sources, *, model, weights, layer, methods, topk, classes, b
                     "labels": str(labels) if labels else None, "localize": localize,
                     "preprocessing": explainer.model.preprocessing(), "layout": explainer.layout.params(),
                     "versions": _versions()}
-    job_id = create_job(db, job_settings)
+    processor = setup.processor(settings, db, store)
+    job_id = create_job(db, job_settings, settings_digest=processor.digest)
     try:
         add_items(db, job_id, iter_entries([str(s) for s in sources], settings))
     except SourceError as exc:
         raise click.ClickException(str(exc)) from None
-    close_listing(db, job_id)
-    processor = setup.processor(settings, db, store)
-    record_digest(db, job_id, processor.digest)
-
-    from sqlalchemy import select
-
-    from salient_maps.storage.database import Job
-
-    with db.connect() as conn:
-        total, failed = conn.execute(select(Job.total, Job.failed).where(Job.id == job_id)).one()
+    total, failed = close_listing(db, job_id) or (0, 0)
     counts: Counter = Counter(failed=failed)  # entries whose ground truth was unusable failed at listing
     start = time.perf_counter()
     with Progress(

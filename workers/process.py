@@ -60,6 +60,10 @@ class PendingItem:
     id: int
     job_id: str
     uri: str
+    # The manifest's ground truth, when the query that found the item brought it (``truth_known``): then
+    # ``take_truths`` needs no query of its own.
+    truth: dict | None = None
+    truth_known: bool = False
 
 
 @dataclass
@@ -78,6 +82,10 @@ class Prepared:
     truth: dict | None = None  # the item's ground truth (label, boxes, mask) from the manifest
     label: int | None = None  # its label as a class id of the model
     mask: np.ndarray | None = None  # its mask decoded, H×W bool at the image's own size
+
+
+# Batches read together ahead of the model in ``salient run``, with one query for which are explained already.
+LOOKUP_BATCHES = 2
 
 
 def host_threads() -> int:
@@ -192,10 +200,12 @@ class ItemProcessor:
                 p.explained, p.data = True, None
 
     def take_truths(self, batch: list[Prepared]) -> None:
-        """The decoded images' ground truth (one query for the batch; see ``take_truth``), masks decoded."""
-        with self.cpu_seconds("database"), self.db.connect() as conn:
-            truths: dict[int, dict] = dict(conn.execute(select(Item.id, Item.truth).where(
-                Item.id.in_([p.item.id for p in batch]), Item.truth.is_not(None))).all())
+        """The decoded images' ground truth (see ``take_truth``), masks decoded: as the items came (``pending_items``
+        and the queue's tasks read it with them), else one query for the batch."""
+        truths = {p.item.id: p.item.truth for p in batch if p.item.truth_known}
+        if unknown := [p.item.id for p in batch if not p.item.truth_known]:
+            with self.cpu_seconds("database"), self.db.connect() as conn:
+                truths.update(conn.execute(select(Item.id, Item.truth).where(Item.id.in_(unknown))).all())
         for p in batch:
             self.take_truth(p, truths.get(p.item.id))
             self.decode_mask(p)
@@ -307,17 +317,18 @@ class ItemProcessor:
         return batch
 
     def _prefetched(self, items: Iterable[PendingItem]) -> Iterator[list[Prepared]]:
-        """Batches of prepared items: two batches are read and decoded ahead of the model, their images
-        spread over a pool as large as the machine has cores."""
+        """Batches of prepared items: up to two groups of ``LOOKUP_BATCHES`` batches are read and decoded ahead
+        of the model (one explained-images query per group), their images spread over a pool as large as the
+        machine has cores."""
         with ThreadPoolExecutor(host_threads(), thread_name_prefix="salient-decode") as pool, \
-                ThreadPoolExecutor(2, thread_name_prefix="salient-batch") as batches:
+                ThreadPoolExecutor(2, thread_name_prefix="salient-batch") as groups:
             ahead: deque = deque()
-            for chunk in _chunks(items, self.batch_size):
-                ahead.append(batches.submit(self.prepare_batch, chunk, pool))
-                if len(ahead) > 2:
-                    yield ahead.popleft().result()
+            for group in _chunks(items, self.batch_size * LOOKUP_BATCHES):
+                ahead.append(groups.submit(self.prepare_batch, group, pool))
+                if len(ahead) > 1:
+                    yield from _chunks(ahead.popleft().result(), self.batch_size)
             while ahead:
-                yield ahead.popleft().result()
+                yield from _chunks(ahead.popleft().result(), self.batch_size)
 
     def run(self, items: Iterable[PendingItem], on_item: Callable[[str], None] | None = None) -> None:
         """Explain every item; storing batch N (shard, rows, items' ends) overlaps the model on batch N+1.
@@ -483,20 +494,22 @@ def _metrics_extra(metrics: Faithfulness | None, scores: dict[str, list] | None,
     return {"metrics": {name: values[i][k] for name, values in scores.items()}, "metric_settings": metrics.params()}
 
 
-def pending_items(db: Engine, job_id: str) -> Iterator[PendingItem]:
+def pending_items(db: Engine, job_id: str, page: int = 1000) -> Iterator[PendingItem]:
+    """The job's pending items with their ground truth, in keyset pages: a million items never sit in memory
+    at once."""
     last = 0
-    while True:  # keyset pages: a million items never sit in memory at once
+    while True:
         with db.connect() as conn:
             rows = conn.execute(
-                select(Item.id, Item.job_id, Item.uri)
+                select(Item.id, Item.job_id, Item.uri, Item.truth)
                 .where(Item.job_id == job_id, Item.status == "pending", Item.id > last)
-                .order_by(Item.id).limit(500)
+                .order_by(Item.id).limit(page)
             ).all()
-        if not rows:
-            return
         for row in rows:
-            yield PendingItem(*row)
-        last = rows[-1][0]
+            yield PendingItem(row.id, row.job_id, row.uri, row.truth, truth_known=True)
+        if len(rows) < page:
+            return
+        last = rows[-1].id
 
 
 def record_digest(db: Engine, job_id: str, digest: str) -> None:

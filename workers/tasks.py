@@ -1,6 +1,6 @@
 """The ``salient.explain`` task: one message = one chunk of items of one job.
 
-Each item ends exactly once (``finish_item``'s conditional update): items that already ended (a
+Each item ends exactly once (``finish_items``' conditional update): items that already ended (a
 redelivered message) are passed over, items of a cancelled job are skipped, a spec this worker cannot
 run fails its items with the reason, and the rest go to the device loop, which batches them with the
 images of the other messages in hand. Storage/DB errors are retried with backoff within the retry
@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 from sqlalchemy import select
 
-from salient_maps.storage.database import Item, connect, finish_item, job_is_cancelled, reconcile_jobs
+from salient_maps.storage.database import Item, ItemEnd, Job, connect, finish_items, reconcile_jobs
 from salient_maps.storage.messages import TASK_NAME, Chunk, MessageError, parse_chunk
 from salient_maps.storage.objects import open_store
 from salient_maps.storage.requeue import requeue_lost
@@ -103,10 +103,12 @@ def run_chunk(chunk: Chunk, rt: Runtime) -> dict[str, int]:
     ids = [item_id for item_id, _ in chunk.items]
 
     def read_state():
+        # One query: the items' state and ground truth, and their job's status (the batch needs no query for truths).
         with rt.db.connect() as conn:
-            rows = conn.execute(select(Item.id, Item.status, Item.deliveries)
-                                .where(Item.job_id == chunk.job_id, Item.id.in_(ids))).all()
-            return {row.id: row for row in rows}, job_is_cancelled(conn, chunk.job_id)
+            rows = conn.execute(
+                select(Item.id, Item.status, Item.deliveries, Item.truth, Job.status.label("job_status"))
+                .join(Job, Job.id == Item.job_id).where(Item.job_id == chunk.job_id, Item.id.in_(ids))).all()
+            return {row.id: row for row in rows}, any(row.job_status == "cancelled" for row in rows)
 
     state, cancelled = with_backoff(read_state, rt.settings.retry_seconds, "reading items")
     pending = [(item_id, uri) for item_id, uri in chunk.items
@@ -132,18 +134,18 @@ def run_chunk(chunk: Chunk, rt: Runtime) -> dict[str, int]:
     suspects = sorted(((i, uri) for i, uri in pending if state[i].deliveries > 0),
                       key=lambda suspect: state[suspect[0]].deliveries)
     for item_id, uri in suspects:
-        rt.loop.explain_alone(processor, PendingItem(item_id, chunk.job_id, uri))
+        rt.loop.explain_alone(processor, PendingItem(item_id, chunk.job_id, uri, state[item_id].truth, True))
     fresh = [(i, uri) for i, uri in pending if state[i].deliveries == 0]
     claimed = rt.loop.claim(chunk.job_id, [i for i, _ in fresh]) if fresh else {}
-    rt.loop.explain([Ticket(processor, PendingItem(i, chunk.job_id, uri)) for i, uri in fresh if i in claimed])
+    rt.loop.explain([Ticket(processor, PendingItem(i, chunk.job_id, uri, state[i].truth, True))
+                     for i, uri in fresh if i in claimed])
     return {**counts, "alone": len(suspects), "batched": len(claimed)}
 
 
 def _end_all(rt: Runtime, job_id: str, items: list[tuple[int, str]], status: str, reason: str) -> None:
     def write() -> None:
         with rt.db.begin() as conn:
-            for item_id, _ in items:
-                finish_item(conn, item_id, job_id, status, error=reason)
+            finish_items(conn, [ItemEnd(item_id, job_id, status, error=reason) for item_id, _ in items])
 
     with_backoff(write, rt.settings.retry_seconds, f"marking items {status}")
 

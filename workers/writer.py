@@ -18,18 +18,9 @@ from typing import Callable
 
 import cv2
 import numpy as np
-from sqlalchemy import select
 from sqlalchemy.engine import Engine
 
-from salient_maps.storage.database import (
-    Explanation,
-    Image,
-    ItemEnd,
-    ResultSettings,
-    Shard,
-    finish_items,
-    insert_ignore,
-)
+from salient_maps.storage.database import ItemEnd, finish_items, result_settings_id, store_shard_rows
 from salient_maps.storage.objects import ObjectStore
 from salient_maps.storage.orphan_shards import record_shard
 from salient_maps.storage.overlays import fit_long_side
@@ -110,34 +101,25 @@ class ShardWriter:
         self.db, self.store, self.settings_row, self.clock = db, store, settings_row, clock
         self._settings_id: int | None = None
 
-    def settings_id(self, conn) -> int:
-        if self._settings_id is None:
-            conn.execute(insert_ignore(self.db, ResultSettings.__table__, [self.settings_row]))
-            self._settings_id = conn.execute(
-                select(ResultSettings.id).where(ResultSettings.digest == self.settings_row["digest"])).scalar_one()
-        return self._settings_id
-
     def write(self, batch: EncodedBatch) -> set[int]:
-        """Store the shard, then its rows and the items' ends in one transaction; returns the item ids
-        this call ended (a redone batch ends none twice)."""
+        """Store the shard, then its rows and the items' ends in one transaction (on PostgreSQL two statements:
+        the rows, the ends with the job counters); returns the item ids this call ended (a redone batch ends
+        none twice)."""
         key = shard_key(batch.data)
         with self.clock("database"), self.db.begin() as conn:  # the row first: an object no result names is
             record_shard(conn, key, len(batch.images), len(batch.data))  # found by ``salient gc``
         with self.clock("upload"):
             self.store.put_if_absent(key, lambda: batch.data, "application/octet-stream")
         with self.clock("database"), self.db.begin() as conn:
-            settings_id = self.settings_id(conn)
-            shard_id = conn.execute(insert_ignore(self.db, Shard.__table__, [
-                {"key": key, "images": len(batch.images), "bytes": len(batch.data)}]).returning(Shard.id)).scalar()
-            if shard_id is None:  # these very bytes were stored before (a redone batch)
-                shard_id = conn.execute(select(Shard.id).where(Shard.key == key)).scalar_one()
-            conn.execute(insert_ignore(self.db, Image.__table__, batch.images))
-            conn.execute(insert_ignore(self.db, Explanation.__table__, [
+            settings_id = self._settings_id or result_settings_id(conn, self.settings_row)
+            store_shard_rows(conn, key, batch.images, [
                 {"sha256": r.sha256, "settings_id": settings_id, "method": r.method, "class_id": r.class_id,
-                 "score": r.score, "rank": r.rank, "shard_id": shard_id, "slot": r.slot, "extra": r.extra,
+                 "score": r.score, "rank": r.rank, "slot": r.slot, "extra": r.extra,
                  **{name: getattr(r, name) for name in METRIC_COLUMNS}}
-                for r in batch.rows]))
-            return finish_items(conn, batch.ends)
+                for r in batch.rows])
+            ended = finish_items(conn, batch.ends)
+        self._settings_id = settings_id  # kept once committed: a rolled-back insert leaves no row to point to
+        return ended
 
 
 class BackgroundWriter:
