@@ -118,6 +118,9 @@ class JobRequest(BaseModel):
     clip_upper: float | None = Field(None, ge=0, le=100)
     clip_lower: float | None = Field(None, ge=0, le=100)
     overlay: Literal["original", "grayscale", "mask-black", "none"] | None = None
+    overlays: Literal["none", "store"] | None = Field(
+        None, description="store: the workers also write every map's overlay PNG, one tar per batch beside its "
+                          "shard (overlays/<ab>/<digest>.tar); default none: drawn on demand (GET /jobs/{id}/overlay).")
     batch_size: int = Field(16, ge=1)
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
 

@@ -18,7 +18,8 @@ from .messages import SPEC_DEFAULTS
 METHOD_OPTIONS = ("score", "scorecam_weights", "max_channels", "masked_batch", "smooth", "noise", "steps", "baseline")
 METRIC_OPTIONS = ("metrics", "metric_steps", "metric_baseline")
 OVERLAY_OPTIONS = ("colormap", "alpha", "polarity", "clip_upper", "clip_lower", "overlay")
-SPEC_OPTIONS = (*METHOD_OPTIONS, *METRIC_OPTIONS, *OVERLAY_OPTIONS, "localize")
+SPEC_OPTIONS = (*METHOD_OPTIONS, *METRIC_OPTIONS, *OVERLAY_OPTIONS, "localize", "overlays")
+OVERLAY_FILES = ("none", "store")  # --overlays: drawn on demand only, or also stored (storage/overlay_archives.py)
 
 DEFAULT_MODEL = "efficientnet_lite0"
 LABEL_TARGET = "label"  # the --classes entry naming each image's ground-truth label
@@ -114,6 +115,10 @@ def _output_options() -> list[Callable]:
                      help="Percentile below which attributions count as zero (default 0)."),
         click.option("--overlay", type=click.Choice(["original", "grayscale", "mask-black", "none"]), default=None,
                      help="What the map is drawn on (default original)."),
+        click.option("--overlays", type=click.Choice(OVERLAY_FILES), default=None,
+                     help="store: also write every map's overlay PNG (drawn on the image at SALIENT_OVERLAY_MAX_SIDE), "
+                          "one tar per batch beside its shard under overlays/ (default none: overlays are drawn "
+                          "when asked for: salient show, salient maps --overlays, the report, the API)."),
     ]
 
 

@@ -141,6 +141,11 @@ def _folder_name(uri: str) -> str:
     return re.sub(r"^\.+|[/\\\x00]", "_", name) or "image"
 
 
+def image_folder(uri: str, sha256: str) -> str:
+    """The folder of an image's files: ``<image name>-<sha256[:8]>`` (``export_maps``, stored overlays)."""
+    return f"{_folder_name(uri)}-{sha256[:8]}"
+
+
 def export_maps(settings: Settings, records, out: Path, fmt: str = "npy", size: str = "input",
                 arrays: bool = False, overlays: bool = False, style=None,
                 methods: set[str] | None = None, classes: set[int] | None = None) -> int:
@@ -160,8 +165,7 @@ def export_maps(settings: Settings, records, out: Path, fmt: str = "npy", size: 
         if not record.get("shard") or (methods and record["method"] not in methods) or \
                 (classes and record["class_id"] not in classes):
             continue
-        name = _folder_name(record["uri"])
-        folder = out / f"{name}-{record['sha256'][:8]}" / record["method"]
+        folder = out / image_folder(record["uri"], record["sha256"]) / record["method"]
         folder.mkdir(parents=True, exist_ok=True)
         stem = folder / str(record["class_id"])
         values = {"": reader.map(record, size)}

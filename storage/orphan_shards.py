@@ -4,14 +4,17 @@ A worker killed between a shard's upload and the commit of its rows (or one whos
 peer that stored the same results first) leaves an object that no row points into. ``record_shard`` gives
 every shard its ``shards`` row *before* the upload, so every object in the store has a row; ``collect`` then
 finds the rows no explanation names that are older than ``grace`` seconds and deletes each with its object.
-``collect(listing=True)`` also walks the store's ``shards/`` objects for ones with no row at all (written by
-a salient from before rows came first), by the object's own age.
+``collect(listing=True)`` also walks the store's ``shards/`` (and ``overlays/``) objects for ones whose shard has no
+row at all (written by a salient from before rows came first), by the object's own age. A shard's stored
+overlays (``--overlays store``) go with it.
 
 Safety: a shard's row is refreshed (``created_at``) every time a batch is about to upload it, so a shard
 being written is never older than the grace unless its writer stalled for longer, far past the queue's
 visibility timeout and the storage retry budget, by when its work has been redone. The row is deleted
 (only while still unnamed) in the same transaction as its object, so a failed object delete leaves the row
-for the next round, and a writer committing rows into the shard meanwhile keeps it (foreign key).
+for the next round, and a writer committing rows into the shard meanwhile keeps it (foreign key). A writer
+that stalled past the grace finds its row gone: its rows name the shard by key (``store_shard_rows``), so
+they get no shard id and fail, and the batch is done again.
 
 In: a database engine and the object store. Out: the keys deleted (or that would be, in a dry run).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from datetime import timedelta
+from itertools import chain, islice
 
 from sqlalchemy import delete, exists, select
 from sqlalchemy.dialects import postgresql, sqlite
@@ -28,8 +32,8 @@ from sqlalchemy.exc import IntegrityError
 
 from .database import Explanation, Shard, utcnow
 from .objects import ObjectStore
+from .overlay_archives import OVERLAYS, SHARDS, archive_key, shard_of_archive
 
-SHARD_PREFIX = "shards/"
 PAGE = 1000
 
 
@@ -73,6 +77,7 @@ def collect(db: Engine, store: ObjectStore, grace: float, dry_run: bool = False,
                     gone = conn.execute(delete(Shard).where(Shard.id == shard_id, _unnamed(cutoff))).rowcount
                     if gone:
                         store.delete(key)
+                        store.delete(archive_key(key))  # its stored overlays, if the job asked for them
             except IntegrityError:  # rows naming it were committed meanwhile: it is no orphan
                 continue
             if gone:
@@ -86,16 +91,18 @@ def collect(db: Engine, store: ObjectStore, grace: float, dry_run: bool = False,
 
 
 def _collect_unrecorded(db: Engine, store: ObjectStore, cutoff, dry_run: bool) -> list[str]:
+    """Shards, and overlay archives, whose shard has no row."""
     deleted: list[str] = []
-    objects = store.list(SHARD_PREFIX)
+    objects = chain(((key, key, modified) for key, modified in store.list(SHARDS)),
+                    ((key, shard_of_archive(key), modified) for key, modified in store.list(OVERLAYS)))
     while True:
-        page = [(key, modified) for key, modified in (next(objects, (None, None)) for _ in range(PAGE)) if key]
+        page = list(islice(objects, PAGE))
         if not page:
             return deleted
         with db.connect() as conn:
-            recorded = set(conn.execute(select(Shard.key).where(Shard.key.in_([k for k, _ in page]))).scalars())
-        for key, modified in page:
-            if key not in recorded and modified < cutoff:
+            recorded = set(conn.execute(select(Shard.key).where(Shard.key.in_([s for _, s, _ in page]))).scalars())
+        for key, shard, modified in page:
+            if shard not in recorded and modified < cutoff:
                 if not dry_run:
                     store.delete(key)
                 deleted.append(key)

@@ -14,6 +14,7 @@ from salient_maps.storage.database import Shard, connect, utcnow
 from salient_maps.storage.maps import MapReader
 from salient_maps.storage.objects import open_store
 from salient_maps.storage.orphan_shards import collect, record_shard
+from salient_maps.storage.overlay_archives import archive_key
 from salient_maps.storage.results import iter_results
 from salient_maps.storage.settings import Settings
 from salient_maps.storage.shards import FORMAT, encode, shard_key
@@ -60,7 +61,10 @@ def test_gc_deletes_orphans_past_the_grace_only_and_named_shards_stay(job, run_c
     assert len(named) == 2 and shard_objects(job) == named  # two batches, every object has its row
     old, young = an_orphan(job, "old", timedelta(hours=2)), an_orphan(job, "young", timedelta(seconds=5))
     legacy = "shards/00/" + "0" * 64 + ".safetensors"  # an object with no row at all
-    open_store(job.resolved_object_store_url).put(legacy, b"x", "application/octet-stream")
+    store = open_store(job.resolved_object_store_url)
+    store.put(legacy, b"x", "application/octet-stream")
+    store.put(archive_key(old), b"tar", "application/x-tar")  # --overlays store: its archive goes with it
+    store.put(archive_key(legacy), b"tar", "application/x-tar")
 
     dry = json.loads(run_cli(["gc", "--data", job.data_dir, "--grace", "3600", "--dry-run", "--listing",
                               "--json"]).output)
@@ -69,12 +73,13 @@ def test_gc_deletes_orphans_past_the_grace_only_and_named_shards_stay(job, run_c
 
     assert "deleted: 1 shards" in run_cli(["gc", "--data", job.data_dir, "--grace", "3600"]).output
     assert shard_objects(job) == named | {young, legacy}
+    assert [key for key, _ in store.list("overlays/")] == [archive_key(legacy)]
     with db.connect() as conn:
         assert set(conn.execute(select(Shard.key)).scalars()) == named | {young}
 
     gone = json.loads(run_cli(["gc", "--data", job.data_dir, "--grace", "0", "--listing", "--json"]).output)
-    assert (gone["shards"], gone["unrecorded"]) == ([young], [legacy])
-    assert shard_objects(job) == named
+    assert (gone["shards"], gone["unrecorded"]) == ([young], [legacy, archive_key(legacy)])
+    assert shard_objects(job) == named and not list(store.list("overlays/"))
     reader = MapReader.for_settings(job)
     assert all(reader.map(r).shape == (224, 224) for r in iter_results(job, None))
     assert run_cli(["gc", "--data", job.data_dir, "--grace", "0", "--listing"]).output.startswith(

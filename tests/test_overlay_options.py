@@ -91,3 +91,59 @@ def test_styles_are_stored_with_the_result_and_never_collide(tiny_images, run_cl
     np.testing.assert_array_equal(reader.map(a), reader.map(b))  # the same map
     drawn = [decode(reader.overlay_png(r, OverlayStyle(**style))) for r, style in zip((a, b), styles)]
     assert drawn[0].shape == drawn[1].shape and not np.array_equal(*drawn)  # drawn on demand, each in its style
+
+
+def test_overlays_store_writes_one_tar_per_batch_with_what_salient_show_draws(tiny_images, run_cli, tmp_path,
+                                                                             monkeypatch):
+    import io
+    import tarfile
+
+    from salient_maps.storage.maps import image_folder, picture_of
+    from salient_maps.storage.overlay_archives import archive_key
+
+    monkeypatch.setenv("SALIENT_OVERLAY_MAX_SIDE", "256")  # the 300×400 pictures are drawn at 192×256
+    images = tiny_images(3, size=(300, 400))  # PNG, JPEG, WebP
+    out, plain = tmp_path / "stored", tmp_path / "plain"
+    common = [images, "--model", "resnet18", "--methods", "gradcam,saliency", "--topk", "2", "--batch-size", "2",
+              "--colormap", "viridis"]
+    run_cli(["run", *common, "--out", plain])
+    assert {p.relative_to(plain / "objects").parts[0] for p in (plain / "objects").rglob("*") if p.is_file()} == \
+        {"shards"}  # by default no overlay files
+    run_cli(["run", *common, "--overlays", "store", "--out", out])
+    settings = Settings().with_data_dir(out)
+    records = list(iter_results(settings, None))
+    assert len(records) == 3 * 2 * 2
+    shards = {r["shard"] for r in records}
+    stored = {p.relative_to(out / "objects").as_posix() for p in (out / "objects" / "overlays").rglob("*.tar")}
+    assert len(shards) == 2 and stored == {archive_key(s) for s in shards}  # one archive per batch
+    members = {}
+    for key in stored:
+        with tarfile.open(out / "objects" / key) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    assert set(members) == {f"{image_folder(r['uri'], r['sha256'])}/{r['method']}/{r['class_id']}.png"
+                            for r in records}
+    reader = MapReader.for_settings(settings)
+    style = OverlayStyle(colormap="viridis")
+    for r in records:
+        png = members[f"{image_folder(r['uri'], r['sha256'])}/{r['method']}/{r['class_id']}.png"]
+        assert decode(png).shape == (192, 256, 3)
+        assert png == reader.overlay_png(r, style, picture_of(r, settings, 256, local_files=True)), r["uri"]
+    r = records[-1]
+    shown = tmp_path / "shown.png"
+    run_cli(["show", r["sha256"], "--method", r["method"], "--class", str(r["class_id"]), "--out", shown,
+             "--data", out])
+    assert shown.read_bytes() == members[f"{image_folder(r['uri'], r['sha256'])}/{r['method']}/{r['class_id']}.png"]
+    with tarfile.open(fileobj=io.BytesIO((out / "objects" / archive_key(r["shard"])).read_bytes())) as tar:
+        assert all(m.isfile() and m.mtime == 0 for m in tar.getmembers())  # same batch, same bytes
+
+
+def test_overlays_store_is_a_spec_option_the_workers_check():
+    from salient_maps.storage.job_options import job_spec
+    from salient_maps.workers.explainers import SpecError, load_setup
+
+    spec = job_spec(model="resnet18", methods="gradcam", overlays="store")
+    assert spec["options"] == {"overlays": "store"}
+    assert load_setup(spec, Settings(), "cpu").store_overlays
+    assert not load_setup(job_spec(model="resnet18", methods="gradcam"), Settings(), "cpu").store_overlays
+    with pytest.raises(SpecError, match="overlays must be one of none, store"):
+        load_setup(job_spec(model="resnet18", methods="gradcam", overlays="files"), Settings(), "cpu")

@@ -16,7 +16,7 @@ from urllib.parse import urlparse
 
 from sqlalchemy.engine import Engine
 
-from salient_maps.storage.job_options import METHOD_OPTIONS, OVERLAY_OPTIONS, SPEC_OPTIONS
+from salient_maps.storage.job_options import METHOD_OPTIONS, OVERLAY_FILES, OVERLAY_OPTIONS, SPEC_OPTIONS
 from salient_maps.storage.objects import ObjectStore
 from salient_maps.storage.overlays import OverlayStyle
 from salient_maps.storage.settings import Settings
@@ -75,10 +75,12 @@ class Setup:
     metrics: Faithfulness | None
     overlay_style: OverlayStyle
     localize: bool
+    store_overlays: bool = False  # --overlays store
 
     def processor(self, settings: Settings, db: Engine, store: ObjectStore) -> ItemProcessor:
         return ItemProcessor(settings, db, store, self.explainer, batch_size=self.batch_size, metrics=self.metrics,
-                             overlay_style=self.overlay_style, localize=self.localize)
+                             overlay_style=self.overlay_style, localize=self.localize,
+                             store_overlays=self.store_overlays)
 
 
 def load_setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
@@ -93,10 +95,13 @@ def load_setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
 
     options = dict(spec.get("options") or {})
     localize = bool(options.pop("localize", False))
+    overlays = options.pop("overlays", None) or "none"
     try:
         unknown = set(options) - set(SPEC_OPTIONS)
         if unknown:
             raise SpecError(f"unknown options {sorted(unknown)}")
+        if overlays not in OVERLAY_FILES:
+            raise SpecError(f"overlays must be one of {', '.join(OVERLAY_FILES)}, not {overlays!r}")
         metrics, overlay_style = _output_settings(options)
         methods = build_methods(spec["methods"], {k: v for k, v in options.items() if k in METHOD_OPTIONS})
         expected = spec.get("weights_sha256")
@@ -126,7 +131,7 @@ def load_setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
     except (ModelError, MethodError, SourceError, factories.FactoryError, FileNotFoundError, TypeError,
             ValueError) as exc:
         raise SpecError(str(exc)) from None
-    return Setup(explainer, spec["batch_size"], metrics, overlay_style, localize)
+    return Setup(explainer, spec["batch_size"], metrics, overlay_style, localize, overlays == "store")
 
 
 def build_processor(spec: dict[str, Any], settings: Settings, db: Engine, store: ObjectStore,

@@ -27,11 +27,12 @@ from sqlalchemy.engine import Engine
 
 from salient_maps.storage.database import Item, ItemEnd, Job, explained_among, finish_items
 from salient_maps.storage.objects import ObjectStore
-from salient_maps.storage.overlays import OverlayStyle
+from salient_maps.storage.overlay_archives import overlay_archive
+from salient_maps.storage.overlays import OverlayStyle, fit_long_side
 from salient_maps.storage.settings import Settings
 from salient_maps.storage.shards import FORMAT as SHARD_FORMAT
 from salient_maps.storage.shards import encode as encode_shard
-from salient_maps.storage.shards import localization_mask_name
+from salient_maps.storage.shards import localization_mask_name, shard_key
 from salient_maps.storage.sources import SourceError, read_uri
 
 from .engine import BatchResult, Explainer
@@ -127,7 +128,8 @@ class StageClock:
 
 
 def settings_digest(explainer: Explainer, metrics: Faithfulness | None = None,
-                    overlay_style: OverlayStyle | None = None, localize: bool = False) -> str:
+                    overlay_style: OverlayStyle | None = None, localize: bool = False,
+                    store_overlays: bool = False) -> str:
     """Identity of everything that changes a result; a rerun with the same digest is skipped."""
     spec = {
         "model": explainer.model.tag,
@@ -147,13 +149,15 @@ def settings_digest(explainer: Explainer, metrics: Faithfulness | None = None,
         spec["overlay"] = overlay_style.params()
     if localize:
         spec["localization"] = LOCALIZATION_PARAMS
+    if store_overlays:  # a rerun that asks for overlay files must not skip the images explained without them
+        spec["overlays"] = "store"
     return hashlib.sha256(json.dumps(spec, sort_keys=True).encode()).hexdigest()
 
 
 class ItemProcessor:
     def __init__(self, settings: Settings, db: Engine, store: ObjectStore, explainer: Explainer, batch_size: int = 16,
                  metrics: Faithfulness | None = None, overlay_style: OverlayStyle = OverlayStyle(),
-                 localize: bool = False):
+                 localize: bool = False, store_overlays: bool = False):
         self.settings = settings
         self.db = db
         self.store = store
@@ -162,10 +166,12 @@ class ItemProcessor:
         self.metrics = metrics
         self.overlay_style = overlay_style
         self.localize = localize
-        self.digest = settings_digest(explainer, metrics, overlay_style, localize)
+        self.store_overlays = store_overlays
+        self.digest = settings_digest(explainer, metrics, overlay_style, localize, store_overlays)
         # The long side the host picture must keep (None: the full image): it becomes the shard's thumbnail
         # (overlays are rendered on read), and localisation boxes come from the picture, so these need it whole.
-        self.picture_side: int | None = None if localize else THUMBNAIL_SIDE
+        # Stored overlays are drawn on the whole picture fit to ``overlay_max_side``, as ``salient show`` draws.
+        self.picture_side: int | None = None if localize or store_overlays else THUMBNAIL_SIDE
         # CPU seconds by stage: read, decode, preprocess (input side), encode, upload, database (output side)
         self.cpu_seconds = StageClock()
         self.class_names = ClassNames(explainer.model.class_names)
@@ -467,7 +473,18 @@ class ItemProcessor:
                             p.seconds + (e.per_image if first[p.sha256] is p else 0.0), p.label, top1[p.sha256])
                     for p in e.items]
             images = [{"sha256": p.sha256, "width": p.width, "height": p.height} for p in e.unique]
-        return EncodedBatch(data, images, rows, ends)
+        overlays = self._overlay_archive(e, data, rows) if self.store_overlays else None
+        return EncodedBatch(data, images, rows, ends, overlays=overlays)
+
+    def _overlay_archive(self, e: Explained, data: bytes, rows: list[Row]) -> bytes:
+        """--overlays store: the tar of the batch's overlays (storage/overlay_archives.py), drawn from the shard
+        as the reader draws them, on each picture at ``overlay_max_side``."""
+        with self.cpu_seconds("overlays"):
+            first = {p.sha256: p for p in e.unique}
+            records = [{"shard": shard_key(data), "slot": r.slot, "method": r.method, "class_id": r.class_id,
+                        "sha256": r.sha256, "uri": first[r.sha256].item.uri} for r in rows]
+            pictures = {sha: fit_long_side(p.rgb, self.settings.overlay_max_side) for sha, p in first.items()}
+            return overlay_archive(shard_key(data), data, records, pictures, self.overlay_style)
 
     def _ground_truth(self, p: Prepared, input_size: tuple[int, int]) -> GroundTruth:
         """The image's boxes and mask in the frame of the model's input: salient resizes the whole image to the

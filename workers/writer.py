@@ -23,6 +23,7 @@ from sqlalchemy.engine import Engine
 from salient_maps.storage.database import ItemEnd, finish_items, result_settings_id, store_shard_rows
 from salient_maps.storage.objects import ObjectStore
 from salient_maps.storage.orphan_shards import record_shard
+from salient_maps.storage.overlay_archives import archive_key
 from salient_maps.storage.overlays import fit_long_side
 from salient_maps.storage.shards import RENDERINGS, shard_key
 
@@ -57,6 +58,7 @@ class EncodedBatch:
     images: list[dict]  # rows for the images table
     rows: list[Row]
     ends: list[ItemEnd]  # every item of the batch that ends done with it (copies of one picture included)
+    overlays: bytes | None = None  # --overlays store: the batch's overlay PNGs in one tar (storage/overlay_archives.py)
 
 
 def thumbnail_jpeg(rgb: np.ndarray) -> np.ndarray:
@@ -110,6 +112,8 @@ class ShardWriter:
             record_shard(conn, key, len(batch.images), len(batch.data))  # found by ``salient gc``
         with self.clock("upload"):
             self.store.put_if_absent(key, lambda: batch.data, "application/octet-stream")
+            if (overlays := batch.overlays) is not None:  # before the rows: a record's archive exists once it does
+                self.store.put_if_absent(archive_key(key), lambda: overlays, "application/x-tar")
         with self.clock("database"), self.db.begin() as conn:
             settings_id = self._settings_id or result_settings_id(conn, self.settings_row)
             store_shard_rows(conn, key, batch.images, [
