@@ -13,7 +13,17 @@ from typing import IO, Iterator, Protocol
 from sqlalchemy import and_, select
 from sqlalchemy.engine import Engine
 
-from salient_maps.storage.database import Explanation, Item, Job, ResultSettings, Shard, connect, legacy_explanations
+from salient_maps.storage.database import (
+    Explanation,
+    Item,
+    ItemMetrics,
+    Job,
+    ResultSettings,
+    Shard,
+    connect,
+    legacy_explanations,
+)
+from salient_maps.storage.ground_truth import OWN_METRICS, own_metric
 from salient_maps.storage.settings import Settings
 from salient_maps.storage.shards import localization_mask_name
 
@@ -65,14 +75,16 @@ def job_records(conn, job, item_range: tuple[int, int] | None = None):
         select(Item.id, Item.uri, Item.sha256, Item.status, Item.error, Item.seconds, Item.truth,
                Item.label.label("label_id"), Item.predicted, Explanation.method,
                Explanation.class_id, Explanation.score, Explanation.rank, Explanation.slot, Explanation.extra,
-               Explanation.border_energy, Explanation.energy_in_box, Explanation.pointing_game,
-               Explanation.localization_iou, Shard.key.label("shard"))
+               Explanation.border_energy, *(own_metric(name).label(name) for name in OWN_METRICS),
+               Shard.key.label("shard"))
         .outerjoin(Explanation, and_(
             Explanation.sha256 == Item.sha256,
             Explanation.settings_id == settings_id,
             Item.status.in_(("done", "skipped")),
         ))
         .outerjoin(Shard, Shard.id == Explanation.shard_id)
+        .outerjoin(ItemMetrics, and_(ItemMetrics.item_id == Item.id, ItemMetrics.method == Explanation.method,
+                                     ItemMetrics.class_id == Explanation.class_id))
         .where(Item.job_id == job.id)
         .order_by(Item.id, Explanation.method, Explanation.rank)
     )

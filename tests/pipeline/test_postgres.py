@@ -165,7 +165,7 @@ def test_audit_and_compare_summaries_run_on_postgres(pipeline):
     import numpy as np
 
     from salient_maps.storage.audits import audit_job, suspects
-    from salient_maps.storage.database import Explanation, ItemEnd, ResultSettings, Shard, finish_items
+    from salient_maps.storage.database import Explanation, ItemEnd, ItemMetrics, ResultSettings, Shard, finish_items
     from salient_maps.storage.run_comparison import compare_jobs
     from salient_maps.storage.sources import Entry
 
@@ -200,6 +200,16 @@ def test_audit_and_compare_summaries_run_on_postgres(pipeline):
         (row,) = summary.classes
         assert row["explanations"] == 3 and abs(row["energy_in_box"] - 1.6 / 3) < 1e-9
         assert [r["sha256"] for r in suspects(conn, jobs[0], "energy_in_box")] == ["s1", "s0"]  # s2 is wrong
+    with db.begin() as conn:  # s1's item measured against its own boxes (storage/ground_truth.py)
+        s1_item = conn.execute(select(Item.id).where(Item.job_id == jobs[0], Item.sha256 == "s1")).scalar()
+        conn.execute(ItemMetrics.__table__.insert().values(item_id=s1_item, method="gradcam", class_id=1,
+                                                           energy_in_box=0.95, pointing_game=1))
+    with db.connect() as conn:
+        (row,) = audit_job(conn, jobs[0]).classes
+        assert abs(row["energy_in_box"] - 2.35 / 3) < 1e-9
+        assert [(r["sha256"], r["energy_in_box"]) for r in suspects(conn, jobs[0], "energy_in_box")] == \
+            [("s0", 0.9), ("s1", 0.95)]
+        assert [r["sha256"] for r in suspects(conn, jobs[1], "energy_in_box")] == ["s1", "s0"]  # job 1: the rows'
 
         class Maps:  # the slot's own map: job 0's slots 0-2, job 1's 3-5, job 1's image s1 moved
             def map(self, record):
