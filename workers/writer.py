@@ -13,14 +13,21 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import cv2
 import numpy as np
 from sqlalchemy.engine import Engine
 
-from salient_maps.storage.database import ItemEnd, finish_items, result_settings_id, store_shard_rows
+from salient_maps.storage.database import (
+    ItemEnd,
+    ItemMetrics,
+    finish_items,
+    insert_ignore,
+    result_settings_id,
+    store_shard_rows,
+)
 from salient_maps.storage.objects import ObjectStore
 from salient_maps.storage.orphan_shards import record_shard
 from salient_maps.storage.overlay_archives import archive_key
@@ -47,6 +54,7 @@ class Row:
     energy_in_box: float | None = None
     pointing_game: int | None = None
     localization_iou: float | None = None
+    truth_digest: int | None = None  # the boxes and mask those were measured against (storage/ground_truth.py)
 
 
 METRIC_COLUMNS = ("border_energy", "energy_in_box", "pointing_game", "localization_iou")
@@ -58,6 +66,8 @@ class EncodedBatch:
     images: list[dict]  # rows for the images table
     rows: list[Row]
     ends: list[ItemEnd]  # every item of the batch that ends done with it (copies of one picture included)
+    # copies of a picture with other boxes or mask than the one explained: their own metrics (workers/reused_truth.py)
+    item_metrics: list[dict] = field(default_factory=list)
     overlays: bytes | None = None  # --overlays store: the batch's overlay PNGs in one tar (storage/overlay_archives.py)
 
 
@@ -119,8 +129,10 @@ class ShardWriter:
             store_shard_rows(conn, key, batch.images, [
                 {"sha256": r.sha256, "settings_id": settings_id, "method": r.method, "class_id": r.class_id,
                  "score": r.score, "rank": r.rank, "slot": r.slot, "extra": r.extra,
-                 **{name: getattr(r, name) for name in METRIC_COLUMNS}}
+                 "truth_digest": r.truth_digest, **{name: getattr(r, name) for name in METRIC_COLUMNS}}
                 for r in batch.rows])
+            if batch.item_metrics:
+                conn.execute(insert_ignore(self.db, ItemMetrics.__table__, batch.item_metrics))
             ended = finish_items(conn, batch.ends)
         self._settings_id = settings_id  # kept once committed: a rolled-back insert leaves no row to point to
         return ended
