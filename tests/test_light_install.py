@@ -56,6 +56,8 @@ def imported_after(statement: str, tmp_path: Path) -> tuple[str, list[str]]:
     # the group's help lists the heavy commands from a table, without loading them
     ("from salient_maps.producer.cli import main; main(['--help'], prog_name='salient')", "Explain images in-process"),
     ("from salient_maps.producer.cli import main; main(['results', '--help'], prog_name='salient')", "--format [jsonl|csv]"),
+    ("from salient_maps.producer.cli import main; main(['gc', '--data', '.', '--dry-run'], prog_name='salient')",
+     "would delete: 0 shards"),
 ])
 def test_light_commands_do_not_import_torch_or_workers(statement, shown, tmp_path):
     output, heavy = imported_after(statement, tmp_path)
