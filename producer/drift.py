@@ -20,7 +20,7 @@ from sqlalchemy.engine import Engine
 
 from salient_maps.storage.database import Schedule
 from salient_maps.storage.maps import MapReader
-from salient_maps.storage.run_comparison import compare_jobs
+from salient_maps.storage.run_comparison import comparison_summary
 from salient_maps.storage.settings import Settings
 
 from .jobs import get_job
@@ -77,7 +77,7 @@ def check_drift(db: Engine, settings: Settings, reader: MapReader | None = None)
             try:
                 reader = reader or MapReader.for_settings(settings)
                 with db.connect() as conn:
-                    summary = compare_jobs(conn, reader, schedule.baseline_job_id, job.id).summary()
+                    summary = comparison_summary(conn, reader, schedule.baseline_job_id, job.id)
             except Exception as exc:  # the store may be down: the next tick tries again
                 log.error("schedule %s: comparing job %s with %s failed: %s: %s", schedule.id, job.id,
                           schedule.baseline_job_id, type(exc).__name__, exc)
