@@ -139,7 +139,9 @@ class Explanation(Base):
     model, layer, parameters and class names are its settings' (``ResultSettings``)."""
 
     __tablename__ = "explanations"
-    __table_args__ = (UniqueConstraint("sha256", "settings_id", "method", "class_id"),)
+    # by shard: ``salient gc`` finds the shards no row names, and a shard row's delete checks its foreign key
+    __table_args__ = (UniqueConstraint("sha256", "settings_id", "method", "class_id"),
+                      Index("ix_explanations_shard_id", "shard_id"))
     id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
     sha256: Mapped[str] = mapped_column(ForeignKey("images.sha256"))
     settings_id: Mapped[int] = mapped_column(ForeignKey("result_settings.id"))
@@ -227,7 +229,7 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 # The newest revision in storage/migrations/versions; a new database is built from the models and
 # stamped with it (tests/test_migrations.py checks that the migrations build the same schema).
-SCHEMA_REVISION = "0008"
+SCHEMA_REVISION = "0009"
 _SCHEMA_LOCK_ID = 0x5A11E47  # PostgreSQL advisory lock: one process at a time creates or migrates
 _alembic_version = Table("alembic_version", MetaData(), Column("version_num", String(32), primary_key=True))
 

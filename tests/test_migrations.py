@@ -99,3 +99,13 @@ def test_settings_records_gain_layout_and_preprocessing_empty_for_old_ones(tmp_p
     with engine.begin() as conn:  # and back: 0006 has neither column
         command.downgrade(alembic_config(conn), "0006")
         assert "layout" not in {c["name"] for c in sa.inspect(conn).get_columns("result_settings")}
+
+
+def test_explanations_are_indexed_by_shard_and_back(tmp_path):
+    engine = connect(f"sqlite:///{tmp_path / 'salient.db'}")  # built at the newest revision
+    with engine.begin() as conn:
+        assert "ix_explanations_shard_id" in {i["name"] for i in sa.inspect(conn).get_indexes("explanations")}
+        command.downgrade(alembic_config(conn), "0008")
+        assert "ix_explanations_shard_id" not in {i["name"] for i in sa.inspect(conn).get_indexes("explanations")}
+        command.upgrade(alembic_config(conn), "0009")
+        assert "ix_explanations_shard_id" in {i["name"] for i in sa.inspect(conn).get_indexes("explanations")}
