@@ -341,9 +341,9 @@ def test_no_request_from_the_schema_gets_a_server_error(pipeline, mode):
     schema = schemathesis.openapi.from_asgi("/openapi.json", create_app(Settings(api_tokens=TOKEN)))
     operations = sorted((result.ok() for result in schema.get_all_operations()), key=lambda op: op.method == "delete")
     assert sorted(op.label for op in operations) == [
-        "DELETE /jobs/{job_id}", "GET /jobs/{job_id}", "GET /jobs/{job_id}/errors", "GET /jobs/{job_id}/map",
-        "GET /jobs/{job_id}/localization_mask", "GET /jobs/{job_id}/overlay", "GET /jobs/{job_id}/results",
-        "POST /jobs"]
+        "DELETE /jobs/{job_id}", "GET /jobs/{job_id}", "GET /jobs/{job_id}/errors",
+        "GET /jobs/{job_id}/localization_mask", "GET /jobs/{job_id}/map", "GET /jobs/{job_id}/overlay",
+        "GET /jobs/{job_id}/results", "POST /jobs"]
     checks = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
     generation = schemathesis.GenerationMode(mode)
     for operation in operations:

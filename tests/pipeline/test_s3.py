@@ -32,6 +32,24 @@ def test_put_get_exists_under_a_prefix_with_content_type(pipeline):
         store.put("../escape.png", b"x", "image/png")
 
 
+def test_list_and_delete_under_a_prefix(pipeline):
+    """What ``salient gc`` uses: keys under the store's prefix with their times; deleting twice is no error."""
+    from salient_maps.storage.database import utcnow
+
+    store = open_store(f"s3://{pipeline.bucket}/some/prefix", Settings())
+    for key in ("shards/ab/1.safetensors", "shards/cd/2.safetensors", "overlays/ab/1.tar"):
+        store.put(key, b"x", "application/octet-stream")
+    pipeline.s3.put_object(Bucket=pipeline.bucket, Key="elsewhere/shards/3.safetensors", Body=b"x")
+    listed = list(store.list("shards/"))
+    assert sorted(key for key, _ in listed) == ["shards/ab/1.safetensors", "shards/cd/2.safetensors"]
+    assert all(modified.tzinfo is not None and modified <= utcnow() for _, modified in listed)  # comparable, UTC
+    store.delete("shards/ab/1.safetensors")
+    store.delete("shards/ab/1.safetensors")
+    assert not store.exists("shards/ab/1.safetensors") and store.exists("shards/cd/2.safetensors")
+    assert sorted(pipeline.bucket_keys()) == ["elsewhere/shards/3.safetensors", "some/prefix/overlays/ab/1.tar",
+                                              "some/prefix/shards/cd/2.safetensors"]
+
+
 def test_large_objects_go_up_in_parts(pipeline):
     settings = Settings(s3_multipart_threshold=5 * 1024 * 1024)
     store = open_store(f"s3://{pipeline.bucket}", settings)
