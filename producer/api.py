@@ -93,6 +93,12 @@ class JobRequest(BaseModel):
         None, description="Input normalisation mean [R, G, B] (default: the model's own).")
     std: RGB[Annotated[float, Field(gt=0, allow_inf_nan=False)]] | None = Field(
         None, description="Input normalisation std [R, G, B] (default: the model's own).")
+    crop: Literal["whole", "center", "squash"] | None = Field(
+        None, description="whole image, or a centre crop after resizing the short side (center) or both sides "
+                          "(squash) to resize (default: the model's own eval transform; whole without metadata).")
+    resize: int | None = Field(None, ge=16, le=8192, description="Side before a center or squash crop.")
+    interpolation: Literal["area", "bilinear", "bicubic"] | None = Field(
+        None, description="Resize filter (default: the model's own; area without metadata).")
     methods: MethodList | Annotated[list[MethodName], Field(min_length=1)] = Field(
         "gradcam,saliency", description="Comma-separated or a list; 'all' for every method.")
     topk: int = Field(3, ge=1, le=1000)

@@ -97,7 +97,10 @@ def show(image, job_id, method, class_id, out, thumbnail, data_dir):
         if out is None:
             heat = reader.map(record, "layer")
             click.echo(f"{record['uri']} {record['method']} class {record['class_id']} ({record['class_name']}, "
-                       f"score {record['score']:.3f}); map {heat.shape[0]}×{heat.shape[1]} as computed:")
+                       f"score {record['score']:.3f}); map {heat.shape[0]}×{heat.shape[1]} as computed" +
+                       ("" if record.get("input_box") in (None, [0.0, 0.0, 1.0, 1.0]) else
+                        ", over the model's crop x0,y0,x1,y1 = " +
+                        ",".join(f"{v:.3f}" for v in record["input_box"]) + " of the image") + ":")
             if heat.size <= 32 * 32:
                 click.echo("\n".join(" ".join(f"{v:.2f}" for v in row) for row in heat))
             else:

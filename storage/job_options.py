@@ -12,6 +12,7 @@ from typing import Any, Callable, Iterable, TypeVar
 
 import click
 
+from .input_crop import CROP_MODES, INTERPOLATIONS
 from .messages import SPEC_DEFAULTS
 
 # Keys of a spec's ``options``: what each group configures (see workers/explainers.py).
@@ -135,6 +136,17 @@ def job_options(*, local: bool) -> Callable[[Command], Command]:
                      help="Model input side in pixels (default: the model's own, from its metadata)."),
         click.option("--mean", default=None, help="Input normalisation mean R,G,B (default: the model's own)."),
         click.option("--std", default=None, help="Input normalisation std R,G,B (default: the model's own)."),
+        click.option("--crop", type=click.Choice(CROP_MODES), default=None,
+                     help="whole: the whole image to the input size; center: the short side to --resize, then a "
+                          "centre crop; squash: both sides to --resize, then the crop (default: the model's own "
+                          "eval transform, e.g. torchvision's resize 256 + crop 224; whole without metadata)."),
+        click.option("--resize", type=click.IntRange(16, 8192), default=None,
+                     help="Side before a center or squash crop (default: the model's own, or the input size / "
+                          "0.875; alone it asks for a center crop)."),
+        click.option("--interpolation", type=click.Choice(INTERPOLATIONS), default=None,
+                     help="Resize filter: area (area-averaged down, bilinear up) or the antialiased bilinear or "
+                          "bicubic of torchvision's and timm's transforms (default: the model's own; area without "
+                          "metadata)."),
         click.option("--methods", default=DEFAULT_METHODS, show_default=True,
                      help="Comma-separated explanation methods, or 'all'."),
         click.option("--topk", type=click.IntRange(1, 1000), default=3, show_default=True,
@@ -161,16 +173,20 @@ def job_spec(*, model: str = DEFAULT_MODEL, weights: str | Path | None = None, l
              layer: str | None = None, methods: str | list[str] = DEFAULT_METHODS, topk: int = 3,
              classes: str | Iterable[int | str] | None = None, precision: str = "fp32", batch_size: int = 16,
              input_size: int | None = None, mean: str | Iterable[float] | None = None,
-             std: str | Iterable[float] | None = None, with_label: bool = False, **options: Any) -> dict[str, Any]:
+             std: str | Iterable[float] | None = None, crop: str | None = None, resize: int | None = None,
+             interpolation: str | None = None, with_label: bool = False, **options: Any) -> dict[str, Any]:
     """The spec of a job's messages from ``job_options`` values, as given: ``weights`` and ``labels``
     are kept as written (``producer.submit.build_spec`` makes them readable by the workers first).
     ``options`` are the spec's options by name (``SPEC_OPTIONS``); None and False mean "not set".
     ``classes``: ids or names ("281,tabby"), resolved against the model's class names when it loads.
-    ``input_size``, ``mean``, ``std`` ("0.5,0.5,0.5" or three numbers): overrides of the model's preprocessing.
+    ``input_size``, ``mean``, ``std`` ("0.5,0.5,0.5" or three numbers), ``crop``, ``resize``, ``interpolation``:
+    overrides of the model's preprocessing.
     The class entry ``label`` and ``with_label`` explain each image's ground-truth label (``targets.label``)."""
     preprocessing: dict[str, Any] = {} if input_size is None else {"input_size": input_size}
     preprocessing.update({key: _numbers(key, value) for key, value in (("mean", mean), ("std", std))
                           if value is not None})
+    preprocessing.update({key: value for key, value in (("crop", crop), ("resize", resize),
+                                                        ("interpolation", interpolation)) if value is not None})
     if isinstance(methods, str):
         methods = [m.strip() for m in methods.split(",") if m.strip()]
     if isinstance(classes, str):

@@ -74,8 +74,9 @@ class MapReader:
         return png
 
     def overlay_png(self, record: Mapping, style=None, picture: np.ndarray | None = None) -> bytes:
-        """The record's overlay as PNG bytes, drawn now onto ``picture`` (H×W×3 RGB; default the thumbnail)
-        with ``style`` (``storage.overlays.OverlayStyle``; default the plain one). Needs OpenCV."""
+        """The record's overlay as PNG bytes, drawn now onto ``picture`` (H×W×3 RGB, the whole image at any
+        size; default the thumbnail) with ``style`` (``storage.overlays.OverlayStyle``; default the plain one),
+        the map on the record's ``input_box`` (a centre crop's margin left blank). Needs OpenCV."""
         import cv2
 
         from .overlays import OverlayStyle, overlay_png
@@ -87,7 +88,8 @@ class MapReader:
         values = shard.signed(record["method"], record["slot"]) if style.polarity is not None else None
         if values is None:  # at the layer's size: overlay_png resizes it to the picture in one step
             values = shard.map(record["method"], record["slot"], "layer")
-        return overlay_png(picture, values, style)
+        box = record.get("input_box")
+        return overlay_png(picture, values, style, tuple(box) if box else None)
 
 
     def _thumbnail_rgb(self, record: Mapping, shard: Shard, cv2) -> np.ndarray:

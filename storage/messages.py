@@ -11,6 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from .input_crop import CROP_MODES, INTERPOLATIONS
+
 TASK_NAME = "salient.explain"
 MESSAGE_VERSION = 1
 
@@ -41,7 +43,11 @@ MESSAGE_SCHEMA: dict[str, Any] = {
                                                  "mean": {"type": "array", "items": {"type": "number"},
                                                           "minItems": 3, "maxItems": 3},
                                                  "std": {"type": "array", "items": {"type": "number"},
-                                                         "minItems": 3, "maxItems": 3}}},
+                                                         "minItems": 3, "maxItems": 3},
+                                                 "crop": {"enum": list(CROP_MODES)},
+                                                 "resize": {"type": "integer", "minimum": 16,
+                                                            "description": "side before a center/squash crop"},
+                                                 "interpolation": {"enum": list(INTERPOLATIONS)}}},
                 "weights": {"type": ["string", "null"], "description": "state-dict path or URI the workers can read"},
                 "weights_sha256": {"type": ["string", "null"]},
                 "labels": {"type": ["string", "null"],
@@ -68,7 +74,7 @@ MESSAGE_SCHEMA: dict[str, Any] = {
 
 SPEC_DEFAULTS: dict[str, Any] = {"weights": None, "weights_sha256": None, "labels": None, "layer": None, "options": {},
                  "precision": "fp32", "batch_size": 16, "preprocessing": None}
-PREPROCESSING_KEYS = ("input_size", "mean", "std")
+PREPROCESSING_KEYS = ("input_size", "mean", "std", "crop", "resize", "interpolation")
 
 
 class MessageError(ValueError):
@@ -132,9 +138,13 @@ def _check_preprocessing(value: Any) -> None:
         return
     if not isinstance(value, dict) or set(value) - set(PREPROCESSING_KEYS):
         raise MessageError(f"spec.preprocessing must be an object with only {', '.join(PREPROCESSING_KEYS)}")
-    size = value.get("input_size")
-    if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 16):
-        raise MessageError("spec.preprocessing.input_size must be an integer of at least 16")
+    for key in ("input_size", "resize"):
+        size = value.get(key)
+        if size is not None and (not isinstance(size, int) or isinstance(size, bool) or size < 16):
+            raise MessageError(f"spec.preprocessing.{key} must be an integer of at least 16")
+    for key, choices in (("crop", CROP_MODES), ("interpolation", INTERPOLATIONS)):
+        if value.get(key) is not None and value[key] not in choices:
+            raise MessageError(f"spec.preprocessing.{key} must be one of {', '.join(choices)}")
     for key in ("mean", "std"):
         numbers = value.get(key)
         if numbers is not None and not (isinstance(numbers, list) and len(numbers) == 3 and all(

@@ -92,25 +92,37 @@ def attribution_to_unit(values: np.ndarray, style: OverlayStyle) -> np.ndarray:
     return scaled
 
 
-def overlay_png(rgb: np.ndarray, values: np.ndarray, style: OverlayStyle = OverlayStyle()) -> bytes:
+def overlay_png(rgb: np.ndarray, values: np.ndarray, style: OverlayStyle = OverlayStyle(),
+                box: tuple[float, float, float, float] | None = None) -> bytes:
     """PNG bytes of ``values`` (H×W map in [0, 1] or signed C×H×W / H×W attributions, any size) rendered
-    with ``style`` onto ``rgb`` (H×W×3 uint8)."""
+    with ``style`` onto ``rgb`` (H×W×3 uint8). ``box`` (x0, y0, x1, y1, fractions of the picture's width and
+    height; default all of it): the part of the image the map covers, a model's centre crop
+    (``storage.input_crop.input_box``). Outside it the margin the model never saw is blank: the picture as the
+    overlay type shows it (original, grayscale) or black (mask-black, none)."""
     h, w = rgb.shape[:2]
-    heat = cv2.resize(attribution_to_unit(values, style), (w, h), interpolation=cv2.INTER_LINEAR)
+    x0, y0, x1, y1 = box or (0.0, 0.0, 1.0, 1.0)
+    left, top = min(int(round(x0 * w)), w - 1), min(int(round(y0 * h)), h - 1)
+    right, bottom = max(int(round(x1 * w)), left + 1), max(int(round(y1 * h)), top + 1)
     bgr = cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR)
-    if style.overlay == "mask-black":
-        strength = np.abs(2 * heat - 1) if style.polarity == "both" else heat
-        out: np.ndarray = (bgr.astype(np.float32) * strength[..., None]).round().astype(np.uint8)
-    else:
-        colormap = getattr(cv2, f"COLORMAP_{style.colormap.upper()}")
-        colored = cv2.applyColorMap(np.clip(heat * 255, 0, 255).round().astype(np.uint8), colormap)
-        if style.overlay == "none":
-            out = colored
-        else:
-            if style.overlay == "grayscale":
-                bgr = cv2.cvtColor(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
-            out = cv2.addWeighted(bgr, 1 - style.alpha, colored, style.alpha, 0)
+    if style.overlay == "grayscale":
+        bgr = cv2.cvtColor(cv2.cvtColor(bgr, cv2.COLOR_BGR2GRAY), cv2.COLOR_GRAY2BGR)
+    out = bgr.copy() if style.overlay in ("original", "grayscale") else np.zeros_like(bgr)
+    out[top:bottom, left:right] = _rendered(bgr[top:bottom, left:right], values, style)
     ok, png = cv2.imencode(".png", out)
     if not ok:
         raise RuntimeError("PNG encoding failed")
     return png.tobytes()
+
+
+def _rendered(bgr: np.ndarray, values: np.ndarray, style: OverlayStyle) -> np.ndarray:
+    """``values`` resized to ``bgr`` (already grey for a grayscale overlay) and drawn as ``style`` says."""
+    h, w = bgr.shape[:2]
+    heat = cv2.resize(attribution_to_unit(values, style), (w, h), interpolation=cv2.INTER_LINEAR)
+    if style.overlay == "mask-black":
+        strength = np.abs(2 * heat - 1) if style.polarity == "both" else heat
+        return (bgr.astype(np.float32) * strength[..., None]).round().astype(np.uint8)
+    colormap = getattr(cv2, f"COLORMAP_{style.colormap.upper()}")
+    colored = cv2.applyColorMap(np.clip(heat * 255, 0, 255).round().astype(np.uint8), colormap)
+    if style.overlay == "none":
+        return colored
+    return cv2.addWeighted(bgr, 1 - style.alpha, colored, style.alpha, 0)

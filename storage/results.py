@@ -15,6 +15,7 @@ from sqlalchemy.engine import Engine
 
 from salient_maps.storage.database import (
     Explanation,
+    Image,
     Item,
     ItemMetrics,
     Job,
@@ -24,6 +25,7 @@ from salient_maps.storage.database import (
     legacy_explanations,
 )
 from salient_maps.storage.ground_truth import OWN_METRICS, own_metric
+from salient_maps.storage.input_crop import input_box
 from salient_maps.storage.settings import Settings
 from salient_maps.storage.shards import localization_mask_name
 
@@ -33,9 +35,14 @@ METRIC_FIELDS = ("deletion_auc", "insertion_auc", "drop", "increase")
 LOCALIZATION_FIELDS = ("pointing_game", "energy_in_box", "localization_iou", "localization_correct", "border_energy")
 # Ground truth from the manifest (``label`` as the class id it names), top-1 == label, and the --localize result.
 TRUTH_FIELDS = ("label", "correct", "boxes", "mask", "localization_box", "localization_mask")
-# ``shard`` + ``slot``: where the record's map lies (storage/shards.py; read it with ``storage.maps``)
-FIELDS = ("job_id", "uri", "sha256", "model", "method", "method_params", "layer", "class_id", "class_name", "score",
-          "rank", "shard", "slot", "status", "error", "seconds") + METRIC_FIELDS + LOCALIZATION_FIELDS + TRUTH_FIELDS
+# ``shard`` + ``slot``: where the record's map lies (storage/shards.py; read it with ``storage.maps``).
+# ``layout``: how the target layer's output became the map (workers/layouts.py); ``preprocessing``: input size,
+# crop, resize, interpolation, mean, std; ``input_box``: [x0, y0, x1, y1], the part of the image the map covers,
+# in fractions of its width and height ([0, 0, 1, 1] without a crop). Records made before these were stored have
+# null layout and preprocessing; their maps cover the whole image (salient did not crop then).
+FIELDS = ("job_id", "uri", "sha256", "model", "method", "method_params", "layer", "layout", "preprocessing",
+          "input_box", "class_id", "class_name", "score", "rank", "shard", "slot", "status", "error",
+          "seconds") + METRIC_FIELDS + LOCALIZATION_FIELDS + TRUTH_FIELDS
 IOU_CORRECT = 0.5  # Simonyan et al. 2014's localisation criterion (as workers/localization_metrics.py)
 ERROR_FIELDS = ("job_id", "uri", "sha256", "status", "error", "seconds")
 FORMATS = ("jsonl", "csv", "parquet")
@@ -76,7 +83,7 @@ def job_records(conn, job, item_range: tuple[int, int] | None = None):
                Item.label.label("label_id"), Item.predicted, Explanation.method,
                Explanation.class_id, Explanation.score, Explanation.rank, Explanation.slot, Explanation.extra,
                Explanation.border_energy, *(own_metric(name).label(name) for name in OWN_METRICS),
-               Shard.key.label("shard"))
+               Shard.key.label("shard"), Image.width, Image.height)
         .outerjoin(Explanation, and_(
             Explanation.sha256 == Item.sha256,
             Explanation.settings_id == settings_id,
@@ -85,6 +92,7 @@ def job_records(conn, job, item_range: tuple[int, int] | None = None):
         .outerjoin(Shard, Shard.id == Explanation.shard_id)
         .outerjoin(ItemMetrics, and_(ItemMetrics.item_id == Item.id, ItemMetrics.method == Explanation.method,
                                      ItemMetrics.class_id == Explanation.class_id))
+        .outerjoin(Image, Image.sha256 == Explanation.sha256)
         .where(Item.job_id == job.id)
         .order_by(Item.id, Explanation.method, Explanation.rank)
     )
@@ -108,7 +116,9 @@ def iter_results(settings: Settings, job_id: str | None, *, db: Engine | None = 
                 # an image skipped as already explained reports the earlier, identical result
                 record.update(status="done", model=shared.model, layer=shared.layer,
                               method_params=shared.methods.get(row["method"], {}),
-                              class_name=shared.class_names[row["class_id"]])
+                              class_name=shared.class_names[row["class_id"]], layout=shared.layout,
+                              preprocessing=shared.preprocessing,
+                              input_box=list(input_box(shared.preprocessing, row["width"], row["height"])))
             record.update(_truth_fields(row, shared.class_names if shared is not None else ()))
             metrics = (row["extra"] or {}).get("metrics") or {}
             yield {f: metrics.get(f) if f in METRIC_FIELDS else record.get(f) for f in FIELDS}
@@ -287,10 +297,14 @@ def find_record(conn, job, sha256: str, method: str, class_id: int) -> dict | No
         return None
     row = conn.execute(
         select(Item.uri, Explanation.sha256, Explanation.method, Explanation.class_id, Explanation.slot,
-               Shard.key.label("shard"))
+               Shard.key.label("shard"), Image.width, Image.height)
         .join(Explanation, and_(Explanation.sha256 == Item.sha256, Explanation.settings_id == shared.id))
         .join(Shard, Shard.id == Explanation.shard_id)
+        .join(Image, Image.sha256 == Explanation.sha256)
         .where(Item.job_id == job.id, Item.sha256 == sha256, Explanation.method == method,
                Explanation.class_id == class_id)
         .limit(1)).mappings().first()
-    return None if row is None else dict(row, style=shared.overlay)
+    if row is None:
+        return None
+    return dict(row, style=shared.overlay,
+                input_box=list(input_box(shared.preprocessing, row["width"], row["height"])))

@@ -49,7 +49,8 @@ def levels(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     return ((a - b).abs() * torch.tensor(STD).view(3, 1, 1) * 255).numpy()
 
 
-def full_input(data: bytes, size: int = 224) -> torch.Tensor:
+def full_input(data: bytes, size=224) -> torch.Tensor:
+    """The host path's input from the full-size picture (``size``: an int, or a ``Resizing``)."""
     return to_input(decode_image(data, LIMIT), size, MEAN, STD)
 
 
@@ -241,7 +242,8 @@ def test_the_device_path_sorts_a_batch_image_by_image(processor, smooth_rgb, enc
     for name in ("a.jpg", "b.jpg"):
         assert batch[name].x.shape == (3, 224, 224) and batch[name].data is None
         assert (batch[name].width, batch[name].height) == (640, 480) and batch[name].rgb.shape[1] <= 1024
-        assert levels(batch[name].x, full_input(files[name])).mean() <= DEVICE_MEAN
+        # resnet18 follows its weights' transform: resize 256, centre crop 224, bilinear
+        assert levels(batch[name].x, full_input(files[name], processor.explainer.model.resizing)).mean() <= DEVICE_MEAN
     assert "truncated JPEG" in batch["cut.jpg"].error
 
 

@@ -21,6 +21,7 @@ from salient_maps.workers.in_memory import ImageInputError
 
 MODEL = "resnet18"  # random init with seed 0, as salient loads it
 SIDE = 224  # the model's input: pictures of this size are not resized, so the input is known exactly
+WHOLE = {"crop": "whole"}  # not resnet18's own resize 256 + crop 224
 
 
 def plain_gradcam(rgb: np.ndarray, topk: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +51,7 @@ def pictures(smooth_rgb) -> list[np.ndarray]:
 
 
 def test_gradcam_maps_equal_a_plain_pytorch_gradcam(pictures):
-    result = explain(pictures, model=MODEL, methods="gradcam", topk=2, batch_size=2)
+    result = explain(pictures, model=MODEL, methods="gradcam", topk=2, batch_size=2, **WHOLE)
     assert result.maps["gradcam"].shape == (3, 2, SIDE, SIDE) and result.probs.shape == (3, 1000)
     assert result.layer == "layer4" and result.model.startswith("resnet18-")
     for i, rgb in enumerate(pictures):
@@ -74,9 +75,9 @@ def test_every_kind_of_image_gives_the_same_maps(pictures, encode_image, tmp_pat
         "Path": tmp_path / "picture.png", "file URI": (tmp_path / "picture.png").as_uri(), "bytes": png,
         "PIL": Image.fromarray(rgb), "tensor": tensor, "float tensor": tensor.float() / 255,
     }
-    reference = explain(rgb, model=MODEL, methods="gradcam,saliency", topk=1)
-    together = explain(list(kinds.values()), model=MODEL, methods="gradcam,saliency", topk=1, batch_size=4)
-    batch = explain(np.stack([rgb, rgb]), model=MODEL, methods="gradcam,saliency", topk=1)
+    reference = explain(rgb, model=MODEL, methods="gradcam,saliency", topk=1, **WHOLE)
+    together = explain(list(kinds.values()), model=MODEL, methods="gradcam,saliency", topk=1, batch_size=4, **WHOLE)
+    batch = explain(np.stack([rgb, rgb]), model=MODEL, methods="gradcam,saliency", topk=1, **WHOLE)
     assert together.maps["gradcam"].shape[0] == len(kinds) and batch.maps["gradcam"].shape[0] == 2
     for result in (together, batch):
         for i in range(result.targets.shape[0]):

@@ -12,7 +12,10 @@ import torch
 from PIL import Image as PILImage
 from PIL import ImageOps
 
+from salient_maps.storage.input_crop import CROP_MODES, INTERPOLATIONS, crop_offset, input_box, resized_size
 from salient_maps.storage.sources import SourceError
+
+from .localization_metrics import InputFrame
 
 PILImage.MAX_IMAGE_PIXELS = None  # salient applies its own limit before decoding
 # A bad image is a failed item with its reason in the database; OpenCV's own log lines would only flood stderr.
@@ -120,15 +123,88 @@ def _decode_with_pillow(data: bytes) -> np.ndarray:
         raise SourceError(f"could not decode image (corrupt or truncated): {exc}") from None
 
 
-def to_input(rgb: np.ndarray, size: int, mean, std) -> torch.Tensor:
-    """Whole image resized (no crop) so the map covers all of it: float32 3×size×size, normalised."""
-    interp = cv2.INTER_AREA if min(rgb.shape[:2]) > size else cv2.INTER_LINEAR
-    resized = cv2.resize(rgb, (size, size), interpolation=interp)
+# ``area`` (INTERPOLATIONS): salient's own filter, area averaging when shrinking (antialiased, as PIL's filters)
+# and bilinear when enlarging (OpenCV). ``bilinear`` and ``bicubic``: PIL's antialiased filters, which
+# torchvision's and timm's eval transforms apply (torchvision's tensor Resize reproduces them with antialias).
+_PIL_FILTERS = {"bilinear": PILImage.Resampling.BILINEAR, "bicubic": PILImage.Resampling.BICUBIC}
+
+
+@dataclass(frozen=True)
+class Resizing:
+    """How a picture becomes the model's ``size``×``size`` input: ``crop`` (storage/input_crop.py: ``whole``,
+    or ``center``/``squash`` after a resize to ``resize``) and ``interpolation`` (``INTERPOLATIONS``)."""
+
+    size: int = 224
+    crop: str = "whole"
+    resize: int | None = None
+    interpolation: str = "area"
+
+    def __post_init__(self) -> None:
+        if self.crop not in CROP_MODES:
+            raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, not {self.crop!r}")
+        if self.interpolation not in INTERPOLATIONS:
+            raise ValueError(f"interpolation must be one of {', '.join(INTERPOLATIONS)}, not {self.interpolation!r}")
+        if (self.crop == "whole") != (self.resize is None):
+            raise ValueError("a resize side goes with a center or squash crop, and only with one")
+        if self.resize is not None and self.resize < self.size:
+            raise ValueError(f"resize {self.resize} is smaller than the {self.size} px crop")
+
+    @property
+    def decode_side(self) -> int:
+        """The short side a decoded picture must keep so that nothing is enlarged that the resize shrinks."""
+        return self.resize or self.size
+
+    def frame(self, width: int, height: int) -> InputFrame:
+        """Where a ``width``×``height`` image's pixels land in the model's input (for the localisation metrics)."""
+        resized = resized_size(self.crop, self.resize, self.size, width, height)
+        return InputFrame(width, height, resized, (self.size, self.size), crop_offset(resized, self.size))
+
+    def box(self, width: int, height: int) -> tuple[float, float, float, float]:
+        """The part of a ``width``×``height`` image the input shows, in fractions of its sides."""
+        return input_box(self.params(), width, height)
+
+    def params(self) -> dict:
+        return {"input_size": self.size, "crop": self.crop, "resize": self.resize,
+                "interpolation": self.interpolation}
+
+
+def to_input(rgb: np.ndarray, resizing: Resizing | int, mean, std,
+             original: tuple[int, int] | None = None) -> torch.Tensor:
+    """float32 3×size×size, normalised, made as ``resizing`` says (an int: the whole image to that size, area
+    filter). ``original``: the (width, height) of the image ``rgb`` was decoded from, when a JPEG was decoded
+    reduced: the crop is taken at the same place of the image whatever the picture's own size."""
+    r = resizing if isinstance(resizing, Resizing) else Resizing(resizing)
+    size = r.size
+    if r.crop == "whole" and r.interpolation == "area":
+        interp = cv2.INTER_AREA if min(rgb.shape[:2]) > size else cv2.INTER_LINEAR
+        resized = cv2.resize(rgb, (size, size), interpolation=interp)
+    else:
+        resized = _cropped(rgb, r, *(original or (rgb.shape[1], rgb.shape[0])))
     # NumPy, not torch: this runs on the decode threads, where torch's parallel ops cost ~5x the CPU
     # (6.4 against 1.2 ms per 224 px image here) and start thread teams that compete with the model's.
     std_ = np.asarray(std, np.float32)
     x = resized.astype(np.float32) * (np.float32(1 / 255) / std_) - np.asarray(mean, np.float32) / std_
     return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+
+
+def _cropped(rgb: np.ndarray, r: Resizing, width: int, height: int) -> np.ndarray:
+    """The crop's pixels at size×size. PIL resizes only the box the crop keeps, with the filter's support
+    reaching past the box as in a full resize: the same pixels as resizing all of it, then cropping."""
+    resized = resized_size(r.crop, r.resize, r.size, width, height)
+    left, top = crop_offset(resized, r.size)
+    sx, sy = rgb.shape[1] / resized[0], rgb.shape[0] / resized[1]
+    box = (left * sx, top * sy, (left + r.size) * sx, (top + r.size) * sy)
+    if r.interpolation == "area":
+        x0, y0, x1, y1 = (int(round(v)) for v in box)
+        cut = rgb[y0:y1, x0:x1]
+        interp = cv2.INTER_AREA if min(cut.shape[:2]) > r.size else cv2.INTER_LINEAR
+        return cv2.resize(cut, (r.size, r.size), interpolation=interp)
+    target, resample = (r.size, r.size), _PIL_FILTERS[r.interpolation]
+    if rgb.dtype == np.uint8:
+        return np.asarray(PILImage.fromarray(np.ascontiguousarray(rgb)).resize(target, resample, box))
+    # float pixels (0-255): PIL filters 32-bit float images one channel at a time
+    return np.stack([np.asarray(PILImage.fromarray(np.ascontiguousarray(rgb[..., c], np.float32)).resize(
+        target, resample, box)) for c in range(3)], axis=2)
 
 
 def device_decodable(data: bytes, max_pixels: int) -> tuple[int, int] | None:
@@ -149,16 +225,21 @@ def device_decodable(data: bytes, max_pixels: int) -> tuple[int, int] | None:
     return width, height
 
 
-def decode_jpegs_on_device(jpegs: list[bytes], device: torch.device, size: int, mean, std,
+def decode_jpegs_on_device(jpegs: list[bytes], device: torch.device, resizing: Resizing | int, mean, std,
                            picture_side: int | None) -> list[tuple[torch.Tensor, np.ndarray]]:
     """One batched nvJPEG call (on a CUDA ``device``; libjpeg elsewhere), resized on the device. Per image:
-    the model input (float32 3×size×size on ``device``, normalised) and the host picture (RGB uint8, long side
-    fit to ``picture_side``; None: full size). Raises when any image fails: decode those one by one on the CPU.
+    the model input (float32 3×size×size on ``device``, normalised, made as ``resizing`` says; an int: the whole
+    image) and the host picture (RGB uint8, long side fit to ``picture_side``; None: full size). Raises when any
+    image fails: decode those one by one on the CPU.
 
-    The resize is antialiased bicubic, the nearest of torch's filters to OpenCV's INTER_AREA on the CPU path
-    (mean 0.5-0.8, 99th percentile 2.5-6 of 255 levels on photos, 640×480 to 224)."""
+    The whole-image ``area`` resize is antialiased bicubic, the nearest of torch's filters to OpenCV's INTER_AREA
+    on the CPU path (mean 0.5-0.8, 99th percentile 2.5-6 of 255 levels on photos, 640×480 to 224). Bilinear and
+    bicubic crops are torch's antialiased filters in PIL's two 8-bit passes, only over the rows and columns the crop
+    keeps: torchvision's Resize + CenterCrop of a uint8 image (and PIL's filters on the CPU path) within a level."""
     from torchvision.io import ImageReadMode, decode_jpeg
 
+    r = resizing if isinstance(resizing, Resizing) else Resizing(resizing)
+    size = r.size
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # torchvision's notice that its decoders move to TorchCodec
         decoded = decode_jpeg([torch.frombuffer(bytearray(data), dtype=torch.uint8) for data in jpegs],
@@ -169,12 +250,26 @@ def decode_jpegs_on_device(jpegs: list[bytes], device: torch.device, size: int, 
     for chw in decoded:
         pixels = chw[None].float()
         height, width = chw.shape[1:]
-        x = _resize(pixels, size, size, upsample=min(height, width) <= size).div_(255).squeeze(0).sub_(mean_).div_(std_)
+        if r.crop == "whole" and r.interpolation == "area":
+            x = _resize(pixels, size, size, upsample=min(height, width) <= size)
+        else:
+            resized = resized_size(r.crop, r.resize, size, width, height)
+            left, top = crop_offset(resized, size)
+            x = _filtered(_filtered(pixels, height, resized[0], r.interpolation)[..., left:left + size],
+                          resized[1], size, r.interpolation)[..., top:top + size, :]
+        x = x.div_(255).squeeze(0).sub_(mean_).div_(std_)
         scale = 1.0 if picture_side is None else min(1.0, picture_side / max(height, width))
         picture = chw[None] if scale == 1.0 else _resize(
             pixels, max(1, round(height * scale)), max(1, round(width * scale))).round_().clamp_(0, 255).byte()
         out.append((x, picture[0].permute(1, 2, 0).cpu().numpy()))
     return out
+
+
+def _filtered(pixels: torch.Tensor, height: int, width: int, mode: str) -> torch.Tensor:
+    # One pass of PIL's separable resize (rows first, then columns), rounded to 8 bits after each as PIL and
+    # torchvision's uint8 kernel do: bicubic overshoots would otherwise differ by up to 5 levels.
+    return torch.nn.functional.interpolate(pixels, (height, width), mode=mode, antialias=True,
+                                           align_corners=False).round_().clamp_(0, 255)
 
 
 def _resize(pixels: torch.Tensor, height: int, width: int, upsample: bool = False) -> torch.Tensor:

@@ -37,8 +37,9 @@ class ImageInputError(ValueError):
 class Explanations:
     """What ``explain`` returns for B images, K target classes each, N classes, on the CPU.
 
-    ``maps[method]``: B×K×H×W float32 in [0, 1] at the model's input size (H×W); the image was resized whole
-    (no crop), so a map covers all of it: resize a map to the image's size to lay it over the image.
+    ``maps[method]``: B×K×H×W float32 in [0, 1] at the model's input size (H×W), covering the part of each image
+    the model saw: all of it for a whole-image resize, else the box ``storage.input_crop.input_box(preprocessing,
+    width, height)`` gives (fractions of the image's width and height) for the model's centre crop.
     ``arrays[method]``: further B×K×... tensors a method returns beside its map (saliency's signed
     ``gradient`` and its renderings, for instance). ``probs``: B×N softmax of the clean image. ``targets``:
     B×K class ids, the order of the maps' K axis (top-k by probability, or the ``classes`` asked for).
@@ -51,6 +52,7 @@ class Explanations:
     class_names: list[str]
     model: str  # the network's tag: architecture and weights digest
     layer: str  # the target layer of the CAM methods ("input" when none is hooked)
+    preprocessing: dict  # input size, crop, resize, interpolation, mean, std (``LoadedModel.preprocessing``)
 
     def target_names(self) -> list[list[str]]:
         """B lists of K class names, as ``targets``."""
@@ -65,14 +67,17 @@ _cached: tuple[tuple, Setup] | None = None  # the last setup: a notebook calling
 def explain(images: Any, model: str = DEFAULT_MODEL, methods: str | Sequence[str] = DEFAULT_METHODS, topk: int = 3,
             classes: str | Iterable[int | str] | None = None, *, weights: str | Path | None = None,
             labels: str | Path | None = None, layer: str | None = None, batch_size: int = 16, device: str = "auto",
-            precision: str = "fp32", **method_options: Any) -> Explanations:
+            precision: str = "fp32", input_size: int | None = None, mean: Sequence[float] | None = None,
+            std: Sequence[float] | None = None, crop: str | None = None, resize: int | None = None,
+            interpolation: str | None = None, **method_options: Any) -> Explanations:
     """Explain ``images`` with ``methods`` for each image's ``topk`` most probable classes (or ``classes``:
     ids or names), in batches of ``batch_size`` on ``device``.
 
     ``images``: one image or a list of them. An image is a path or URI (``file://``, ``s3://``, ``http(s)://``,
     read under the settings' limits), encoded bytes, a PIL image, an RGB numpy array H×W×3 (uint8, or float
     in [0, 1]; H×W is grey) or a torch tensor 3×H×W (uint8, or float in [0, 1]); a 4-D array (B×H×W×3) or
-    tensor (B×3×H×W) is B images. ``model``, ``weights``, ``labels``, ``layer``, ``precision`` and
+    tensor (B×3×H×W) is B images. ``model``, ``weights``, ``labels``, ``layer``, ``precision``, the
+    preprocessing overrides (``input_size``, ``mean``, ``std``, ``crop``, ``resize``, ``interpolation``) and
     ``method_options`` (``score``, ``steps``, ``smooth``, ``max_channels``, ...) mean what the ``salient run``
     options of the same names mean. Raises ``ImageInputError`` naming the image that cannot be used, and
     ``ValueError`` for a spec that cannot run (unknown model, method, layer or class).
@@ -88,7 +93,8 @@ def explain(images: Any, model: str = DEFAULT_MODEL, methods: str | Sequence[str
     settings = with_command_line_roots(Settings(), named)
     spec = job_spec(model=model, weights=weights, labels=labels, layer=layer, topk=topk,
                     methods=methods if isinstance(methods, str) else list(methods),
-                    classes=classes, precision=precision, batch_size=batch_size, **method_options)
+                    classes=classes, precision=precision, batch_size=batch_size, input_size=input_size, mean=mean,
+                    std=std, crop=crop, resize=resize, interpolation=interpolation, **method_options)
     setup = _setup(spec, settings, device)
     engine, size = setup.explainer, setup.batch_size
     parts: list = []
@@ -112,7 +118,8 @@ def explain(images: Any, model: str = DEFAULT_MODEL, methods: str | Sequence[str
         arrays={name: {key: torch.cat([p[2][name][1][key] for p in parts]) for key in parts[0][2][name][1]}
                 for name in names},
         probs=torch.cat([p[0] for p in parts]), targets=torch.cat([p[1] for p in parts]),
-        class_names=list(engine.model.class_names), model=engine.model.tag, layer=engine.layer_name)
+        class_names=list(engine.model.class_names), model=engine.model.tag, layer=engine.layer_name,
+        preprocessing=engine.model.preprocessing())
 
 
 def _setup(spec: dict[str, Any], settings: Settings, device: str) -> Setup:
@@ -148,13 +155,13 @@ def _as_list(images: Any) -> list:
 
 
 def _model_input(index: int, image: Any, engine: Explainer, settings: Settings) -> Tensor:
-    """Image ``index`` as the engine's input: 3×S×S float32, resized whole and normalised as in the pipeline."""
+    """Image ``index`` as the engine's input: 3×S×S float32, resized (and cropped) and normalised as in the pipeline."""
     try:
         rgb = _pixels(image, settings)
     except (SourceError, ValueError, TypeError, OSError) as exc:
         raise ImageInputError(f"image {index} ({_describe(image)}): {exc}") from None
     m = engine.model
-    return to_input(rgb, m.input_size, m.mean, m.std)
+    return to_input(rgb, m.resizing, m.mean, m.std)
 
 
 def _pixels(image: Any, settings: Settings) -> np.ndarray:

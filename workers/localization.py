@@ -28,9 +28,12 @@ class Localization:
     mask: np.ndarray
 
 
-def localize(rgb: np.ndarray, heat: np.ndarray) -> Localization | None:
-    """Segment ``rgb`` (H×W×3 uint8, the original image) seeded by ``heat`` (h×w map of the whole image,
-    any size, e.g. the model's input size). None when the map cannot seed GrabCut (e.g. a constant map).
+def localize(rgb: np.ndarray, heat: np.ndarray,
+             box: tuple[float, float, float, float] = (0.0, 0.0, 1.0, 1.0)) -> Localization | None:
+    """Segment ``rgb`` (H×W×3 uint8, the original image) seeded by ``heat`` (h×w map, any size, e.g. the model's
+    input size) of the part ``box`` of the image (x0, y0, x1, y1 in fractions of its sides: all of it, or a
+    model's centre crop; the margin outside it, which the model never saw, is probably background). None when
+    the map cannot seed GrabCut (e.g. a constant map).
 
     Seeds, with percentiles taken over the map at the working size: at or above the 95th sure
     foreground, at or below the 30th sure background, the rest probably background, so the
@@ -38,13 +41,16 @@ def localize(rgb: np.ndarray, heat: np.ndarray) -> Localization | None:
     """
     small = np.ascontiguousarray(fit_long_side(rgb, WORK_SIDE))
     height, width = small.shape[:2]
-    heat = cv2.resize(heat.astype(np.float32), (width, height), interpolation=cv2.INTER_LINEAR)
+    left, top = min(int(round(box[0] * width)), width - 1), min(int(round(box[1] * height)), height - 1)
+    right, bottom = max(int(round(box[2] * width)), left + 1), max(int(round(box[3] * height)), top + 1)
+    heat = cv2.resize(heat.astype(np.float32), (right - left, bottom - top), interpolation=cv2.INTER_LINEAR)
     high, low = np.percentile(heat, [SURE_FOREGROUND_PERCENTILE, SURE_BACKGROUND_PERCENTILE])
     if not high > low:
         return None
     seeds = np.full((height, width), cv2.GC_PR_BGD, np.uint8)
-    seeds[heat >= high] = cv2.GC_FGD
-    seeds[heat <= low] = cv2.GC_BGD
+    inside = seeds[top:bottom, left:right]
+    inside[heat >= high] = cv2.GC_FGD
+    inside[heat <= low] = cv2.GC_BGD
     cv2.setRNGSeed(0)  # GrabCut's k-means draws from OpenCV's per-thread generator: same input, same box
     background_model, foreground_model = np.zeros((1, 65)), np.zeros((1, 65))
     # OpenCV's stubs want a rectangle, which GC_INIT_WITH_MASK ignores (None is what its documentation passes)

@@ -14,6 +14,7 @@ import difflib
 import hashlib
 import io
 import json
+import math
 import re
 import warnings
 from dataclasses import dataclass, field
@@ -23,19 +24,22 @@ import torch
 import torchvision
 from torch import nn
 
+from salient_maps.storage.input_crop import INTERPOLATIONS
 from salient_maps.storage.sources import file_sha256
 
 from . import factories
+from .images import Resizing
 from .layouts import Layout, survey_layers
 
 DEFAULT_MODEL = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 TORCHVISION_MODELS = tuple(torchvision.models.list_models(module=torchvision.models))
-# How salient resizes: the whole image to the input size, no crop, so the map covers all of it; area
-# averaging when shrinking (antialiased, as PIL's filters in torchvision's and timm's transforms), bilinear
-# when enlarging. The model's own eval transform (resize, crop, interpolation) is recorded beside it.
-RESIZE = "whole image, area-averaged down, bilinear up"
+# Crop and filter follow the model's metadata where it has some (torchvision's weight transforms: resize 256,
+# centre crop 224, bilinear for most; timm's pretrained_cfg: crop_pct, crop_mode, interpolation). A model without
+# any (the bundled EfficientNet-Lite0, a TorchScript file, a factory's module without a pretrained_cfg) gets the
+# whole image resized to the input, no crop, so the map covers all of it (workers/images.py, ``area``).
+DEFAULT_CROP_PCT = 0.875  # timm's, for a centre crop asked of a model that declares none: 224 of 256
 
 
 class ModelError(Exception):
@@ -58,21 +62,31 @@ class LoadedModel:
     default_layer: str | None = None  # None: the last candidate
     layer_shapes: dict[str, tuple[int, ...]] = field(default_factory=dict)  # every module's probe output
     declared_transform: dict = field(default_factory=dict)  # the model's own eval transform, for the record
+    crop: str = "whole"  # storage/input_crop.py's modes
+    resize: int | None = None  # the side before a centre or squash crop
+    interpolation: str = "area"  # workers/images.py's INTERPOLATIONS
+
+    @property
+    def resizing(self) -> Resizing:
+        return Resizing(self.input_size, self.crop, self.resize, self.interpolation)
 
     def layout(self, layer: str | None) -> Layout:
         return self.layer_layouts.get(layer, Layout()) if layer is not None else Layout()
 
     def preprocessing(self) -> dict:
         """How an image becomes this model's input; recorded with each result."""
-        return {"input_size": self.input_size, "mean": list(self.mean), "std": list(self.std), "resize": RESIZE,
+        return {**self.resizing.params(), "mean": list(self.mean), "std": list(self.std),
                 "declared": self.declared_transform}
 
     def preprocessing_identity(self) -> dict | None:
-        """What of the preprocessing changes a result beyond ``input_size``: None for ImageNet's mean and
-        std, so results made before these were recorded keep their identity."""
-        if tuple(self.mean) == IMAGENET_MEAN and tuple(self.std) == IMAGENET_STD:
-            return None
-        return {"mean": list(self.mean), "std": list(self.std)}
+        """What of the preprocessing changes a result beyond ``input_size``: None for ImageNet's mean and std
+        with the whole image resized (``area``), so results made before these were recorded keep their identity."""
+        identity: dict = {}
+        if tuple(self.mean) != IMAGENET_MEAN or tuple(self.std) != IMAGENET_STD:
+            identity.update(mean=list(self.mean), std=list(self.std))
+        if (self.crop, self.interpolation) != ("whole", "area"):
+            identity.update(crop=self.crop, resize=self.resize, interpolation=self.interpolation)
+        return identity or None
 
     @property
     def tag(self) -> str:
@@ -229,6 +243,20 @@ class _Built:
     mean: tuple[float, float, float] = IMAGENET_MEAN
     std: tuple[float, float, float] = IMAGENET_STD
     declared: dict = field(default_factory=dict)
+    crop: str = "whole"
+    resize: int | None = None
+    crop_pct: float | None = None  # input side / resize side, for another input size
+    interpolation: str = "area"
+
+
+def _timm_crop(built: _Built, cfg: dict) -> None:
+    """timm's eval crop from a pretrained_cfg (``transforms_imagenet_eval``): ``border`` (letterboxing into the
+    square) and unknown filters are not applied; such a model keeps the whole-image resize."""
+    mode, interpolation = cfg.get("crop_mode") or "center", cfg.get("interpolation") or "bilinear"
+    if mode in ("center", "squash") and interpolation in INTERPOLATIONS:
+        built.crop_pct = cfg.get("crop_pct") or DEFAULT_CROP_PCT
+        built.crop, built.resize = mode, math.floor(built.input_size / built.crop_pct)
+        built.interpolation = interpolation
 
 
 def _torchvision(name: str, input_size: int | None) -> _Built:
@@ -242,16 +270,18 @@ def _torchvision(name: str, input_size: int | None) -> _Built:
     module = torchvision.models.get_model(name, weights=None, **kwargs)
     built = _Built(module, "random-init-seed0")
     # The transform of the first published weights this architecture (as built) can take: a ViT's size is fixed.
+    # A ViT built for a size no weights have keeps the default weights' crop share and filter at its own size.
     enum = torchvision.models.get_model_weights(name)
     fixed = getattr(module, "image_size", None)
-    for entry in [enum.DEFAULT, *enum]:
-        transform = entry.transforms()
-        if fixed is None or transform.crop_size[0] == fixed:
-            built.input_size = transform.crop_size[0]
-            built.mean, built.std = tuple(transform.mean), tuple(transform.std)
-            built.declared = {"source": f"torchvision {entry}", "crop_size": transform.crop_size[0],
-                              "resize_size": transform.resize_size[0], "interpolation": transform.interpolation.value}
-            break
+    entry = next((e for e in [enum.DEFAULT, *enum] if fixed is None or e.transforms().crop_size[0] == fixed),
+                 enum.DEFAULT)
+    transform = entry.transforms()
+    built.input_size, built.resize = transform.crop_size[0], transform.resize_size[0]
+    built.mean, built.std = tuple(transform.mean), tuple(transform.std)
+    built.declared = {"source": f"torchvision {entry}", "crop_size": transform.crop_size[0],
+                      "resize_size": transform.resize_size[0], "interpolation": transform.interpolation.value}
+    built.crop, built.crop_pct = "center", built.input_size / built.resize
+    built.interpolation = transform.interpolation.value
     return built
 
 
@@ -275,8 +305,10 @@ def _timm(name: str, input_size: int | None) -> _Built:
                 "crop_pct": config.get("crop_pct"), "crop_mode": config.get("crop_mode"),
                 "interpolation": config.get("interpolation")}
     height, width = config["input_size"][1:]
-    return _Built(module, "random-init-seed0", max(height, width), tuple(config["mean"]), tuple(config["std"]),
-                  declared)
+    built = _Built(module, "random-init-seed0", max(height, width), tuple(config["mean"]), tuple(config["std"]),
+                   declared)
+    _timm_crop(built, config)
+    return built
 
 
 def _declared_by_module(module: nn.Module) -> _Built:
@@ -286,8 +318,9 @@ def _declared_by_module(module: nn.Module) -> _Built:
     if isinstance(cfg, dict) and "input_size" in cfg:
         built.input_size = max(cfg["input_size"][1:])
         built.mean, built.std = tuple(cfg.get("mean", IMAGENET_MEAN)), tuple(cfg.get("std", IMAGENET_STD))
-        built.declared = {"source": "the module's pretrained_cfg", **{k: cfg.get(k) for k in ("crop_pct",
-                                                                                             "interpolation")}}
+        built.declared = {"source": "the module's pretrained_cfg",
+                          **{k: cfg.get(k) for k in ("crop_pct", "crop_mode", "interpolation")}}
+        _timm_crop(built, cfg)
     return built
 
 
@@ -300,13 +333,34 @@ def _three(name: str, values) -> tuple[float, float, float]:
     return values
 
 
+def _resizing(built: _Built, size: int, crop: str | None, resize: int | None,
+              interpolation: str | None) -> Resizing:
+    """The model's own crop and filter with the overrides given. A ``resize`` alone asks a whole-image model for
+    a centre crop; another input size keeps the crop's share of the resized side (timm's ``crop_pct``; 0.875
+    for a model that declares none)."""
+    if crop is None:
+        crop = "center" if resize is not None and built.crop == "whole" else built.crop
+    if crop == "whole" or resize is not None:
+        side = resize
+    elif built.resize is not None and size == built.input_size:
+        side = built.resize
+    else:
+        side = math.floor(size / (built.crop_pct or DEFAULT_CROP_PCT))
+    try:
+        return Resizing(size, crop, side, interpolation or built.interpolation)
+    except ValueError as exc:
+        raise ModelError(str(exc)) from None
+
+
 def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
                labels: str | Path | None = None, *, input_size: int | None = None,
-               mean=None, std=None) -> LoadedModel:
+               mean=None, std=None, crop: str | None = None, resize: int | None = None,
+               interpolation: str | None = None) -> LoadedModel:
     """A classifier by name (see the module docstring), in eval mode with frozen weights. ``labels`` (see
     ``load_labels``) replaces ImageNet's class names; their count must be the model's N. ``input_size``,
-    ``mean`` and ``std`` override the model's own preprocessing. A factory is called here unchecked: callers
-    that act on a message check ``factories.check_allowed`` first."""
+    ``mean``, ``std``, ``crop``, ``resize`` and ``interpolation`` override the model's own preprocessing (see
+    ``_resizing``). A factory is called here unchecked: callers that act on a message check
+    ``factories.check_allowed`` first."""
     if input_size is not None and not 16 <= input_size <= 4096:
         raise ModelError(f"input size {input_size} outside 16..4096")
     scripted = (not factories.is_factory(name) and not name.startswith("timm:")
@@ -355,10 +409,12 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
     module.eval()
     for p in module.parameters():
         p.requires_grad_(False)
+    resizing = _resizing(built, input_size or built.input_size, crop, resize, interpolation)
     loaded = LoadedModel(
         name=name.replace("timm:", "timm-"), module=module, weights_digest=built.digest, class_names=[],
         input_size=input_size or built.input_size, mean=_three("mean", mean if mean is not None else built.mean),
-        std=_three("std", std if std is not None else built.std), scripted=scripted, declared_transform=built.declared)
+        std=_three("std", std if std is not None else built.std), scripted=scripted, declared_transform=built.declared,
+        crop=resizing.crop, resize=resizing.resize, interpolation=resizing.interpolation)
     n = output_count(module, loaded.input_size)
     if labels is not None:
         loaded.class_names = load_labels(labels)

@@ -39,7 +39,7 @@ from .engine import BatchResult, Explainer
 from .images import decode_image, decode_jpegs_on_device, decode_scaled, device_decodable, to_input
 from .localization import PARAMS as LOCALIZATION_PARAMS
 from .localization import localize, mask_png
-from .localization_metrics import GroundTruth, InputFrame
+from .localization_metrics import GroundTruth
 from .metrics import Faithfulness
 from .targets import ClassNames, TargetError
 from .writer import (
@@ -178,7 +178,8 @@ class ItemProcessor:
         self.writer = ShardWriter(db, store, {
             "digest": self.digest, "model": explainer.model.tag, "layer": explainer.layer_name,
             "methods": {m.name: m.params() for m in explainer.methods}, "overlay": overlay_style.params(),
-            "class_names": list(explainer.model.class_names)}, self.cpu_seconds)
+            "class_names": list(explainer.model.class_names), "layout": explainer.layout.params(),
+            "preprocessing": explainer.model.preprocessing()}, self.cpu_seconds)
 
     def read(self, item: PendingItem) -> Prepared:
         """Read and hash one item (thread-safe); one that cannot be read gets its reason in ``error``."""
@@ -253,11 +254,13 @@ class ItemProcessor:
             return p
         t = time.perf_counter()
         m = self.explainer.model
+        resizing = m.resizing
         try:
             with self.cpu_seconds("decode"):
-                decoded = decode_scaled(p.data, self.settings.max_image_pixels, m.input_size, self.picture_side)
+                decoded = decode_scaled(p.data, self.settings.max_image_pixels, resizing.decode_side,
+                                        self.picture_side)
             with self.cpu_seconds("preprocess"):
-                p.x = to_input(decoded.rgb, m.input_size, m.mean, m.std)
+                p.x = to_input(decoded.rgb, resizing, m.mean, m.std, (decoded.width, decoded.height))
             p.rgb, p.width, p.height = decoded.rgb, decoded.width, decoded.height
         except SourceError as exc:
             p.error = str(exc)
@@ -298,7 +301,7 @@ class ItemProcessor:
         m = self.explainer.model
         try:
             with self.cpu_seconds("decode"):
-                decoded = decode_jpegs_on_device([p.data for p in jpegs], self.explainer.device, m.input_size,
+                decoded = decode_jpegs_on_device([p.data for p in jpegs], self.explainer.device, m.resizing,
                                                  m.mean, m.std, self.picture_side)
         except RuntimeError:  # nvJPEG's errors, and running out of device memory
             return False
@@ -446,14 +449,15 @@ class ItemProcessor:
             rows = []
             for i, p in enumerate(e.unique):
                 tensors[f"thumbnail.{i}"] = thumbnail_jpeg(p.rgb)
-                truth = self._ground_truth(p, (input_size[1], input_size[0]))
+                truth = self._ground_truth(p)
                 for method in ex.methods:
                     for k, class_id in enumerate(targets[i].tolist()):
                         slot = i * k_targets + k
                         extra = _metrics_extra(self.metrics, e.scores.get(method.name), i, k)
                         found = None
                         if self.localize:  # the box in the row, the mask in the shard beside the map
-                            found = localize(p.rgb, heats[method.name][i, k])
+                            found = localize(p.rgb, heats[method.name][i, k],
+                                             ex.model.resizing.box(p.width, p.height))
                             extra["localization"] = None if found is None else {"bbox": list(found.bbox)}
                             if found is not None:
                                 tensors[localization_mask_name(method.name, slot)] = np.frombuffer(
@@ -486,11 +490,11 @@ class ItemProcessor:
             pictures = {sha: fit_long_side(p.rgb, self.settings.overlay_max_side) for sha, p in first.items()}
             return overlay_archive(shard_key(data), data, records, pictures, self.overlay_style)
 
-    def _ground_truth(self, p: Prepared, input_size: tuple[int, int]) -> GroundTruth:
-        """The image's boxes and mask in the frame of the model's input: salient resizes the whole image to the
-        input size, no crop (workers/images.py ``to_input``; nvJPEG's path likewise)."""
+    def _ground_truth(self, p: Prepared) -> GroundTruth:
+        """The image's boxes and mask in the frame of the model's input: the resize and crop ``to_input`` (and
+        nvJPEG's path) applied, from the image's own size (a JPEG decoded reduced is cut at the same place)."""
         boxes = (p.truth or {}).get("boxes") or ()
-        return GroundTruth(InputFrame.whole(p.width, p.height, input_size), boxes, p.mask)
+        return GroundTruth(self.explainer.model.resizing.frame(p.width, p.height), boxes, p.mask)
 
 
 @dataclass

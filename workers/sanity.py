@@ -203,7 +203,7 @@ def load_inputs(uris: list[str], model: LoadedModel, settings: Settings) -> tupl
         except SourceError as exc:
             failed[uri] = str(exc)
             continue
-        inputs.append(to_input(rgb, model.input_size, model.mean, model.std))
+        inputs.append(to_input(rgb, model.resizing, model.mean, model.std))
         used.append(uri)
     if not inputs:
         raise ValueError("no readable image to check")
