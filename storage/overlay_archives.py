@@ -55,7 +55,7 @@ def overlay_archive(shard_key: str, data: bytes, records: Iterable[Mapping], pic
                     style) -> bytes:
     """A tar of every record's overlay drawn on ``pictures[record["sha256"]]`` (H×W×3 RGB) in ``style``.
     Members carry no time or owner, so the same batch gives the same bytes."""
-    reader = MapReader(_JustWritten(shard_key, data))  # type: ignore[arg-type]
+    reader = MapReader(_JustWritten(shard_key, data))  # type: ignore[arg-type]  # a reader only gets
     buffer = io.BytesIO()
     with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
         for record in records:
