@@ -21,16 +21,13 @@ def colour(index: int) -> str:
     return PALETTE[index % len(PALETTE)]
 
 
-def histogram_svg(series: dict[str, list[float]], title: str, lo: float = 0.0, hi: float = 1.0,
-                  bins: int = 20, width: int = 260, height: int = 130) -> str:
-    """Overlaid outline histograms of each named series over [lo, hi] (values outside are clamped)."""
+def histogram_svg(counts: dict[str, list[int]], title: str, lo: float = 0.0, hi: float = 1.0,
+                  width: int = 260, height: int = 130) -> str:
+    """Overlaid outline histograms of each named series' bin counts (equal bins over [lo, hi])."""
     pad_left, pad_bottom, pad_top = 30, 18, 18
     plot_w, plot_h = width - pad_left - 6, height - pad_bottom - pad_top
-    counts = {}
-    for name, values in series.items():
-        clamped = np.clip(np.asarray(values, dtype=np.float64), lo, hi)
-        counts[name] = np.histogram(clamped, bins=bins, range=(lo, hi))[0]
-    peak = max((int(c.max()) for c in counts.values() if c.size), default=0) or 1
+    bins = max((len(c) for c in counts.values()), default=1)
+    peak = max((max(c) for c in counts.values() if c), default=0) or 1
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" role="img" '
              f'aria-label="{escape(title)}"><title>{escape(title)}</title>',
              f'<text x="{pad_left}" y="12" class="t">{escape(title)}</text>',
