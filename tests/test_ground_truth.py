@@ -5,6 +5,7 @@ metrics, checked against an independent supersampled computation on the stored m
 from __future__ import annotations
 
 import json
+import re
 
 import cv2
 import numpy as np
@@ -176,3 +177,66 @@ def test_the_report_has_an_audit_page(tmp_path, run_cli):
     assert "accuracy" in page and page.count("<figure>") == len(ranked)
     for n, record in enumerate(ranked, 1):
         assert f"{n}. {record['uri'].rsplit('/', 1)[1]}" in page
+
+
+def _box_region(boxes) -> np.ndarray:
+    region = np.zeros((HEIGHT, WIDTH), bool)
+    for x0, y0, x1, y1 in boxes:
+        region[y0:y1, x0:x1] = True
+    return region
+
+
+def test_a_rerun_with_other_boxes_is_measured_against_its_own(tmp_path, run_cli):
+    """Explanation rows are shared by jobs with the same settings; the metrics that depend on the boxes are each job's
+    own: a rerun with moved boxes (its images skipped, the model not run) reports energy_in_box and pointing_game
+    against its boxes, checked on the stored map against the supersampled share, and the first job keeps its own."""
+    from salient_maps.storage.audits import audit_job, suspects
+    from salient_maps.storage.database import ItemMetrics
+
+    folder, _ = _scene(tmp_path)
+    (folder / "copy0.png").write_bytes((folder / "img0.png").read_bytes())  # the same picture under another URI
+    first = {"img0.png": [[10, 5, 30, 25]], "copy0.png": [[0, 0, 60, 20]], "img1.png": [[20, 10, 40, 30]],
+             "img2.png": None}
+    second = {"img0.png": [[35, 15, 60, 40]], "copy0.png": [[0, 20, 60, 40]], "img1.png": [[20, 10, 40, 30]],
+              "img2.png": [[0, 0, 30, 40]]}
+
+    def run(boxes: dict, name: str) -> str:
+        lines = [{"uri": uri, "label": 1, **({"boxes": b} if b else {})} for uri, b in boxes.items()]
+        (folder / name).write_text("".join(json.dumps(line) + "\n" for line in lines))
+        output = run_cli(["run", folder / name, "--model", "tests/model_factories.py:small_cnn", "--labels",
+                          folder / "labels.json", "--input-size", INPUT, "--methods", "gradcam", "--topk", "2",
+                          "--with-label", "--out", out, "--device", "cpu"]).output
+        return re.search(r"job (\S+): done", output).group(1)
+
+    out = tmp_path / "out"
+    job_a, job_b = run(first, "first.jsonl"), run(second, "second.jsonl")
+    with connect(f"sqlite:///{out / 'salient.db'}").connect() as conn:
+        statuses = dict(conn.execute(select(Item.uri, Item.status).where(Item.job_id == job_b)).all())
+        own_rows = conn.execute(select(Item.uri).join(ItemMetrics, ItemMetrics.item_id == Item.id)).scalars().all()
+    assert set(statuses.values()) == {"skipped"}  # the rerun explained nothing again
+    # measured again only where the boxes moved: the copy in the first run, img0, copy0 and img2 in the second
+    assert {u.rsplit("/", 1)[1] for u in own_rows} == {"copy0.png", "img0.png", "img2.png"}
+
+    reader = MapReader(open_store(f"file://{out / 'objects'}"))
+    checked = 0
+    for job, boxes in ((job_a, first), (job_b, second)):
+        records = [json.loads(line) for line in run_cli(["results", "--job", job, "--out", out]).output.splitlines()]
+        assert {r["uri"].rsplit("/", 1)[1] for r in records} == set(boxes)
+        for r in records:
+            b = boxes[r["uri"].rsplit("/", 1)[1]]
+            heat = reader.map(r)
+            if b is None or not heat.any():
+                assert r["energy_in_box"] is None and r["pointing_game"] is None
+                continue
+            assert abs(r["energy_in_box"] - _supersampled_share(heat, _box_region(b))) < 0.02
+            assert r["pointing_game"] in (0, 1) and r["correct"] is not None and r["label"] == 1
+            checked += 1
+        # the audit ranks by the same, its own, numbers, and counts the skipped images as labelled
+        with connect(f"sqlite:///{out / 'salient.db'}").connect() as conn:
+            summary = audit_job(conn, job)
+            ranked = list(suspects(conn, job, summary.ranked_by))
+        assert summary.labelled == 4 and summary.ranked_by == "energy_in_box"
+        expected = sorted((r["energy_in_box"], r["uri"]) for r in records
+                          if r["correct"] and r["class_id"] == 1 and r["energy_in_box"] is not None)
+        assert [(s["energy_in_box"], s["uri"]) for s in ranked] == expected
+    assert checked >= 8

@@ -25,7 +25,7 @@ import torch
 from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
-from salient_maps.storage.database import Item, ItemEnd, Job, explained_among, finish_items
+from salient_maps.storage.database import Item, ItemEnd, ItemMetrics, Job, explained_among, finish_items, insert_ignore
 from salient_maps.storage.objects import ObjectStore
 from salient_maps.storage.overlay_archives import overlay_archive
 from salient_maps.storage.overlays import OverlayStyle, fit_long_side
@@ -33,7 +33,7 @@ from salient_maps.storage.settings import Settings
 from salient_maps.storage.shards import FORMAT as SHARD_FORMAT
 from salient_maps.storage.shards import encode as encode_shard
 from salient_maps.storage.shards import localization_mask_name, shard_key
-from salient_maps.storage.sources import SourceError, read_uri
+from salient_maps.storage.sources import SourceError, read_uri, truth_digest
 
 from .engine import BatchResult, Explainer
 from .images import decode_image, decode_jpegs_on_device, decode_scaled, device_decodable, to_input
@@ -41,6 +41,7 @@ from .localization import PARAMS as LOCALIZATION_PARAMS
 from .localization import localize, mask_png
 from .localization_metrics import GroundTruth
 from .metrics import Faithfulness
+from .reused_truth import measure_copies, measure_skipped
 from .targets import ClassNames, TargetError
 from .writer import (
     METRIC_COLUMNS,
@@ -382,11 +383,14 @@ class ItemProcessor:
         todo: list[Prepared] = []
         if decoded := [p for p in batch if p.error is None and not p.explained]:
             self.take_truths(decoded)  # a label that names no class or an unreadable mask fails the item here
+        # skipped items' label, top-1 and, against other boxes than the shared rows', their own metrics
+        reused = measure_skipped(self, [p for p in batch if p.error is None and p.explained])
         for p in batch:
             if p.error is not None:
                 ends.append(ItemEnd(p.item.id, p.item.job_id, "failed", p.sha256, p.error, p.seconds))
             elif p.explained:
-                ends.append(ItemEnd(p.item.id, p.item.job_id, "skipped", p.sha256, None, p.seconds))
+                ends.append(ItemEnd(p.item.id, p.item.job_id, "skipped", p.sha256, None, p.seconds, p.label,
+                                    reused.predicted.get(p.sha256)))
             else:
                 todo.append(p)
         # (``skip_explained`` asked which images have results when the batch was read; one a peer explains
@@ -394,6 +398,8 @@ class ItemProcessor:
         ended: set[int] = set()
         if ends:
             with self.cpu_seconds("database"), self.db.begin() as conn:
+                if reused.rows:
+                    conn.execute(insert_ignore(self.db, ItemMetrics.__table__, reused.rows))
                 ended = finish_items(conn, ends)
         statuses = [e.status for e in ends if e.id in ended]
         if not todo:
@@ -465,7 +471,8 @@ class ItemProcessor:
                         fields = truth.metrics(heats[method.name][i, k], None if found is None else list(found.bbox))
                         rows.append(Row(p.sha256, method.name, class_id, float(probs[i, class_id]),
                                         int(ranks[i, class_id]), slot, extra or None,
-                                        *(fields.get(name) for name in METRIC_COLUMNS)))
+                                        *(fields.get(name) for name in METRIC_COLUMNS),
+                                        truth_digest=truth_digest(p.truth)))
             description = {"format": SHARD_FORMAT, "settings_digest": self.digest, "model": ex.model.tag,
                            "layer": ex.layer_name, "input_size": input_size,
                            "images": [p.sha256 for p in e.unique], "targets": k_targets,
@@ -477,8 +484,9 @@ class ItemProcessor:
                             p.seconds + (e.per_image if first[p.sha256] is p else 0.0), p.label, top1[p.sha256])
                     for p in e.items]
             images = [{"sha256": p.sha256, "width": p.width, "height": p.height} for p in e.unique]
+            own = measure_copies(self, e.items, first, rows, heats)  # copies with other boxes than the first's
         overlays = self._overlay_archive(e, data, rows) if self.store_overlays else None
-        return EncodedBatch(data, images, rows, ends, overlays=overlays)
+        return EncodedBatch(data, images, rows, ends, item_metrics=own, overlays=overlays)
 
     def _overlay_archive(self, e: Explained, data: bytes, rows: list[Row]) -> bytes:
         """--overlays store: the tar of the batch's overlays (storage/overlay_archives.py), drawn from the shard
