@@ -93,8 +93,9 @@ def test_styles_are_stored_with_the_result_and_never_collide(tiny_images, run_cl
     assert drawn[0].shape == drawn[1].shape and not np.array_equal(*drawn)  # drawn on demand, each in its style
 
 
+@pytest.mark.parametrize("crop", ["whole", "center"])
 def test_overlays_store_writes_one_tar_per_batch_with_what_salient_show_draws(tiny_images, run_cli, tmp_path,
-                                                                             monkeypatch):
+                                                                             monkeypatch, crop):
     import io
     import tarfile
 
@@ -105,7 +106,7 @@ def test_overlays_store_writes_one_tar_per_batch_with_what_salient_show_draws(ti
     images = tiny_images(3, size=(300, 400))  # PNG, JPEG, WebP
     out, plain = tmp_path / "stored", tmp_path / "plain"
     common = [images, "--model", "resnet18", "--methods", "gradcam,saliency", "--topk", "2", "--batch-size", "2",
-              "--colormap", "viridis"]
+              "--colormap", "viridis", "--crop", crop]
     run_cli(["run", *common, "--out", plain])
     assert {p.relative_to(plain / "objects").parts[0] for p in (plain / "objects").rglob("*") if p.is_file()} == \
         {"shards"}  # by default no overlay files
@@ -113,6 +114,7 @@ def test_overlays_store_writes_one_tar_per_batch_with_what_salient_show_draws(ti
     settings = Settings().with_data_dir(out)
     records = list(iter_results(settings, None))
     assert len(records) == 3 * 2 * 2
+    assert all((r["input_box"] == [0, 0, 1, 1]) == (crop == "whole") for r in records)  # a crop leaves a margin
     shards = {r["shard"] for r in records}
     stored = {p.relative_to(out / "objects").as_posix() for p in (out / "objects" / "overlays").rglob("*.tar")}
     assert len(shards) == 2 and stored == {archive_key(s) for s in shards}  # one archive per batch

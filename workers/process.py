@@ -26,6 +26,7 @@ from sqlalchemy import select, update
 from sqlalchemy.engine import Engine
 
 from salient_maps.storage.database import Item, ItemEnd, ItemMetrics, Job, explained_among, finish_items, insert_ignore
+from salient_maps.storage.input_crop import input_box
 from salient_maps.storage.objects import ObjectStore
 from salient_maps.storage.overlay_archives import overlay_archive
 from salient_maps.storage.overlays import OverlayStyle, fit_long_side
@@ -493,8 +494,12 @@ class ItemProcessor:
         as the reader draws them, on each picture at ``overlay_max_side``."""
         with self.cpu_seconds("overlays"):
             first = {p.sha256: p for p in e.unique}
+            # each record's input_box, as the results give it: the part of the picture its map covers (a crop)
+            preprocessing = self.writer.settings_row.get("preprocessing")
             records = [{"shard": shard_key(data), "slot": r.slot, "method": r.method, "class_id": r.class_id,
-                        "sha256": r.sha256, "uri": first[r.sha256].item.uri} for r in rows]
+                        "sha256": r.sha256, "uri": first[r.sha256].item.uri,
+                        "input_box": input_box(preprocessing, first[r.sha256].width, first[r.sha256].height)}
+                       for r in rows]
             pictures = {sha: fit_long_side(p.rgb, self.settings.overlay_max_side) for sha, p in first.items()}
             return overlay_archive(shard_key(data), data, records, pictures, self.overlay_style)
 
