@@ -109,3 +109,27 @@ def test_explanations_are_indexed_by_shard_and_back(tmp_path):
         assert "ix_explanations_shard_id" not in {i["name"] for i in sa.inspect(conn).get_indexes("explanations")}
         command.upgrade(alembic_config(conn), "0009")
         assert "ix_explanations_shard_id" in {i["name"] for i in sa.inspect(conn).get_indexes("explanations")}
+
+
+def test_drift_and_own_truth_columns_come_and_go(tmp_path):
+    """0008: schedules' drift columns, truth digests (null on older rows) and item_metrics; and back to 0007."""
+    url = f"sqlite:///{tmp_path / 'salient.db'}"
+    with sa.create_engine(url).begin() as conn:
+        command.upgrade(alembic_config(conn), "0007")
+        conn.execute(sa.text("INSERT INTO jobs (id, status, settings, total, done, failed, skipped, created_at) "
+                             "VALUES ('j1', 'running', '{}', 1, 0, 0, 0, '2026-01-01')"))
+        conn.execute(sa.text("INSERT INTO items (job_id, uri, status, updated_at, deliveries, truth) VALUES "
+                             "('j1', 'file:///a.png', 'pending', '2026-01-01', 0, '{\"boxes\": [[0, 0, 2, 2]]}')"))
+    engine = connect(url)
+    with engine.begin() as conn:
+        assert conn.execute(sa.select(Item.uri, Item.truth_digest)).all() == [("file:///a.png", None)]
+        tables = sa.inspect(conn)
+        assert {"drift_thresholds", "baseline_job_id", "drift"} <= {c["name"] for c in tables.get_columns("schedules")}
+        assert "truth_digest" in {c["name"] for c in tables.get_columns("explanations")}
+        assert tables.has_table("item_metrics")
+        command.downgrade(alembic_config(conn), "0007")
+        tables = sa.inspect(conn)
+        assert not tables.has_table("item_metrics")
+        assert "truth_digest" not in {c["name"] for c in tables.get_columns("items")}
+        assert "drift" not in {c["name"] for c in tables.get_columns("schedules")}
+        assert conn.execute(sa.text("SELECT uri FROM items")).scalars().all() == ["file:///a.png"]
