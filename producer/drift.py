@@ -66,6 +66,8 @@ def check_drift(db: Engine, settings: Settings, reader: MapReader | None = None)
     """Compare each finished last run with its baseline; returns the ids of the schedules given a new verdict."""
     judged = []
     for schedule in _waiting(db):
+        if not schedule.drift_thresholds:  # a JSON null written by hand or by an older salient
+            continue
         try:
             job = get_job(db, schedule.last_job_id)
         except LookupError:

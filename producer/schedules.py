@@ -20,7 +20,7 @@ from urllib.parse import urlparse
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from croniter import croniter
-from sqlalchemy import Row, delete, insert, select, update
+from sqlalchemy import Row, delete, insert, null, select, update
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
@@ -102,7 +102,8 @@ def add_schedule(db: Engine, cron: str, sources: list[str], options: dict[str, A
         with db.begin() as conn:
             schedule_id = conn.execute(insert(Schedule).values(
                 name=name, cron=cron, timezone=tz, sources=sources, options=options, chunk=chunk,
-                drift_thresholds=drift_thresholds, next_run_at=next_run(cron, tz, now),
+                drift_thresholds=null() if drift_thresholds is None else drift_thresholds,  # SQL NULL, not JSON null
+                next_run_at=next_run(cron, tz, now),
                 created_at=now).returning(Schedule.id)).scalar_one()
     except IntegrityError:  # the only unique column besides the id
         raise ScheduleError(f"a schedule named {name!r} exists already") from None

@@ -89,3 +89,23 @@ def test_the_verdict_names_each_threshold_crossed():
     nothing_common = verdict({**summary, "images": 0, "pairs": 0, "predictions_changed": 0, "mean_spearman": None},
                              limits)
     assert nothing_common["flagged"] is False and nothing_common["changed_share"] is None
+
+
+def test_a_schedule_without_the_option_is_never_compared(tmp_path):
+    from sqlalchemy import text, update
+
+    from salient_maps.producer.drift import check_drift
+    from salient_maps.producer.schedules import add_schedule
+    from salient_maps.storage.database import Schedule, close_listing, create_job
+
+    db = connect(f"sqlite:///{tmp_path / 'salient.db'}")
+    (tmp_path / "images").mkdir()
+    row = add_schedule(db, "0 2 * * *", [str(tmp_path / "images")], {"model": "resnet18", "methods": "gradcam"})
+    for _ in range(2):  # two finished runs
+        job_id = create_job(db, {})
+        close_listing(db, job_id)
+        with db.begin() as conn:
+            conn.execute(update(Schedule).where(Schedule.id == row.id).values(last_job_id=job_id))
+        assert check_drift(db, Settings().with_data_dir(tmp_path)) == []
+    with db.connect() as conn:  # SQL NULL, not a JSON null that `IS NOT NULL` would match
+        assert conn.execute(text("SELECT drift_thresholds IS NULL, baseline_job_id FROM schedules")).one() == (1, None)
