@@ -22,6 +22,7 @@ from chromium import Chromium, find_chromium
 from salient_maps.storage.audits import audit_job, suspects
 from salient_maps.storage.database import connect
 from salient_maps.storage.report import PAGE_SIZE, build_report
+from salient_maps.storage.report.audit_page import audit_of, suspects_of
 from salient_maps.storage.report.summary import HISTOGRAM_BINS, summarize
 from salient_maps.storage.results import find_job
 from salient_maps.storage.settings import Settings
@@ -238,14 +239,22 @@ def test_summaries_equal_a_computation_over_the_rows(job_5000):
     assert all(s == pytest.approx(np.mean(scores[c])) for c, _, s in summary.predicted)
 
 
-def test_the_audit_page_lists_the_audits_suspects(job_5000):
+def test_the_audit_page_equals_storage_audits(job_5000):
+    """The page's numbers come from the report's tables; storage/audits.py's own queries must agree."""
     data, job, report = job_5000
     page = (report.path.parent / "audit.html").read_text()
     db = connect(Settings().with_data_dir(data).resolved_database_url)
     with db.connect() as conn:
         audit = audit_job(conn, job.job_id)
         first = list(suspects(conn, job.job_id, audit.ranked_by, limit=50))
+        mine = audit_of(conn, summarize(conn, find_job(conn, job.job_id)))
+        assert suspects_of(conn, audit.ranked_by, 50) == first
     db.dispose()
+    assert (mine.images, mine.labelled, mine.correct, mine.ranked_by) == \
+        (audit.images, audit.labelled, audit.correct, audit.ranked_by) == (4500, 4500, mine.correct, "energy_in_box")
+    assert len(mine.classes) == len(audit.classes) == 2 * 30
+    for a, b in zip(mine.classes, audit.classes):
+        assert a == {k: pytest.approx(v, abs=1e-12) if isinstance(v, float) else v for k, v in b.items()}
     assert f"accuracy {audit.accuracy:.3f}" in page and len(first) == 50
     assert page.count("<figure>") == 50 and f"{first[0][audit.ranked_by]:.3f}" in page
 

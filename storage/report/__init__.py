@@ -92,7 +92,7 @@ def build_report(settings: Settings, job_id: str | None, out_dir: Path | None = 
             first = write_pages(conn, summary, data_dir, draw, lambda n: n < pictured or n in views.first_pages)
             lap("pages")
             css = files(__package__).joinpath("report.css").read_text(encoding="utf-8")
-            (out_dir / "audit.html").write_text(audit_page(conn, job, draw, style, css, _sha256(css)),
+            (out_dir / "audit.html").write_text(audit_page(conn, summary, draw, style, css, _sha256(css)),
                                                 encoding="utf-8")
             lap("audit")
             class_maps = _write_class_maps(conn, summary, draw.reader, out_dir)
