@@ -150,12 +150,17 @@ class Watchdog:
 
 class ModelLock:
     """The device's lock, taken around every model call (``guard_model``): one call at a time, each
-    watched for the images of the batch its thread is working on (``working_on``)."""
+    watched for the images of the batch its thread is working on (``working_on``). ``on_release`` runs after
+    each call."""
 
-    def __init__(self, watchdog: Watchdog):
+    def __init__(self, watchdog: Watchdog, on_release: Callable[[], None] = lambda: None):
         self._lock = threading.Lock()
         self._watchdog = watchdog
         self._watch: contextlib.AbstractContextManager | None = None
+        self._on_release = on_release
+
+    def busy(self) -> bool:
+        return self._lock.locked()
 
     def __enter__(self) -> None:
         self._lock.acquire()
@@ -168,6 +173,7 @@ class ModelLock:
                 self._watch.__exit__(*exc_info)
         finally:
             self._lock.release()
+            self._on_release()
 
 
 class Gate:
@@ -239,7 +245,7 @@ class DeviceLoop:
         self.linger = linger
         self.gate = Gate()
         self.watchdog = Watchdog(settings.image_time_limit, on_time_limit or self._time_limit_exceeded)
-        self.model_lock = ModelLock(self.watchdog)
+        self.model_lock = ModelLock(self.watchdog, self._model_released)
         self._decode = ThreadPoolExecutor(decode_threads or host_threads(), thread_name_prefix="salient-decode")
         self._ready: deque[Ticket] = deque()
         self._decoding: defaultdict[int, int] = defaultdict(int)  # id(processor) -> images still decoding
@@ -436,7 +442,14 @@ class DeviceLoop:
             t.read.error, t.read.data = f"decoding failed: {type(exc).__name__}: {exc}", None
         hand(t)
 
+    def _model_released(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
     def _next_batch(self) -> list[Ticket]:
+        """A batch of one processor's ready images: full, or all there will be (nothing of it is decoding), or
+        what is ready once ``linger`` has passed and the model is free. While the model is busy a lane
+        waits on: a fuller batch costs nothing then, and a short one costs a batch's fixed work twice."""
         with self._cond:
             while not self._ready:
                 self._cond.wait()
@@ -445,8 +458,12 @@ class DeviceLoop:
             while True:
                 batch = [t for t in self._ready if t.processor is processor][:processor.batch_size]
                 wait = deadline - time.monotonic()
-                if len(batch) == processor.batch_size or not self._decoding[id(processor)] or wait <= 0:
+                if len(batch) == processor.batch_size or not self._decoding[id(processor)]:
                     break
+                if wait <= 0:
+                    if not self.model_lock.busy():
+                        break
+                    wait = 1.0  # woken at once by the model's release (``_model_released``) or new images
                 self._cond.wait(wait)
             for t in batch:
                 self._ready.remove(t)

@@ -12,8 +12,9 @@ import click
 @click.option("--device", default="auto", show_default=True,
               help="cpu, cuda, cuda:N or auto. Run one worker process per GPU.")
 @click.option("--queues", default=None, help="Comma-separated queues to consume (default SALIENT_QUEUE: salient).")
-@click.option("--concurrency", type=click.IntRange(1), default=2, show_default=True,
-              help="Messages held at once (threads); their images share the device's batches.")
+@click.option("--concurrency", type=click.IntRange(1), default=4, show_default=True,
+              help="Messages held at once (threads); their images share the device's batches. Two more than the "
+                   "lanes: the next messages are read and decoded while one batch runs and one is stored.")
 @click.option("--torch-threads", type=click.IntRange(1), default=None,
               help="CPU threads torch may use (default: torch's choice).")
 @click.option("--decode-threads", type=click.IntRange(1), default=None,

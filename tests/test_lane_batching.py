@@ -1,0 +1,64 @@
+"""A lane's batches (workers/batching.py ``DeviceLoop._next_batch``): while the model is busy a lane waits for a
+full batch instead of taking the images ready so far; once the model is free it takes what is ready."""
+
+from __future__ import annotations
+
+import threading
+from types import SimpleNamespace
+
+from salient_maps.storage.database import connect
+from salient_maps.storage.settings import Settings
+from salient_maps.workers.batching import DeviceLoop, Ticket
+from salient_maps.workers.process import PendingItem
+
+
+def loop_with(tmp_path, ready: int, decoding: int):
+    settings = Settings().with_data_dir(tmp_path)
+    loop = DeviceLoop(connect(settings.resolved_database_url), settings, 1, linger=0.0, lanes=0)
+    processor = SimpleNamespace(batch_size=4)
+    tickets = [Ticket(processor, PendingItem(i, "job", f"file:///{i}.png")) for i in range(ready + decoding)]
+    loop._ready.extend(tickets[:ready])
+    loop._decoding[id(processor)] = decoding
+    return loop, tickets
+
+
+def hand(loop: DeviceLoop, ticket: Ticket) -> None:
+    with loop._cond:
+        loop._decoding[id(ticket.processor)] -= 1
+        loop._ready.append(ticket)
+        loop._cond.notify_all()
+
+
+def next_batch_in_thread(loop: DeviceLoop):
+    out: list = []
+    thread = threading.Thread(target=lambda: out.append(loop._next_batch()), daemon=True)
+    thread.start()
+    return thread, out
+
+
+def test_a_free_model_takes_the_ready_images_at_once(tmp_path):
+    loop, tickets = loop_with(tmp_path, ready=2, decoding=2)
+    assert loop._next_batch() == tickets[:2]
+
+
+def test_while_the_model_is_busy_the_lane_waits_for_a_full_batch(tmp_path):
+    loop, tickets = loop_with(tmp_path, ready=2, decoding=2)
+    with loop.model_lock:
+        thread, out = next_batch_in_thread(loop)
+        thread.join(0.5)
+        assert thread.is_alive() and not out  # linger is 0: without the busy model it had taken two
+        for t in tickets[2:]:
+            hand(loop, t)
+        thread.join(30)
+    assert out == [tickets]
+
+
+def test_the_models_release_ends_the_wait_with_what_is_ready(tmp_path):
+    loop, tickets = loop_with(tmp_path, ready=3, decoding=1)
+    loop.model_lock.__enter__()
+    thread, out = next_batch_in_thread(loop)
+    thread.join(0.5)
+    assert thread.is_alive() and not out
+    loop.model_lock.__exit__(None, None, None)
+    thread.join(30)
+    assert out == [tickets[:3]]
