@@ -84,6 +84,37 @@ class Sampler(threading.Thread):
         self.join()
 
 
+def model_only_img_s(manifest: Path, workers: int, batches: int = 6) -> float:
+    """The ceiling: images/s of the explainer alone on pre-decoded inputs of these images, the same batches and
+    spec, on one torch thread (as each worker has) in this process, times the workers."""
+    import torch
+
+    from salient_maps.storage.job_options import job_spec
+    from salient_maps.storage.settings import Settings
+    from salient_maps.workers.explainers import load_setup
+    from salient_maps.workers.images import decode_image, to_input
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        settings = Settings().with_data_dir(Path(tempfile.mkdtemp(prefix="salient-load-model-")))
+        explainer = load_setup(job_spec(model="mobilenet_v3_small", methods="gradcam", topk=1, batch_size=32),
+                               settings, "cpu").explainer
+        m = explainer.model
+        paths = manifest.read_text().split()[:32 * (batches + 1)]
+        xs = [to_input(decode_image(Path(p).read_bytes(), 1 << 20), m.input_size, m.mean, m.std) for p in paths]
+        batch_list = [torch.stack(xs[i:i + 32]) for i in range(0, len(xs), 32)]
+        explainer.explain(batch_list[0])  # warm
+        start = time.perf_counter()
+        for x in batch_list[1:]:
+            result = explainer.explain(x)
+            for out in result.outputs.values():
+                out.maps.cpu()
+        return workers * 32 * (len(batch_list) - 1) / (time.perf_counter() - start)
+    finally:
+        torch.set_num_threads(threads)
+
+
 def rss_mib(pid: int) -> float | None:
     try:
         for line in Path(f"/proc/{pid}/status").read_text().splitlines():
@@ -160,12 +191,17 @@ def main() -> None:
     parser.add_argument("--store", choices=["s3", "local"], default="s3",
                         help="object store for the results: SeaweedFS (S3) or a local folder")
     parser.add_argument("--keep", action="store_true", help="keep the servers' folder (printed) for a look after")
+    parser.add_argument("--concurrency", type=int, default=None,
+                        help="messages each worker holds (default: salient worker's own default)")
+    parser.add_argument("--chunk", type=int, default=32, help="URIs per message (default 32, submit's default)")
     args = parser.parse_args()
 
     folder = Path(tempfile.mkdtemp(prefix="salient-load-"))
     started = time.perf_counter()
     say(f"writing {args.uris} images into {folder}")
     manifest = write_images(folder / "images", args.uris)
+    ceiling = model_only_img_s(manifest, args.workers)
+    say(f"model only: {ceiling:.0f} img/s ({args.workers} x one torch thread, pre-decoded inputs)")
     stack = Stack(folder / "servers")
     try:
         env = stack.env()
@@ -177,7 +213,8 @@ def main() -> None:
         from salient_maps.storage.database import connect
 
         db = connect(env["SALIENT_DATABASE_URL"])
-        stack.start_workers(env, args.workers, "--concurrency", "2", "--torch-threads", "1")
+        concurrency = ["--concurrency", str(args.concurrency)] if args.concurrency else []
+        stack.start_workers(env, args.workers, *concurrency, "--torch-threads", "1")
         say(f"{args.workers} workers ready; submitting")
 
         recorded: list[tuple[datetime, int]] = []  # (wall time, max item id) while submit runs
@@ -203,7 +240,7 @@ def main() -> None:
         recorder, checker = Sampler(poll_recorded, 0.05), Sampler(check, 5.0)
         recorder.start(), checker.start()
         submit_start = time.perf_counter()
-        producer = subprocess.Popen([SALIENT, "submit", str(manifest), *SPEC_ARGS, "--chunk", "32"],
+        producer = subprocess.Popen([SALIENT, "submit", str(manifest), *SPEC_ARGS, "--chunk", str(args.chunk)],
                                     env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
         memory = Sampler(lambda: (value := rss_mib(producer.pid)) and rss.append(
             (recorded[-1][1] if recorded else 0, value)), 0.1)
@@ -251,16 +288,17 @@ def main() -> None:
         by_progress = {f"rss_mib_at_{int(frac * 100)}pct": next(v for n, v in rss if n >= frac * args.uris)
                        for frac in (0.1, 0.5, 1.0) if any(n >= frac * args.uris for n, _ in rss)}
         result = {
-            "uris": args.uris, "workers": args.workers, "store": args.store, "job_id": job_id,
+            "uris": args.uris, "workers": args.workers, "concurrency": args.concurrency, "chunk": args.chunk,
+            "store": args.store, "job_id": job_id,
             "model": "mobilenet_v3_small", "method": "gradcam", "image_px": 16,
             "done": job.done, "failed": job.failed, "skipped": job.skipped,
             "submit_s": round(submit_seconds, 1), "run_s": round(run_seconds, 1),
-            "img_per_s": round(job.done / run_seconds, 1),
+            "img_per_s": round(job.done / run_seconds, 1), "model_only_img_s": round(ceiling, 1),
             "producer_rss_mib_peak": round(max(v for _, v in rss), 1), "producer_rss_samples": len(rss),
             **{k: round(v, 1) for k, v in by_progress.items()},
             "latency_s_p50": round(p50, 1), "latency_s_p95": round(p95, 1), "latency_s_p99": round(p99, 1),
             "requeued_items": requeued, "consistency_checks": checks, "counter_mismatches": mismatches[:5],
-            "consistent": not mismatches and all(v for k, v in final.items() if k != "objects"),
+            "consistent": not mismatches and all(v for k, v in final.items() if k not in ("objects", "unnamed_shards")),
             **final, "wall_s": round(time.perf_counter() - started, 1),
         }
         say(f"producer RSS: {', '.join(f'{k} {v:.0f} MiB' for k, v in by_progress.items())}, "

@@ -4,10 +4,12 @@
 
 from __future__ import annotations
 
+import math
 import threading
 from contextlib import contextmanager
 
 import pytest
+import sqlalchemy as sa
 from sqlalchemy import event, func, select
 
 from salient_maps.storage import database
@@ -181,8 +183,10 @@ def test_merged_statements_count_each_item_once_on_postgres(pipeline):
         with db.begin() as conn, counting(db) as statements:
             settings_id = result_settings_id(conn, row)
             explanations = [{"sha256": f"s{i}", "settings_id": settings_id, "method": "gradcam", "class_id": k,
-                             "score": 0.5, "rank": k + 1, "slot": 2 * i + k, "extra": None}
+                             "score": 0.5, "rank": k + 1, "slot": 2 * i + k, "extra": None,
+                             "border_energy": [0.25, float("nan"), None, float("inf")][2 * i + k]}
                             for i in range(2) for k in range(2)]
+            explanations[0]["extra"] = {"metrics": {"deletion": 0.125}}
             store_shard_rows(conn, "shards/x", images, explanations)
         assert len(statements) == 2
     with db.connect() as conn:
@@ -190,6 +194,12 @@ def test_merged_statements_count_each_item_once_on_postgres(pipeline):
                 for t in (ResultSettings, Shard, Image, Explanation)] == [1, 1, 2, 4]
         shard_id = conn.execute(select(Shard.id)).scalar()
         assert set(conn.execute(select(Explanation.shard_id)).scalars()) == {shard_id}
+        stored = conn.execute(select(Explanation.extra, Explanation.border_energy).order_by(Explanation.slot)).all()
+        # JSON null for no extra, as SQLAlchemy's JSON type stores None
+        assert conn.execute(sa.text("SELECT count(*) FROM explanations WHERE extra IS NULL")).scalar() == 0
+    assert [row.extra for row in stored] == [{"metrics": {"deletion": 0.125}}, None, None, None]
+    energies = [row.border_energy for row in stored]
+    assert energies[0] == 0.25 and math.isnan(energies[1]) and energies[2] is None and energies[3] == math.inf
 
 
 def test_merged_statements_on_sqlite(tmp_path):
