@@ -26,10 +26,11 @@ def resized_size(crop: str, resize: int | None, size: int, width: int, height: i
     """(w, h) of the image after the resize, before the crop."""
     if crop == "whole":
         return size, size
+    if crop not in CROP_MODES or resize is None:
+        raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, not {crop!r}, and center or squash need "
+                         "a resize side")
     if crop == "squash":
         return resize, resize
-    if crop != "center":
-        raise ValueError(f"crop must be one of {', '.join(CROP_MODES)}, not {crop!r}")
     if width <= height:
         return resize, int(resize * height / width)
     return int(resize * width / height), resize
@@ -44,7 +45,7 @@ def input_box(preprocessing: Mapping | None, width: int, height: int) -> tuple[f
     """(x0, y0, x1, y1): the part of the original image the model saw, in fractions of its width and height
     ((0, 0, 1, 1) for a whole-image resize, and for results made before crops were recorded)."""
     crop = (preprocessing or {}).get("crop", "whole")
-    if crop == "whole":
+    if preprocessing is None or crop == "whole":
         return 0.0, 0.0, 1.0, 1.0
     size = preprocessing["input_size"]
     resized = resized_size(crop, preprocessing["resize"], size, width, height)

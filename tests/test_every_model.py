@@ -6,6 +6,10 @@ Construction is what costs here (a random init of regnet_y_128gf's 644 M weights
 the test skips the architectures' own initialisers and draws every weight once from a normal distribution
 scaled by its fan-in (norm scales 1, biases small), which any network of these families runs on. Inputs
 are small where the architecture allows (a ViT is built for the size asked; MaxViT's windows need 224).
+Grad-CAM and saliency share the forward and each target's backward (``ForwardPass.gradients``), and
+``load_model`` surveys the layers on the forward that counts the outputs. One intra-op thread: at these sizes
+a second one gains little, and with other work on the cores its spinning cost 2.4-3x the wall time and 4x the
+CPU (the first 20 torchvision models, interleaved runs: 33-41 s against 80-123 s).
 """
 
 from __future__ import annotations
@@ -35,6 +39,14 @@ TIMM = {  # name: (input size, layout of its default layer)
 }
 _INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_", "xavier_uniform_",
                  "xavier_normal_", "constant_", "zeros_", "ones_", "orthogonal_")
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
 
 
 def expected_layout(name: str) -> dict:

@@ -214,3 +214,16 @@ def test_explaining_leaves_the_model_unchanged(resnet):
     assert not any(p.requires_grad or p.grad is not None for p in module.parameters())
     with torch.no_grad():
         assert torch.equal(module(x), before_out)
+
+
+def test_gradcam_and_saliency_together_share_each_backward_and_give_what_each_gives_alone(resnet, monkeypatch):
+    x = torch.randn(2, 3, SIZE, SIZE, generator=torch.Generator().manual_seed(3))
+    alone = {name: Explainer(resnet, "layer4", build_methods([name]), Targets(topk=3), device="cpu").explain(x)
+             for name in ("gradcam", "saliency")}
+    calls = []
+    grad = torch.autograd.grad
+    monkeypatch.setattr(torch.autograd, "grad", lambda *a, **k: calls.append(1) or grad(*a, **k))
+    both = Explainer(resnet, "layer4", build_methods(["gradcam", "saliency"]), Targets(topk=3), device="cpu").explain(x)
+    assert len(calls) == 3  # one backward per target, not one per target and method
+    for name in ("gradcam", "saliency"):
+        torch.testing.assert_close(both.outputs[name].maps, alone[name].outputs[name].maps, atol=1e-6, rtol=0)

@@ -96,6 +96,7 @@ class LayerSurvey:
     layouts: dict[str, Layout]  # candidate layers in finishing order
     shapes: dict[str, tuple[int, ...]]  # every module that returned a tensor, for error messages
     norms: set[str]  # candidates that are normalisation layers
+    output: object = None  # what the module returned for the probe (a classifier's 1×N logits)
 
     @property
     def candidates(self) -> list[str]:
@@ -146,7 +147,7 @@ def survey_layers(module: nn.Module, input_size: int) -> LayerSurvey:
     handles = [m.register_forward_hook(hook) for m in names]
     try:
         with torch.no_grad():
-            module(torch.zeros(1, 3, input_size, input_size))
+            output = module(torch.zeros(1, 3, input_size, input_size))
     finally:
         for h in handles:
             h.remove()
@@ -156,4 +157,4 @@ def survey_layers(module: nn.Module, input_size: int) -> LayerSurvey:
         ordered[name] = layout
     layouts = {n: layout for n, layout in ordered.items() if layout is not None}
     norms = {n for n in layouts if _is_norm(module.get_submodule(n))}
-    return LayerSurvey(layouts=layouts, shapes=shapes, norms=norms)
+    return LayerSurvey(layouts=layouts, shapes=shapes, norms=norms, output=output)

@@ -29,7 +29,7 @@ from salient_maps.storage.sources import file_sha256
 
 from . import factories
 from .images import Resizing
-from .layouts import Layout, survey_layers
+from .layouts import LayerSurvey, Layout, survey_layers
 
 DEFAULT_MODEL = "efficientnet_lite0"
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -221,18 +221,24 @@ def load_labels(path: str | Path) -> list[str]:
     return names
 
 
-def output_count(module: nn.Module, input_size: int) -> int:
-    """N, the number of class scores the model returns for one image (it must return B×N logits)."""
+def probe(module: nn.Module, input_size: int, survey: bool) -> tuple[int, LayerSurvey | None]:
+    """One forward of a zero image: N, the number of class scores the model returns for one image (it must
+    return B×N logits), and with ``survey`` the layer survey made on the same forward (``survey_layers``)."""
+    found = None
     try:
-        with torch.no_grad():
-            out = module(torch.zeros(1, 3, input_size, input_size))
+        if survey:
+            found = survey_layers(module, input_size)
+            out = found.output
+        else:
+            with torch.no_grad():
+                out = module(torch.zeros(1, 3, input_size, input_size))
     except Exception as exc:
         raise ModelError(f"the model does not run on a 3×{input_size}×{input_size} input "
                          f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
         shape = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
         raise ModelError(f"the model returns {shape}; salient needs B×N class scores (logits)")
-    return out.shape[1]
+    return out.shape[1], found
 
 
 @dataclass
@@ -415,7 +421,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
         input_size=input_size or built.input_size, mean=_three("mean", mean if mean is not None else built.mean),
         std=_three("std", std if std is not None else built.std), scripted=scripted, declared_transform=built.declared,
         crop=resizing.crop, resize=resizing.resize, interpolation=resizing.interpolation)
-    n = output_count(module, loaded.input_size)
+    n, survey = probe(module, loaded.input_size, survey=not scripted)
     if labels is not None:
         loaded.class_names = load_labels(labels)
         if len(loaded.class_names) != n:
@@ -423,8 +429,7 @@ def load_model(name: str = DEFAULT_MODEL, weights: str | Path | None = None,
     else:
         imagenet = imagenet_class_names()
         loaded.class_names = imagenet if n == len(imagenet) else [f"class_{i}" for i in range(n)]
-    if not scripted:
-        survey = survey_layers(module, loaded.input_size)
+    if survey is not None:
         loaded.layer_candidates = survey.candidates
         loaded.layer_layouts = {n: layout for n, layout in survey.layouts.items() if layout.kind != "nchw"}
         loaded.default_layer = survey.default()

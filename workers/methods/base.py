@@ -56,16 +56,21 @@ class ForwardPass:
         """d score[target] / d (``"layer"`` activations or ``"input"``), B×K×(shape of that tensor).
 
         One backward per target column reuses this forward; images in a batch are independent
-        (eval mode), so the gradient of the batch sum is each image's own gradient.
+        (eval mode), so the gradient of the batch sum is each image's own gradient. When the input takes a
+        gradient (a method reads it) and a layer is hooked, each backward gives both: Grad-CAM and saliency
+        together cost one backward per target, not two.
         """
         if (wrt, score) not in self._grads:
-            tensor = self.layer_output if wrt == "layer" else {"input": self.x}[wrt]
+            if wrt not in ("layer", "input"):
+                raise KeyError(wrt)
+            both = self.x.requires_grad and self.activations is not None
+            names = ["layer", "input"] if both else [wrt]
+            tensors = [self.layer_output if name == "layer" else self.x for name in names]
             scores = self.class_scores(score)
-            grads = [
-                torch.autograd.grad(scores[:, k].sum(), tensor, retain_graph=True)[0]
-                for k in range(self.targets.shape[1])
-            ]
-            self._grads[(wrt, score)] = torch.stack(grads, dim=1).float()
+            grads = [torch.autograd.grad(scores[:, k].sum(), tensors, retain_graph=True)
+                     for k in range(self.targets.shape[1])]
+            for i, name in enumerate(names):
+                self._grads[(name, score)] = torch.stack([g[i] for g in grads], dim=1).float()
         return self._grads[(wrt, score)]
 
     def memo(self, key: tuple, compute: Callable[[], Tensor]) -> Tensor:
