@@ -254,3 +254,17 @@ def test_the_queue_path_records_them_too(tmp_path, smooth_rgb, encode_image):
         {"input_size": 96, "crop": "center", "resize": 106, "interpolation": "bilinear"}  # floor(96 / 0.9)
     top = int(round((int(106 * 160 / 96) - 96) / 2))  # portrait: the crop cuts the top and bottom
     assert record["input_box"] == pytest.approx([5 / 106, top / 176, 101 / 106, (top + 96) / 176])
+
+
+def test_the_api_takes_the_crop_as_salient_submit_does():
+    from pydantic import ValidationError
+
+    from salient_maps.producer.api import JobRequest
+
+    request = JobRequest(uris=["s3://bucket/a.png"], crop="squash", resize=288, interpolation="bicubic")
+    spec = job_spec(**request.model_dump(exclude={"uris", "manifest", "name", "chunk"}))
+    assert spec["preprocessing"] == {"crop": "squash", "resize": 288, "interpolation": "bicubic"}
+    parse_chunk(chunk_message("job", [(1, "s3://bucket/a.png")], spec))  # a valid message
+    for bad in ({"crop": "border"}, {"interpolation": "lanczos"}, {"resize": 4}):
+        with pytest.raises(ValidationError):
+            JobRequest(uris=["s3://bucket/a.png"], **bad)
