@@ -10,6 +10,7 @@ arrays, thumbnail or overlay out. Numpy only, except overlays (OpenCV, imported 
 
 from __future__ import annotations
 
+import json
 import re
 from collections import OrderedDict
 from pathlib import Path
@@ -89,6 +90,8 @@ class MapReader:
         if values is None:  # at the layer's size: overlay_png resizes it to the picture in one step
             values = shard.map(record["method"], record["slot"], "layer")
         box = record.get("input_box")
+        if isinstance(box, str):  # a row of open_results' Arrow table or of an export: JSON text
+            box = json.loads(box)
         return overlay_png(picture, values, style, tuple(box) if box else None)
 
 

@@ -225,6 +225,9 @@ def test_run_records_layout_and_preprocessing_and_draws_the_map_on_the_crop(run_
     np.testing.assert_array_equal(drawn[:, :x0], rgb[:, :x0])  # the margins the model never saw: blank
     np.testing.assert_array_equal(drawn[:, x1:], rgb[:, x1:])
     assert np.abs(drawn[:, x0:x1].astype(int) - rgb[:, x0:x1]).mean() > 10  # the map, on the crop
+    as_text = {**record, "input_box": json.dumps(record["input_box"])}  # a row of open_results' Arrow table
+    assert MapReader.for_settings(settings).overlay_png(as_text, OverlayStyle(alpha=0.5), rgb) == \
+        MapReader.for_settings(settings).overlay_png(record, OverlayStyle(alpha=0.5), rgb)
     shown = run_cli(["show", "wide.png", "--data", out]).output
     assert "over the model's crop" in shown
 
