@@ -63,6 +63,23 @@ def test_gradcam_maps_equal_a_plain_pytorch_gradcam(pictures):
     assert names[0] == [result.class_names[c] for c in result.targets[0].tolist()]
 
 
+def test_a_non_square_photo_is_cropped_as_torchvision_transforms_it():
+    """resnet18's own eval transform (resize 256, centre crop 224, bilinear) on a 400×560 photo: salient's maps are
+    the plain Grad-CAM of torchvision.transforms.v2's crop. The two crops' pixels may differ by one 8-bit level
+    (tests/test_preprocessing.py), which moves these maps by ~3e-4; a crop one pixel off moves them by 0.07."""
+    import skimage.data
+    from torchvision.transforms import v2
+
+    rgb = np.ascontiguousarray(skimage.data.coffee()[:, 40:])
+    tensor = torch.from_numpy(rgb).permute(2, 0, 1)
+    crop = v2.CenterCrop(224)(v2.Resize(256, antialias=True)(tensor)).permute(1, 2, 0).numpy().copy()
+    maps, targets = plain_gradcam(crop, topk=2)
+    result = explain(rgb, model=MODEL, methods="gradcam", topk=2)
+    assert result.preprocessing["crop"] == "center" and result.preprocessing["resize"] == 256
+    assert result.targets[0].tolist() == targets.tolist()
+    torch.testing.assert_close(result.maps["gradcam"][0], maps, atol=2e-3, rtol=0)
+
+
 def test_every_kind_of_image_gives_the_same_maps(pictures, encode_image, tmp_path):
     rgb = pictures[0]
     png = encode_image(rgb, "PNG")  # lossless: the same pixels as the array
