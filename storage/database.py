@@ -433,7 +433,7 @@ def _store_shard_rows_postgres(conn, shard_key: str, now, images: list[dict], ex
     ~100 ms to compile, each time)."""
     image_columns = ["sha256", "width", "height"]
     row_columns = sorted({name for r in explanations for name in r})
-    images_table, rows_table = Image.__table__, Explanation.__table__
+    images_table, rows_table = (Base.metadata.tables[model.__tablename__] for model in (Image, Explanation))
     # A JSON column's None stays JSON null, as SQLAlchemy's JSON type stores it (the recordset would make it NULL).
     selected = [f"COALESCE({name}, 'null'::json)" if isinstance(rows_table.c[name].type, JSON) else name
                 for name in row_columns]
