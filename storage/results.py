@@ -40,9 +40,10 @@ TRUTH_FIELDS = ("label", "correct", "boxes", "mask", "localization_box", "locali
 # crop, resize, interpolation, mean, std; ``input_box``: [x0, y0, x1, y1], the part of the image the map covers,
 # in fractions of its width and height ([0, 0, 1, 1] without a crop). Records made before these were stored have
 # null layout and preprocessing; their maps cover the whole image (salient did not crop then).
-FIELDS = ("job_id", "uri", "sha256", "model", "method", "method_params", "layer", "layout", "preprocessing",
-          "input_box", "class_id", "class_name", "score", "rank", "shard", "slot", "status", "error",
-          "seconds") + METRIC_FIELDS + LOCALIZATION_FIELDS + TRUTH_FIELDS
+# New fields go after the existing ones, so a CSV reader's column positions stay where they were.
+FIELDS = ("job_id", "uri", "sha256", "model", "method", "method_params", "layer", "class_id", "class_name",
+          "score", "rank", "shard", "slot", "status", "error", "seconds", "layout", "preprocessing",
+          "input_box") + METRIC_FIELDS + LOCALIZATION_FIELDS + TRUTH_FIELDS
 IOU_CORRECT = 0.5  # Simonyan et al. 2014's localisation criterion (as workers/localization_metrics.py)
 ERROR_FIELDS = ("job_id", "uri", "sha256", "status", "error", "seconds")
 FORMATS = ("jsonl", "csv", "parquet")
