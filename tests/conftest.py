@@ -45,6 +45,17 @@ def _encode(pixels: np.ndarray, fmt: str, **options) -> bytes:
     return buf.getvalue()
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """For modules of many tiny forwards: on a busy two-core machine torch's second thread only spins."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def smooth_rgb() -> Callable[..., np.ndarray]:
     """The picture generator: ``smooth_rgb(height, width, seed=0)``."""

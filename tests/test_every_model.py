@@ -41,12 +41,7 @@ _INITIALISERS = ("uniform_", "normal_", "trunc_normal_", "kaiming_uniform_", "ka
                  "xavier_normal_", "constant_", "zeros_", "ones_", "orthogonal_")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def expected_layout(name: str) -> dict:
