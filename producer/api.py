@@ -173,6 +173,11 @@ class ResultRecord(BaseModel):
     status: str
     error: str | None
     seconds: float | None
+    layout: dict | None = Field(description="How the target layer's output became B×C×h×w (e.g. tokens with their "
+                                            "prefix count, channels_last).")
+    preprocessing: dict | None = Field(description="Input size, resize, crop, interpolation, mean and std applied.")
+    input_box: list[float] | None = Field(description="The part of the image the model saw, [x0, y0, x1, y1] as "
+                                                      "fractions of its width and height.")
     deletion_auc: float | None
     insertion_auc: float | None
     drop: float | None
