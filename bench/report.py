@@ -134,7 +134,8 @@ def main() -> None:
     parser.add_argument("--faithfulness", action="store_true")
     parser.add_argument("--keep", type=Path, help="folder for the rows, reused when it holds the same job")
     args = parser.parse_args()
-    temporary = tempfile.TemporaryDirectory(prefix="salient-report-bench-")
+    # Chromium may still be writing its profile as we exit
+    temporary = tempfile.TemporaryDirectory(prefix="salient-report-bench-", ignore_cleanup_errors=True)
     folder = args.keep or Path(temporary.name) / "data"
     folder.mkdir(parents=True, exist_ok=True)
     job_id, generated = generate(folder, args)
