@@ -162,6 +162,10 @@ def start_seaweedfs(folder: Path) -> Server:
         process = subprocess.Popen(
             [_which("weed"), "mini", f"-dir={folder / 'data'}", "-ip=127.0.0.1", "-ip.bind=127.0.0.1",
              f"-s3.config={identities}", "-webdav=false", "-admin.ui=false",
+             # every test's bucket is a collection with a volume of its own; left at 0, the volume
+             # count is free disk / 128 MB, so a nearly full disk gives ~12 buckets and then
+             # "no free volumes left" (CI failed so). Volumes are sparse files: a fixed count is safe.
+             "-volume.max=4000", "-master.volumeSizeLimitMB=64",
              *(f"-{name}={port}" for name, port in ports.items())],
             stdout=open(log, "ab"), stderr=subprocess.STDOUT, start_new_session=True)
         _wait(lambda: client.list_buckets() is not None, "weed mini (S3)", process, log, timeout=60)
