@@ -239,7 +239,7 @@ def main() -> None:
 
         recorder, checker = Sampler(poll_recorded, 0.05), Sampler(check, 5.0)
         recorder.start(), checker.start()
-        submit_start = time.perf_counter()
+        submit_start, submit_wall = time.perf_counter(), datetime.now(timezone.utc)
         producer = subprocess.Popen([SALIENT, "submit", str(manifest), *SPEC_ARGS, "--chunk", str(args.chunk)],
                                     env={**os.environ, **env}, stdout=subprocess.PIPE, text=True)
         memory = Sampler(lambda: (value := rss_mib(producer.pid)) and rss.append(
@@ -263,7 +263,9 @@ def main() -> None:
                     f"failed {job.failed}")
                 last_report = time.perf_counter()
             time.sleep(1)
-        run_seconds = time.perf_counter() - submit_start
+        # to the job's own end (the worker's clock, this machine's), not to the poll that saw it
+        finished = job.finished_at if job.finished_at.tzinfo else job.finished_at.replace(tzinfo=timezone.utc)
+        run_seconds = (finished - submit_wall).total_seconds()
         checker.stop()
         check()
         say(f"job over in {run_seconds:.0f}s: done {job.done}, failed {job.failed}, skipped {job.skipped}")

@@ -7,7 +7,6 @@ items fail with the reason and that the marker never appears."""
 from __future__ import annotations
 
 import json
-import threading
 from pathlib import Path
 
 import pytest
@@ -93,7 +92,7 @@ def worker_runs(factory: str, allowed: list[str], tmp_path: Path, tiny_images) -
                                                                            input_size=32))))
     loop = DeviceLoop(db, settings, 1)
     rt = Runtime(settings, ProcessorCache(settings, db, open_store(settings.resolved_object_store_url), "cpu",
-                                          model_lock=threading.Lock()), loop)
+                                          model_lock=loop.model_lock), loop)
     run_chunk(parse_chunk(message), rt)
     with db.connect() as conn:
         rows = conn.execute(select(Item.uri, Item.status, Item.error))

@@ -62,3 +62,37 @@ def test_the_models_release_ends_the_wait_with_what_is_ready(tmp_path):
     loop.model_lock.__exit__(None, None, None)
     thread.join(30)
     assert out == [tickets[:3]]
+
+
+def test_every_lanes_model_calls_run_on_one_model_thread(tmp_path):
+    """Each thread entering torch's OpenMP regions gets a thread team of its own; the lanes' calls must share one."""
+    from salient_maps.workers.batching import ModelGuard
+
+    loop, _ = loop_with(tmp_path, ready=0, decoding=0)
+    seen: list[int] = []
+
+    class Model:
+        def explain(self, x):
+            seen.append(threading.get_ident())
+            if x < 0:
+                raise ValueError("bad batch")
+            return 2 * x
+
+    model = ModelGuard(Model(), loop.model_lock, ("explain",))
+    results, errors, lanes = [], [], []
+
+    def lane(values):
+        lanes.append(threading.get_ident())
+        for v in values:
+            try:
+                results.append(model.explain(v))
+            except ValueError as exc:
+                errors.append(str(exc))
+
+    threads = [threading.Thread(target=lane, args=(vs,)) for vs in ([1, 2, -1], [3, 4])]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    assert sorted(results) == [2, 4, 6, 8] and errors == ["bad batch"]  # results and errors reach the caller
+    assert len(seen) == 5 and len(set(seen)) == 1 and seen[0] not in lanes

@@ -182,9 +182,13 @@ def to_input(rgb: np.ndarray, resizing: Resizing | int, mean, std,
         resized = _cropped(rgb, r, *(original or (rgb.shape[1], rgb.shape[0])))
     # NumPy, not torch: this runs on the decode threads, where torch's parallel ops cost ~5x the CPU
     # (6.4 against 1.2 ms per 224 px image here) and start thread teams that compete with the model's.
+    # The bytes go channel-first before the float math, which then runs on contiguous planes: 0.1 ms
+    # against 0.64 for the same values computed pixel-interleaved and transposed as floats.
     std_ = np.asarray(std, np.float32)
-    x = resized.astype(np.float32) * (np.float32(1 / 255) / std_) - np.asarray(mean, np.float32) / std_
-    return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1)))
+    x = np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32)
+    x *= (np.float32(1 / 255) / std_)[:, None, None]
+    x -= (np.asarray(mean, np.float32) / std_)[:, None, None]
+    return torch.from_numpy(x)
 
 
 def _cropped(rgb: np.ndarray, r: Resizing, width: int, height: int) -> np.ndarray:

@@ -15,13 +15,13 @@ import sys
 import threading
 
 from salient_maps.producer.cli import main
-from salient_maps.workers.engine import Explainer
+from salient_maps.workers.batching import ModelLock
 from salient_maps.workers.process import ItemProcessor
 
 CRASH = set(filter(None, os.environ.get("POISON_CRASH_SHA256", "").split(",")))
 HANG = set(filter(None, os.environ.get("POISON_HANG_SHA256", "").split(",")))
-_poisoned = threading.local()  # what the batch this thread is explaining holds
-_process_batch, _explain = ItemProcessor.process_batch, Explainer.explain
+_poisoned = threading.local()  # what the batch this lane is explaining holds
+_process_batch, _run = ItemProcessor.process_batch, ModelLock.run
 
 
 def process_batch(self, batch):
@@ -33,18 +33,24 @@ def process_batch(self, batch):
         _poisoned.crash = _poisoned.hang = False
 
 
-def explain(self, *args, **kwargs):
-    if getattr(_poisoned, "crash", False):
-        print(f"faulty_worker: crashing on a poison image (pid {os.getpid()})", flush=True)
-        os._exit(139)
-    if getattr(_poisoned, "hang", False):
-        print(f"faulty_worker: hanging on a poison image (pid {os.getpid()})", flush=True)
-        threading.Event().wait()
-    return _explain(self, *args, **kwargs)
+def run(self, call, *args, **kwargs):
+    # Model calls run on the lock's model thread: the lane's batch decides, the model thread crashes or hangs.
+    crash, hang = getattr(_poisoned, "crash", False), getattr(_poisoned, "hang", False)
+
+    def poisoned(*a, **k):
+        if crash:
+            print(f"faulty_worker: crashing on a poison image (pid {os.getpid()})", flush=True)
+            os._exit(139)
+        if hang:
+            print(f"faulty_worker: hanging on a poison image (pid {os.getpid()})", flush=True)
+            threading.Event().wait()
+        return call(*a, **k)
+
+    return _run(self, poisoned, *args, **kwargs)
 
 
 ItemProcessor.process_batch = process_batch
-Explainer.explain = explain
+ModelLock.run = run
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -5,7 +5,6 @@
 from __future__ import annotations
 
 import math
-import threading
 from contextlib import contextmanager
 
 import pytest
@@ -80,8 +79,9 @@ def test_a_queue_worker_runs_six_statements_per_message_of_32(pipeline, tiny_ima
     settings = pipeline.settings
     db = pipeline.db()
     job_id, items = listed_job(db, settings, tiny_images(3 * BATCH, size=(24, 32)))
+    loop = DeviceLoop(db, settings, 2, linger=600)
     rt = Runtime(settings, ProcessorCache(settings, db, open_store(settings.resolved_object_store_url, settings), "cpu",
-                                          model_lock=threading.Lock()), DeviceLoop(db, settings, 2, linger=600))
+                                          model_lock=loop.model_lock), loop)
     per_message = []
     for start in range(0, len(items), BATCH):
         message = chunk_message(job_id, items[start:start + BATCH], job_spec(**SPEC))

@@ -7,6 +7,7 @@ tests restart servers); ``missing()`` says which binaries are not installed (run
 
 from __future__ import annotations
 
+import atexit
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -111,17 +113,23 @@ def start_redis(folder: Path, appendonly: bool = False) -> Server:
 def start_postgres(folder: Path) -> Server:
     """PostgreSQL with trust auth on 127.0.0.1; as root it runs as the ``postgres`` user (it refuses root)."""
     folder.mkdir(parents=True, exist_ok=True)
-    data, sockets, log = folder / "data", folder / "sockets", folder / "postgres.log"
-    sockets.mkdir(exist_ok=True)
     as_user: list[str] = []
     if os.geteuid() == 0:
         as_user = ["runuser", "-u", "postgres", "--"]
-        # The data folder must be reachable by postgres: every parent needs o+x.
-        for parent in [folder, *folder.parents]:
-            if parent == Path("/"):
-                break
-            parent.chmod(parent.stat().st_mode | 0o011)
+        # Every parent of the data folder must stay reachable by postgres (o+x) while it runs. Not under
+        # pytest's temporary folders: each new pytest session resets /tmp/pytest-of-root to 0700, and the
+        # server then can no longer read its own pg_hba.conf on a reload. A folder of its own in /tmp instead,
+        # removed when this process ends (the server is stopped before that).
+        own = Path(tempfile.mkdtemp(prefix="salient-postgres-"))
+        own.chmod(0o711)
+        atexit.register(shutil.rmtree, own, ignore_errors=True)
+        (folder / "server").unlink(missing_ok=True)
+        (folder / "server").symlink_to(own)  # where its log is, for whoever looks in the test's folder
+        folder = own
         shutil.chown(folder, "postgres")
+    data, sockets, log = folder / "data", folder / "sockets", folder / "postgres.log"
+    sockets.mkdir(exist_ok=True)
+    if as_user:
         shutil.chown(sockets, "postgres")
     if not data.exists():
         subprocess.run([*as_user, _which("initdb"), "-D", str(data), "--auth=trust", "-U", "postgres",
