@@ -288,10 +288,15 @@ def ensure_schema(engine: Engine) -> str:
         return SCHEMA_REVISION
 
 
+def conflict_insert(bind, table):
+    """An INSERT that takes ON CONFLICT clauses, in the dialect of ``bind`` (an engine or connection):
+    PostgreSQL's or SQLite's, the two salient supports."""
+    return (postgresql if bind.dialect.name == "postgresql" else sqlite).insert(table)
+
+
 def insert_ignore(engine: Engine, table, rows: list[dict[str, Any]]):
     """INSERT ... ON CONFLICT DO NOTHING for the dialects salient supports."""
-    dialect = postgresql if engine.dialect.name == "postgresql" else sqlite
-    return dialect.insert(table).values(rows).on_conflict_do_nothing()
+    return conflict_insert(engine, table).values(rows).on_conflict_do_nothing()
 
 
 def create_job(engine: Engine, settings: dict, name: str | None = None, settings_digest: str | None = None) -> str:
@@ -394,8 +399,7 @@ def _counted(job, counts: dict) -> dict:
 
 def result_settings_id(conn, row: dict) -> int:
     """The id of the ``result_settings`` row of ``row["digest"]``, inserted if new: one statement."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    stmt = dialect.insert(ResultSettings).values(row)
+    stmt = conflict_insert(conn, ResultSettings).values(row)
     return conn.execute(stmt.on_conflict_do_update(index_elements=[ResultSettings.digest],
                                                    set_={"digest": stmt.excluded.digest})
                         .returning(ResultSettings.id)).scalar_one()

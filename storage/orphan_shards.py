@@ -26,11 +26,10 @@ from datetime import timedelta
 from itertools import chain, islice
 
 from sqlalchemy import delete, exists, select
-from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Engine
 from sqlalchemy.exc import IntegrityError
 
-from .database import Explanation, Shard, utcnow
+from .database import Explanation, Shard, conflict_insert, utcnow
 from .objects import ObjectStore
 from .overlay_archives import OVERLAYS, SHARDS, archive_key, shard_of_archive
 
@@ -40,8 +39,7 @@ PAGE = 1000
 def record_shard(conn, key: str, images: int, size: int) -> None:
     """The shard's row before its bytes go up (one statement); a row that exists gets a fresh ``created_at``,
     so the collector leaves a shard alone while a batch (a redo, or a peer with the same bytes) writes it."""
-    dialect = postgresql if conn.dialect.name == "postgresql" else sqlite
-    row = dialect.insert(Shard).values(key=key, images=images, bytes=size, created_at=utcnow())
+    row = conflict_insert(conn, Shard).values(key=key, images=images, bytes=size, created_at=utcnow())
     conn.execute(row.on_conflict_do_update(index_elements=[Shard.key], set_={"created_at": row.excluded.created_at}))
 
 
