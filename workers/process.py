@@ -208,13 +208,18 @@ class ItemProcessor:
             if p.sha256 in found:
                 p.explained, p.data = True, None
 
-    def take_truths(self, batch: list[Prepared]) -> None:
-        """The decoded images' ground truth (see ``take_truth``), masks decoded: as the items came (``pending_items``
-        and the queue's tasks read it with them), else one query for the batch."""
+    def truths(self, batch: list[Prepared]) -> dict[int, dict | None]:
+        """Item id -> the manifest's ground truth: as the items came, else one query for those that came without."""
         truths = {p.item.id: p.item.truth for p in batch if p.item.truth_known}
         if unknown := [p.item.id for p in batch if not p.item.truth_known]:
             with self.cpu_seconds("database"), self.db.connect() as conn:
                 truths.update(conn.execute(select(Item.id, Item.truth).where(Item.id.in_(unknown))).all())
+        return truths
+
+    def take_truths(self, batch: list[Prepared]) -> None:
+        """The decoded images' ground truth (see ``take_truth``), masks decoded: as the items came (``pending_items``
+        and the queue's tasks read it with them), else one query for the batch."""
+        truths = self.truths(batch)
         for p in batch:
             self.take_truth(p, truths.get(p.item.id))
             self.decode_mask(p)
@@ -496,12 +501,13 @@ class ItemProcessor:
             first = {p.sha256: p for p in e.unique}
             # each record's input_box, as the results give it: the part of the picture its map covers (a crop)
             preprocessing = self.writer.settings_row.get("preprocessing")
-            records = [{"shard": shard_key(data), "slot": r.slot, "method": r.method, "class_id": r.class_id,
+            key = shard_key(data)
+            records = [{"shard": key, "slot": r.slot, "method": r.method, "class_id": r.class_id,
                         "sha256": r.sha256, "uri": first[r.sha256].item.uri,
                         "input_box": input_box(preprocessing, first[r.sha256].width, first[r.sha256].height)}
                        for r in rows]
             pictures = {sha: fit_long_side(p.rgb, self.settings.overlay_max_side) for sha, p in first.items()}
-            return overlay_archive(shard_key(data), data, records, pictures, self.overlay_style)
+            return overlay_archive(key, data, records, pictures, self.overlay_style)
 
     def _ground_truth(self, p: Prepared) -> GroundTruth:
         """The image's boxes and mask in the frame of the model's input: the resize and crop ``to_input`` (and

@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 from sqlalchemy import select
 
-from salient_maps.storage.database import Explanation, Image, Item, ResultSettings, Shard
+from salient_maps.storage.database import Explanation, Image, ResultSettings, Shard
 from salient_maps.storage.ground_truth import OWN_METRICS
 from salient_maps.storage.maps import MapReader
 from salient_maps.storage.sources import truth_digest
@@ -54,12 +54,7 @@ def measure_skipped(processor: ItemProcessor, skipped: list[Prepared]) -> Reused
     own metrics where their boxes or mask are not those the rows were measured against. No query unless some
     skipped item has ground truth."""
     reused = Reused()
-    truths = {p.item.id: p.item.truth for p in skipped if p.item.truth_known}
-    unknown = [p.item.id for p in skipped if not p.item.truth_known]
-    if unknown:
-        with processor.db.connect() as conn:
-            truths.update(conn.execute(select(Item.id, Item.truth).where(Item.id.in_(unknown),
-                                                                         Item.truth.is_not(None))).all())
+    truths = processor.truths(skipped)
     with_truth = [p for p in skipped if truths.get(p.item.id)]
     if not with_truth:
         return reused
