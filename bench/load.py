@@ -39,7 +39,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
-from pipeline import SALIENT, Stack  # noqa: E402  (also puts the repository and tests/servers on the path)
+from pipeline import SALIENT, Stack, seconds_to_end  # noqa: E402  (also puts the repo and tests/servers on the path)
 
 SPEC_ARGS = ["--model", "mobilenet_v3_small", "--methods", "gradcam", "--topk", "1", "--batch-size", "32"]
 
@@ -263,9 +263,7 @@ def main() -> None:
                     f"failed {job.failed}")
                 last_report = time.perf_counter()
             time.sleep(1)
-        # to the job's own end (the worker's clock, this machine's), not to the poll that saw it
-        finished = job.finished_at if job.finished_at.tzinfo else job.finished_at.replace(tzinfo=timezone.utc)
-        run_seconds = (finished - submit_wall).total_seconds()
+        run_seconds = seconds_to_end(job, submit_wall)
         checker.stop()
         check()
         say(f"job over in {run_seconds:.0f}s: done {job.done}, failed {job.failed}, skipped {job.skipped}")
