@@ -1,5 +1,6 @@
 """Batch-norm folding (workers/folding.py): the folded copy computes what the model computes, the model
-itself is left alone, and what cannot be folded safely is not."""
+itself is left alone, what cannot be folded safely is not, and the explainer's maps are the unfolded
+model's (computed here by plain autograd on the model as built)."""
 
 from __future__ import annotations
 
@@ -7,8 +8,11 @@ import torch
 import torchvision
 from torch import nn
 
+from salient_maps.workers.engine import Explainer
 from salient_maps.workers.folding import folded, for_plain_passes
-from salient_maps.workers.models import load_model
+from salient_maps.workers.methods import build_methods
+from salient_maps.workers.models import LoadedModel, load_model
+from salient_maps.workers.targets import Targets
 
 
 def with_running_statistics(module: nn.Module, seed: int = 0) -> nn.Module:
@@ -96,3 +100,45 @@ def test_plain_passes_run_folded_except_in_cuda_half_precision():
     assert norms(for_plain_passes(model, torch.device("cpu"), torch.bfloat16)) == 0
     assert norms(for_plain_passes(model, torch.device("cuda"), torch.float32)) == 0
     assert for_plain_passes(model, torch.device("cuda"), torch.bfloat16) is model
+
+
+def test_the_explainer_runs_folded_and_its_maps_are_the_models_own():
+    model = with_running_statistics(torchvision.models.resnet18(weights=None, num_classes=10))
+    loaded = LoadedModel(name="test", module=model, weights_digest="0" * 12, class_names=[str(i) for i in range(10)],
+                         input_size=64)
+    x = torch.randn(3, 3, 64, 64, generator=torch.Generator().manual_seed(3))
+    explainer = Explainer(loaded, "layer4", build_methods(["gradcam", "saliency"]), Targets(topk=1), device="cpu")
+    assert norms(explainer.module) == 0 and norms(model) == 20
+    result = explainer.explain(x)
+
+    # Independent: Grad-CAM and the input gradient of the top class on the model as built, in float64.
+    ref = model.double()
+    try:
+        captured = []
+        handle = ref.layer4.register_forward_hook(lambda _m, _i, out: captured.append(out))
+        xd = x.double().requires_grad_(True)
+        logits = ref(xd)
+        handle.remove()
+        top = logits.argmax(1)
+        layer_grad, input_grad = torch.autograd.grad(logits.gather(1, top[:, None]).sum(), [captured[0], xd])
+        cam = torch.relu((layer_grad.mean((2, 3), keepdim=True) * captured[0]).sum(1, keepdim=True))
+        lo, hi = cam.amin((2, 3), keepdim=True), cam.amax((2, 3), keepdim=True)
+        cam = nn.functional.interpolate((cam - lo) / (hi - lo), size=(64, 64), mode="bilinear", align_corners=False)
+        saliency = input_grad.abs().amax(1, keepdim=True)
+        lo, hi = saliency.amin((2, 3), keepdim=True), saliency.amax((2, 3), keepdim=True)
+        saliency = (saliency - lo) / (hi - lo)
+    finally:
+        model.float()
+    assert torch.equal(result.targets[:, 0], top)
+    torch.testing.assert_close(result.outputs["gradcam"].maps.double(), cam, rtol=0, atol=1e-5)
+    torch.testing.assert_close(result.outputs["saliency"].maps.double(), saliency, rtol=0, atol=1e-5)
+
+
+def test_a_hooked_convolution_keeps_its_batch_norm_and_its_own_output():
+    model = with_running_statistics(torchvision.models.resnet18(weights=None, num_classes=10))
+    loaded = LoadedModel(name="test", module=model, weights_digest="0" * 12, class_names=[str(i) for i in range(10)],
+                         input_size=64)
+    explainer = Explainer(loaded, "layer4.1.conv2", build_methods(["gradcam"]), Targets(topk=1), device="cpu")
+    assert norms(explainer.module) == 1  # only the hooked conv's own batch norm is left
+    assert isinstance(explainer.module.get_submodule("layer4.1.bn2"), nn.BatchNorm2d)
+    assert torch.equal(explainer.layer.weight, model.layer4[1].conv2.weight)  # the layer's output is as built
