@@ -13,11 +13,12 @@ from pathlib import Path
 import cv2
 import numpy as np
 import pytest
+import torch
 from PIL import Image, ImageOps
 
 from salient_maps.storage.sources import SourceError, iter_uris, read_uri
 from salient_maps.workers import images
-from salient_maps.workers.images import decode_image, to_input
+from salient_maps.workers.images import decode_image, stack_inputs, to_input
 
 LIMIT = 40_000_000
 
@@ -205,6 +206,20 @@ def test_to_input_normalises_the_whole_image_without_cropping():
     x = to_input(rgb, 32, (0.0, 0.0, 0.0), (1.0, 1.0, 1.0))
     assert x.shape == (3, 32, 32)
     assert x[:, :, -1].min() > 0.9 and x[:, :, 0].max() == 0
+
+
+def test_inputs_are_channels_last_and_stack_into_a_channels_last_batch():
+    rgb = np.random.default_rng(4).integers(0, 256, (40, 30, 3), dtype=np.uint8)
+    mean, std = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+    xs = [to_input(np.roll(rgb, k, axis=1), 24, mean, std) for k in range(3)]
+    scaled = cv2.resize(rgb, (24, 24), interpolation=cv2.INTER_AREA).astype(np.float32)
+    expected = (scaled / 255 - np.array(mean, np.float32)) / np.array(std, np.float32)  # per channel, H×W×3
+    np.testing.assert_allclose(xs[0].permute(1, 2, 0).numpy(), expected, rtol=0, atol=1e-5)
+    batch = stack_inputs(xs)
+    assert xs[0].shape == (3, 24, 24) and batch.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(batch, torch.stack([x.contiguous() for x in xs]))
+    plain = stack_inputs([x.contiguous() for x in xs])  # inputs of another layout stack as they are
+    assert plain.is_contiguous() and torch.equal(plain, batch)
 
 
 # --- files that must fail, with a reason ------------------------------------------------------------------------

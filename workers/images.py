@@ -182,13 +182,23 @@ def to_input(rgb: np.ndarray, resizing: Resizing | int, mean, std,
         resized = _cropped(rgb, r, *(original or (rgb.shape[1], rgb.shape[0])))
     # NumPy, not torch: this runs on the decode threads, where torch's parallel ops cost ~5x the CPU
     # (6.4 against 1.2 ms per 224 px image here) and start thread teams that compete with the model's.
-    # The bytes go channel-first before the float math, which then runs on contiguous planes: 0.1 ms
-    # against 0.64 for the same values computed pixel-interleaved and transposed as floats.
+    # The result is channels last (3×size×size strided as size×size×3), the layout the engine's convolutions
+    # take: ``stack_inputs`` then makes a batch without transposing it (2.3 against 7.5 ms per 32 images).
+    # Scale and shift are tiled along a pixel row, so NumPy's inner loop runs over the row's 3×size
+    # contiguous values: 0.14 ms, where broadcasting over the last axis of 3 took 0.64.
     std_ = np.asarray(std, np.float32)
-    x = np.ascontiguousarray(resized.transpose(2, 0, 1)).astype(np.float32)
-    x *= (np.float32(1 / 255) / std_)[:, None, None]
-    x -= (np.asarray(mean, np.float32) / std_)[:, None, None]
-    return torch.from_numpy(x)
+    height, width = resized.shape[:2]
+    x = resized.reshape(height, width * 3).astype(np.float32)
+    x *= np.tile(np.float32(1 / 255) / std_, width)
+    x -= np.tile(np.asarray(mean, np.float32) / std_, width)
+    return torch.from_numpy(x.reshape(height, width, 3)).permute(2, 0, 1)
+
+
+def stack_inputs(xs: list[torch.Tensor]) -> torch.Tensor:
+    """B×3×H×W batch of model inputs, channels last when they all are (as ``to_input`` makes them)."""
+    if all(x.permute(1, 2, 0).is_contiguous() for x in xs):
+        return torch.stack([x.permute(1, 2, 0) for x in xs]).permute(0, 3, 1, 2)
+    return torch.stack(xs)
 
 
 def _cropped(rgb: np.ndarray, r: Resizing, width: int, height: int) -> np.ndarray:

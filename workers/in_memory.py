@@ -26,7 +26,7 @@ from salient_maps.storage.sources import SourceError, read_uri, with_command_lin
 
 from .engine import Explainer
 from .explainers import Setup, SpecError, load_setup, spec_key
-from .images import decode_image, to_input
+from .images import decode_image, stack_inputs, to_input
 
 
 class ImageInputError(ValueError):
@@ -108,7 +108,7 @@ def explain(images: Any, model: str = DEFAULT_MODEL, methods: str | Sequence[str
             inputs = [future.result() for future in pending]
             pending = decoding(start + size)
             with _engine_lock:  # one model call at a time on the shared, cached engine
-                result = engine.explain(torch.stack(inputs))
+                result = engine.explain(stack_inputs(inputs))
             parts.append((result.probs.cpu(), result.targets.cpu(),
                           {name: (out.maps.float().cpu(), {k: v.cpu() for k, v in out.arrays.items()})
                            for name, out in result.outputs.items()}))

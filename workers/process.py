@@ -37,7 +37,14 @@ from salient_maps.storage.shards import localization_mask_name, shard_key
 from salient_maps.storage.sources import SourceError, read_uri, truth_digest
 
 from .engine import BatchResult, Explainer
-from .images import decode_image, decode_jpegs_on_device, decode_scaled, device_decodable, to_input
+from .images import (
+    decode_image,
+    decode_jpegs_on_device,
+    decode_scaled,
+    device_decodable,
+    stack_inputs,
+    to_input,
+)
 from .localization import PARAMS as LOCALIZATION_PARAMS
 from .localization import localize, mask_png
 from .localization_metrics import GroundTruth
@@ -101,8 +108,8 @@ def stacked_inputs(batch: list[Prepared], device: torch.device) -> torch.Tensor:
     over, from pinned memory on CUDA), else on ``device``, where nvJPEG left the JPEGs among them."""
     xs = [p.x for p in batch]
     if all(x.device == xs[0].device for x in xs):
-        return torch.stack(xs)
-    return torch.stack([x.to(device) for x in xs])
+        return stack_inputs(xs)
+    return stack_inputs([x.to(device) for x in xs])
 
 
 def _chunks(items: Iterable, n: int) -> Iterator[list]:

@@ -28,7 +28,7 @@ from salient_maps.storage.settings import Settings
 from salient_maps.storage.sources import SourceError, read_uri
 
 from .engine import Explainer
-from .images import decode_image, to_input
+from .images import decode_image, stack_inputs, to_input
 from .methods import Method
 from .models import LoadedModel
 from .targets import Targets
@@ -207,4 +207,4 @@ def load_inputs(uris: list[str], model: LoadedModel, settings: Settings) -> tupl
         used.append(uri)
     if not inputs:
         raise ValueError("no readable image to check")
-    return torch.stack(inputs), used, failed
+    return stack_inputs(inputs), used, failed
