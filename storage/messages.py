@@ -156,12 +156,16 @@ def broker_config(settings) -> dict[str, Any]:
     """Celery settings both sides share: JSON only, the queue, and the Redis visibility timeout.
 
     ``unacked_restore_interval`` with throttle 1 makes a worker sweep for a dead worker's messages
-    that often; kombu's default (10 s x 10) would add up to ~100 s after the visibility timeout.
+    that often; kombu's default (10 s x 10) would add up to ~100 s after the visibility timeout. A sweep
+    holds a Redis lock, which a worker killed during its sweep leaves behind until it expires: ten sweep
+    intervals (kombu's own 300 s at the default 30 s), not a fixed 300 s that would hold back every
+    redelivery far past a short visibility timeout.
     """
     transport = {
         "visibility_timeout": settings.visibility_timeout,
         "unacked_restore_interval": settings.unacked_restore_interval,
         "unacked_restore_throttle": 1,
+        "unacked_mutex_expire": max(1, round(10 * settings.unacked_restore_interval)),
     }
     return {
         "broker_url": settings.broker_url,

@@ -28,3 +28,20 @@ def test_passwords_in_urls_are_masked_when_printed(monkeypatch):
     assert "postgresql://salient:***@db:5432/salient" in repr(settings)
     assert settings.database_url.endswith("s3cret@db:5432/salient")  # the value itself is intact
     assert mask_url("redis://redis:6379/0") == "redis://redis:6379/0"
+
+
+def test_a_restore_lock_left_by_a_dead_worker_expires_after_ten_sweeps(pipeline):
+    """A worker killed while it sweeps for dead workers' messages leaves kombu's restore lock in Redis: the others
+    sweep again once it expires, ten sweep intervals later, not after kombu's fixed five minutes."""
+    from kombu.transport.redis import Mutex
+
+    from salient_maps.producer.queue import celery_client
+
+    for interval, expire in (("1", 10), ("30", 300)):
+        app = celery_client(Settings(broker_url=pipeline.env["SALIENT_BROKER_URL"], unacked_restore_interval=interval))
+        with app.connection_for_write() as connection:
+            channel = connection.default_channel
+            client = channel.client
+            with Mutex(client, channel.unacked_mutex_key, channel.unacked_mutex_expire):
+                ttl = client.ttl(channel.unacked_mutex_key)  # what a sweeper dying here would leave
+        assert expire - 1 <= ttl <= expire
