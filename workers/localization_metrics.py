@@ -102,7 +102,7 @@ def mass_share(heat: np.ndarray, coverage: np.ndarray) -> float | None:
         positive = np.clip(positive, 0, None)
     total = positive.sum()
     # einsum's own loop, not a BLAS dot: OpenBLAS would start a thread per core whose spinning took a worker's
-    # host threads ~15 % more CPU (bench/throughput.py, Grad-CAM top-3 on 2 cores)
+    # host threads ~17 % more CPU (`explain_sources`, Grad-CAM top-3 on 2 cores)
     return float(np.einsum("i,i->", positive, np.ravel(coverage)) / total) if total > 0 else None
 
 

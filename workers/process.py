@@ -107,9 +107,9 @@ def stacked_inputs(batch: list[Prepared], device: torch.device) -> torch.Tensor:
     """A batch's model inputs as one tensor: on the host when all were decoded there (the engine copies it
     over, from pinned memory on CUDA), else on ``device``, where nvJPEG left the JPEGs among them."""
     xs = [p.x for p in batch]
-    if all(x.device == xs[0].device for x in xs):
-        return stack_inputs(xs)
-    return stack_inputs([x.to(device) for x in xs])
+    if any(x.device != xs[0].device for x in xs):
+        xs = [x.to(device) for x in xs]
+    return stack_inputs(xs)
 
 
 def _chunks(items: Iterable, n: int) -> Iterator[list]:
