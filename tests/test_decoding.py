@@ -1,5 +1,5 @@
 """Decoding for the model: a JPEG is decoded only as large as the model input and the host picture need
-(libjpeg's DCT scaling), with its original size kept; the model input stays within a stated tolerance of
+(libjpeg-turbo's DCT scaling by M/8), with its original size kept; the model input stays within a stated tolerance of
 full-size decoding; the device path (nvJPEG on CUDA, run here on the CPU) keeps the same tolerance; and a
 batch is read, checked against the database in one query, and decoded without what is explained already."""
 
@@ -11,17 +11,18 @@ import cv2
 import numpy as np
 import pytest
 import torch
-from PIL import Image
+from PIL import Image, ImageOps
 from sqlalchemy import event
 
 from salient_maps.storage.sources import SourceError
 from salient_maps.workers import process
 from salient_maps.workers.images import (
+    Resizing,
     decode_image,
     decode_jpegs_on_device,
     decode_scaled,
     device_decodable,
-    jpeg_reduction,
+    jpeg_eighths,
     to_input,
 )
 from salient_maps.workers.process import stacked_inputs
@@ -54,36 +55,66 @@ def full_input(data: bytes, size=224) -> torch.Tensor:
     return to_input(decode_image(data, LIMIT), size, MEAN, STD)
 
 
-@pytest.mark.parametrize("size, short, long, factor", [
-    ((640, 480), 224, 256, 2),      # 320×240 keeps 224 and the thumbnail
-    ((640, 480), 224, 1024, 1),     # overlays at 1024 px need the whole image
-    ((640, 480), 224, None, 1),     # None: full size (localisation boxes)
-    ((640, 480), 112, 0, 4),        # 160×120
-    ((4000, 3000), 224, 256, 8),    # 500×375
-    ((3000, 4000), 224, 256, 8),    # portrait: the sides, not width and height, decide
-    ((1800, 225), 224, 0, 1),       # the short side would fall under the input
-    ((449, 449), 224, 0, 2),        # libjpeg rounds up: 225 >= 224
+@pytest.mark.parametrize("size, short, long, eighths", [
+    ((640, 480), 224, 256, 4),      # 320×240 keeps 224 and the thumbnail
+    ((640, 480), 256, 160, 5),      # 400×300 for a 256 px resize (resnet's centre crop)
+    ((640, 480), 224, 1024, 8),     # overlays at 1024 px need the whole image
+    ((640, 480), 224, None, 8),     # None: full size (localisation boxes)
+    ((640, 480), 112, 0, 2),        # 160×120
+    ((4000, 3000), 224, 256, 1),    # 500×375
+    ((3000, 4000), 224, 256, 1),    # portrait: the sides, not width and height, decide
+    ((1800, 225), 224, 0, 8),       # the short side would fall under the input
+    ((449, 449), 224, 0, 4),        # libjpeg rounds up: 225 >= 224
 ])
-def test_reduction_keeps_the_input_and_the_picture(size, short, long, factor):
-    assert jpeg_reduction(*size, short, long) == factor
+def test_scale_keeps_the_input_and_the_picture(size, short, long, eighths):
+    assert jpeg_eighths(*size, short, long) == eighths
 
 
-def test_jpeg_is_decoded_reduced_with_its_size_kept():
+def test_jpeg_is_decoded_scaled_with_its_size_kept():
     data = photo_jpeg("astronaut")
     decoded = decode_scaled(data, LIMIT, 224, 256)
     assert decoded.rgb.shape == (240, 320, 3) and (decoded.width, decoded.height) == (640, 480)
+    # by 1/2, the same pixels as OpenCV's own libjpeg gives
     np.testing.assert_array_equal(decoded.rgb, cv2.cvtColor(
         cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_REDUCED_COLOR_2), cv2.COLOR_BGR2RGB))
+    decoded = decode_scaled(data, LIMIT, 256, 160)
+    assert decoded.rgb.shape == (300, 400, 3) and (decoded.width, decoded.height) == (640, 480)
+    shrunk = cv2.resize(decode_image(data, LIMIT), (400, 300), interpolation=cv2.INTER_AREA)
+    assert np.abs(decoded.rgb.astype(float) - shrunk).mean() < 3  # by 5/8, the same picture
+
+
+@pytest.mark.parametrize("orientation", range(1, 9))
+def test_every_exif_orientation_turns_as_pillow_does(orientation):
+    rgb = cv2.resize(np.asarray(Image.open(io.BytesIO(photo_jpeg("coffee")))), (640, 480))
+    rgb[:60, :100] = (255, 0, 0)  # a red top-left corner as stored: every turn and mirror moves it elsewhere
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    with Image.open(io.BytesIO(buf.getvalue())) as im:
+        expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB")).astype(int)
+    full = decode_scaled(buf.getvalue(), LIMIT)
+    assert full.rgb.shape == expected.shape and (full.height, full.width) == expected.shape[:2]
+    assert np.abs(full.rgb - expected).max() <= 2  # two libjpeg builds, one picture
+    scaled = decode_scaled(buf.getvalue(), LIMIT, 256, 160)  # by 5/8 (where OpenCV could only decode whole)
+    assert (scaled.width, scaled.height) == (full.width, full.height)
+    assert scaled.rgb.shape[:2] == (-(-expected.shape[0] * 5 // 8), -(-expected.shape[1] * 5 // 8))
+    smaller = cv2.resize(expected.astype(np.uint8), scaled.rgb.shape[1::-1], interpolation=cv2.INTER_AREA)
+    assert np.abs(scaled.rgb.astype(float) - smaller).mean() < 3  # a wrong turn differs by tens of levels
 
 
 @pytest.mark.parametrize("name", ["astronaut", "chelsea", "coffee"])
-def test_reduced_decoding_stays_within_tolerance_of_full_decoding(name):
+@pytest.mark.parametrize("resizing, side, shape", [
+    (224, 224, (240, 320)),                                         # whole image, by 1/2
+    (Resizing(224, "center", 256, "bilinear"), 256, (300, 400)),    # torchvision's resize + crop, by 5/8
+])
+def test_scaled_decoding_stays_within_tolerance_of_full_decoding(name, resizing, side, shape):
     data = photo_jpeg(name)
-    decoded = decode_scaled(data, LIMIT, 224, 256)
-    assert decoded.rgb.shape[:2] == (240, 320)
-    diff = levels(to_input(decoded.rgb, 224, MEAN, STD), full_input(data))
+    decoded = decode_scaled(data, LIMIT, side, 160)
+    assert decoded.rgb.shape[:2] == shape
+    diff = levels(to_input(decoded.rgb, resizing, MEAN, STD, (640, 480)), full_input(data, resizing))
     assert diff.mean() <= REDUCED_MEAN and np.percentile(diff, 99) <= REDUCED_P99
-    assert diff.mean() > 0  # it did decode reduced: the test can tell the two apart
+    assert diff.mean() > 0  # it did decode scaled: the test can tell the two apart
 
 
 def test_exif_turn_applies_to_the_reduced_picture_and_the_size():

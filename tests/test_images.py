@@ -309,7 +309,10 @@ def test_pixel_bomb_is_refused_from_the_header_without_decoding(monkeypatch):
     with Image.open(io.BytesIO(data)) as im:  # the hand-built header is well-formed
         assert im.size == (100_000, 100_000)
 
+    decoded = []
+
     def must_not_decode(*_args, **_kwargs):
+        decoded.append(True)  # also when the raise below is caught on the way
         raise AssertionError("pixels were decoded")
 
     monkeypatch.setattr(images.cv2, "imdecode", must_not_decode)
@@ -323,6 +326,7 @@ def test_pixel_bomb_is_refused_from_the_header_without_decoding(monkeypatch):
     finally:
         tracemalloc.stop()
     assert peak < 1 << 20  # well under one row of the claimed image (300 kB) times a few
+    assert not decoded
 
 
 def test_pixel_limit_is_inclusive_and_exact(smooth_rgb, encode_image):
