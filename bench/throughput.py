@@ -325,8 +325,11 @@ def main() -> None:
                     m["piped"].append(n / piped)
                     m["piped_cpu"].append(worker_cpu / n)
 
-                # Odd rounds run in the reverse order, so a drift in the machine's load favours no side.
-                steps = [run_model_only, run_in_process, run_queued]
+                # Model-only runs between the two it is the measure of, so each is timed next to it (first
+                # model-only, then `salient run`, then the queue had put the queue ~40 s from its reference:
+                # 0.64 in one round against 0.90 in the next, while `salient run` gave 0.82 and 0.90); odd rounds
+                # run in the reverse order, so a drift in the machine's speed favours neither side.
+                steps = [run_in_process, run_model_only, run_queued]
                 for step in steps if r % 2 == 0 else reversed(steps):
                     step()
                 line = (f"  round {r} {s}: model only {m['model'][-1]:.1f} img/s, salient run "
