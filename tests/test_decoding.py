@@ -1,7 +1,7 @@
 """Decoding for the model: a JPEG is decoded only as large as the model input and the host picture need
-(libjpeg-turbo's DCT scaling by M/8), with its original size kept; the model input stays within a stated tolerance of
-full-size decoding; the device path (nvJPEG on CUDA, run here on the CPU) keeps the same tolerance; and a
-batch is read, checked against the database in one query, and decoded without what is explained already."""
+(libjpeg-turbo's DCT scaling by M/8), with its original size kept; the model input stays within a stated
+tolerance of full-size decoding; the device path (nvJPEG on CUDA, run here on the CPU) keeps the same tolerance;
+and a batch is read, checked against the database in one query, and decoded without what is explained already."""
 
 from __future__ import annotations
 
@@ -45,6 +45,18 @@ def photo_jpeg(name: str, width: int = 640, height: int = 480, quality: int = 90
     return buf.getvalue()
 
 
+def turned_jpeg(orientation: int) -> bytes:
+    """A 640×480 photo with a red top-left corner as stored (every turn and mirror moves it elsewhere), tagged
+    with an EXIF ``orientation``."""
+    rgb = cv2.resize(np.asarray(Image.open(io.BytesIO(photo_jpeg("coffee")))), (640, 480))
+    rgb[:60, :100] = (255, 0, 0)
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    buf = io.BytesIO()
+    Image.fromarray(rgb).save(buf, "JPEG", quality=95, exif=exif.tobytes())
+    return buf.getvalue()
+
+
 def levels(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
     """|a - b| of two normalised inputs, back in 1/255 levels."""
     return ((a - b).abs() * torch.tensor(STD).view(3, 1, 1) * 255).numpy()
@@ -85,18 +97,13 @@ def test_jpeg_is_decoded_scaled_with_its_size_kept():
 
 @pytest.mark.parametrize("orientation", range(1, 9))
 def test_every_exif_orientation_turns_as_pillow_does(orientation):
-    rgb = cv2.resize(np.asarray(Image.open(io.BytesIO(photo_jpeg("coffee")))), (640, 480))
-    rgb[:60, :100] = (255, 0, 0)  # a red top-left corner as stored: every turn and mirror moves it elsewhere
-    exif = Image.Exif()
-    exif[0x0112] = orientation
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=95, exif=exif.tobytes())
-    with Image.open(io.BytesIO(buf.getvalue())) as im:
+    data = turned_jpeg(orientation)
+    with Image.open(io.BytesIO(data)) as im:
         expected = np.asarray(ImageOps.exif_transpose(im).convert("RGB")).astype(int)
-    full = decode_scaled(buf.getvalue(), LIMIT)
+    full = decode_scaled(data, LIMIT)
     assert full.rgb.shape == expected.shape and (full.height, full.width) == expected.shape[:2]
     assert np.abs(full.rgb - expected).max() <= 2  # two libjpeg builds, one picture
-    scaled = decode_scaled(buf.getvalue(), LIMIT, 256, 160)  # by 5/8 (where OpenCV could only decode whole)
+    scaled = decode_scaled(data, LIMIT, 256, 160)  # by 5/8 (where OpenCV could only decode whole)
     assert (scaled.width, scaled.height) == (full.width, full.height)
     assert scaled.rgb.shape[:2] == (-(-expected.shape[0] * 5 // 8), -(-expected.shape[1] * 5 // 8))
     smaller = cv2.resize(expected.astype(np.uint8), scaled.rgb.shape[1::-1], interpolation=cv2.INTER_AREA)
@@ -118,17 +125,12 @@ def test_scaled_decoding_stays_within_tolerance_of_full_decoding(name, resizing,
 
 
 def test_exif_turn_applies_to_the_reduced_picture_and_the_size():
-    rgb = cv2.resize(np.asarray(Image.open(io.BytesIO(photo_jpeg("coffee")))), (640, 480))
-    rgb[:40, :40] = (255, 0, 0)  # a red top-left corner as stored
-    exif = Image.Exif()
-    exif[0x0112] = 6  # displayed turned 90° clockwise: the red corner shows top-right
-    buf = io.BytesIO()
-    Image.fromarray(rgb).save(buf, "JPEG", quality=95, exif=exif.tobytes())
-    decoded = decode_scaled(buf.getvalue(), LIMIT, 224, 256)
+    data = turned_jpeg(6)  # displayed turned 90° clockwise: the red corner shows top-right
+    decoded = decode_scaled(data, LIMIT, 224, 256)
     assert decoded.rgb.shape == (320, 240, 3) and (decoded.width, decoded.height) == (480, 640)
     top_right = decoded.rgb[:10, -10:].reshape(-1, 3).mean(0)
     assert top_right[0] > 200 and top_right[1] < 60
-    assert device_decodable(buf.getvalue(), LIMIT) is None  # nvJPEG would not turn it: the host decodes it
+    assert device_decodable(data, LIMIT) is None  # nvJPEG would not turn it: the host decodes it
 
 
 def test_other_formats_are_decoded_whole_and_exactly(smooth_rgb, encode_image):

@@ -73,9 +73,7 @@ def decode_image(data: bytes, max_pixels: int) -> np.ndarray:
 def decode_scaled(data: bytes, max_pixels: int, short_side: int = 0, long_side: int | None = None) -> Decoded:
     """``decode_image``, but a JPEG is decoded only as large as ``jpeg_eighths`` allows."""
     check_complete(data)
-    width, height, fmt, orientation = _header(data)
-    if width * height > max_pixels:
-        raise SourceError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    width, height, fmt, orientation = _header(data, max_pixels)
     rgb = _decode_jpeg(data, width, height, short_side, long_side, orientation) if fmt == "JPEG" else None
     if rgb is None:
         rgb = _decode_with_opencv(data)  # whole, turned as OpenCV reads the EXIF orientation
@@ -87,8 +85,9 @@ def decode_scaled(data: bytes, max_pixels: int, short_side: int = 0, long_side: 
     return Decoded(rgb, *((height, width) if turned else (width, height)))
 
 
-def _header(data: bytes) -> tuple[int, int, str, int]:
-    """(width, height, format, EXIF orientation) as stored; orientation 0: not a plain RGB or grey JPEG."""
+def _header(data: bytes, max_pixels: int) -> tuple[int, int, str, int]:
+    """(width, height, format, EXIF orientation) as stored; orientation 0: not a plain RGB or grey JPEG.
+    An image over ``max_pixels`` is refused here, before any pixel is decoded."""
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
@@ -102,6 +101,8 @@ def _header(data: bytes) -> tuple[int, int, str, int]:
                         pass
     except Exception:
         raise SourceError("not an image (unrecognised, corrupt or truncated header)") from None
+    if width * height > max_pixels:
+        raise SourceError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
     return width, height, fmt, orientation
 
 
@@ -258,9 +259,7 @@ def device_decodable(data: bytes, max_pixels: int) -> tuple[int, int] | None:
     """(width, height) of a JPEG that nvJPEG can decode as salient would (RGB or grey, no EXIF turn: nvJPEG
     does not apply the orientation); None for any other image. Bad files fail here, as in ``decode_scaled``."""
     check_complete(data)
-    width, height, _, orientation = _header(data)
-    if width * height > max_pixels:
-        raise SourceError(f"image is {width}x{height} = {width * height} pixels, over the limit of {max_pixels}")
+    width, height, _, orientation = _header(data, max_pixels)
     return (width, height) if orientation == 1 else None
 
 
