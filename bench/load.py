@@ -281,6 +281,11 @@ def main() -> None:
             seen = recorded[min(bisect.bisect_left(ids, item_id), len(recorded) - 1)][0]
             latencies.append((ended_at - seen).total_seconds())
         p50, p95, p99 = np.percentile(latencies, [50, 95, 99])
+        # start-up against speed: the first image's end, and the rate between the 10th and 90th percentile ends
+        ends = np.sort([(ended_at - submit_wall).total_seconds() for _, ended_at in rows])
+        first_s, (e10, e90) = ends[0], np.percentile(ends, [10, 90])
+        recorded_s = (next(t for t, top in recorded if top) - submit_wall).total_seconds()
+        steady = 0.8 * len(ends) / (e90 - e10)
         final = final_checks(db, env)
         requeued = sum(int(line.split("published ")[1].split()[0])
                        for log in (folder / "servers").glob("worker-*.log")
@@ -294,6 +299,7 @@ def main() -> None:
             "done": job.done, "failed": job.failed, "skipped": job.skipped,
             "submit_s": round(submit_seconds, 1), "run_s": round(run_seconds, 1),
             "img_per_s": round(job.done / run_seconds, 1), "model_only_img_s": round(ceiling, 1),
+            "first_recorded_s": round(recorded_s, 2), "first_done_s": round(first_s, 2), "steady_img_per_s": round(steady, 1),
             "producer_rss_mib_peak": round(max(v for _, v in rss), 1), "producer_rss_samples": len(rss),
             **{k: round(v, 1) for k, v in by_progress.items()},
             "latency_s_p50": round(p50, 1), "latency_s_p95": round(p95, 1), "latency_s_p99": round(p99, 1),
@@ -303,6 +309,7 @@ def main() -> None:
         }
         say(f"producer RSS: {', '.join(f'{k} {v:.0f} MiB' for k, v in by_progress.items())}, "
             f"peak {result['producer_rss_mib_peak']:.0f} MiB")
+        say(f"first items recorded {recorded_s:.1f}s, first image done {first_s:.1f}s after submit; {steady:.0f} img/s between 10 % and 90 % done")
         say(f"latency queue->done: p50 {p50:.1f}s, p95 {p95:.1f}s, p99 {p99:.1f}s")
         say(f"consistent: {result['consistent']} ({checks} snapshots, {len(mismatches)} mismatches; {final})")
         print(json.dumps(result))

@@ -39,7 +39,6 @@ from sqlalchemy import (
     func,
     insert,
     inspect,
-    null,
     select,
     text,
     update,
@@ -316,8 +315,39 @@ def _item_row(job_id: str, entry: str | Entry) -> dict:
         entry = Entry(entry)
     failed = entry.problem is not None
     return {"job_id": job_id, "uri": entry.uri, "status": "failed" if failed else "pending", "error": entry.problem,
-            "truth": null() if entry.truth is None else entry.truth, "truth_digest": truth_digest(entry.truth),
+            "truth": entry.truth, "truth_digest": truth_digest(entry.truth),
             "updated_at": utcnow()}
+
+
+_ITEM_COLUMNS = ["job_id", "uri", "status", "error", "truth", "truth_digest", "updated_at"]
+
+
+def _insert_items(conn, rows: list[dict]) -> list:
+    """Insert-or-ignore item rows (``_item_row``); returns the new ones' (id, uri, status). The statement's text is
+    the same for every page, so nothing is compiled per page (a page's 1,000-row VALUES took SQLAlchemy 0.25 s of
+    the producer's CPU to compile, this 0.02): on PostgreSQL the rows are one JSON parameter unpacked by
+    ``json_to_recordset``, elsewhere an executemany."""
+    if conn.dialect.name == "postgresql":
+        rows_json = json.dumps([{**row, "updated_at": row["updated_at"].isoformat()} for row in rows])
+        return conn.execute(_items_insert_postgres(conn.dialect), {"rows": rows_json}).all()
+    return conn.execute(_items_insert_sqlite(), rows).all()
+
+
+@functools.cache
+def _items_insert_postgres(dialect):
+    items, columns = Item.__table__, ", ".join(_ITEM_COLUMNS)
+    return text(
+        f"INSERT INTO {items.name} ({columns}) SELECT {columns} FROM json_to_recordset(CAST(:rows AS json)) "
+        f"AS r({_recordset(dialect, items, _ITEM_COLUMNS)}) ON CONFLICT DO NOTHING "
+        f"RETURNING {items.name}.id, {items.name}.uri, {items.name}.status"
+    ).columns(Item.id, Item.uri, Item.status)
+
+
+@functools.cache
+def _items_insert_sqlite():
+    # No ground truth is SQL NULL, as the recordset makes it (JSON's default would store the JSON value null).
+    return (sqlite.insert(Item).values(truth=bindparam("truth", type_=JSON(none_as_null=True)))
+            .on_conflict_do_nothing().returning(Item.id, Item.uri, Item.status))
 
 
 def add_items(engine: Engine, job_id: str, entries: Iterable[str | Entry]) -> int:
@@ -553,9 +583,8 @@ def _recorded(engine: Engine, job_id: str, entries: Iterable[str | Entry], page:
     batch: list[dict] = []
 
     def flush() -> list[tuple[int, str]]:
-        stmt = insert_ignore(engine, Item.__table__, batch).returning(Item.id, Item.uri, Item.status)
         with engine.begin() as conn:
-            new = conn.execute(stmt).all()
+            new = _insert_items(conn, batch)
             failed = sum(row.status == "failed" for row in new)
             conn.execute(update(Job).where(Job.id == job_id).values(
                 total=Job.total + len(new), failed=Job.failed + failed))

@@ -32,6 +32,8 @@ def test_entries_with_a_problem_fail_once_at_listing(tmp_path):
         items = {row.uri: row for row in conn.execute(select(Item.uri, Item.status, Item.error, Item.truth))}
     assert items["file:///b.png"].status == "failed" and items["file:///b.png"].error == "bad ground truth: boxes"
     assert items["file:///a.png"].truth == {"label": 3} and items["file:///a.png"].status == "pending"
+    with db.connect() as conn:  # no ground truth is SQL NULL, not the JSON value null
+        assert conn.execute(select(Item.uri).where(Item.truth.is_(None))).scalars().all() == ["file:///b.png", "file:///c.png"]
 
 
 def _scene(tmp_path):

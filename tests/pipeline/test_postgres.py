@@ -46,6 +46,31 @@ def _in_threads(target, n: int) -> None:
     assert not errors, errors
 
 
+def test_items_are_recorded_a_page_at_a_time_with_their_ground_truth(pipeline):
+    from salient_maps.storage.sources import Entry
+
+    db = pipeline.db()
+    job_id = create_job(db, {})
+    # 1,500 distinct URIs over two pages, each of the first 20 twice (the copy on the second page), ground truth
+    # with nesting and a quote on some, one with a problem
+    entries = [Entry(f"file:///{i}.png", {"label": i, "boxes": [[0, 0, i, 2]]} if i % 3 == 0 else None)
+               for i in range(1500)] + [f"file:///{i}.png" for i in range(20)]
+    entries[7] = Entry("file:///7.png", None, "bad ground truth: it's \"boxes\"")
+    pages = list(record_items(db, job_id, entries))
+    assert [len(page) for page in pages] == [999, 500]  # new pending items only: #7 failed, the copies known
+    new = [uri for page in pages for _, uri in page]
+    assert new == [f"file:///{i}.png" for i in range(1500) if i != 7]
+    ids = [item_id for page in pages for item_id, _ in page]
+    assert ids == sorted(ids)
+    with db.connect() as conn:
+        assert conn.execute(select(Job.total, Job.failed)).one() == (1500, 1)
+        rows = {row.uri: row for row in conn.execute(select(Item.uri, Item.status, Item.error, Item.truth))}
+        nulls = conn.execute(select(sa.func.count()).where(Item.truth.is_(None))).scalar()
+    assert rows["file:///3.png"].truth == {"label": 3, "boxes": [[0, 0, 3, 2]]}
+    assert rows["file:///4.png"].truth is None and nulls == 1000  # SQL NULL, not the JSON value null
+    assert (rows["file:///7.png"].status, rows["file:///7.png"].error) == ("failed", "bad ground truth: it's \"boxes\"")
+
+
 def test_concurrent_writers_lose_no_counter_update(pipeline):
     db = pipeline.db()
     job_id, ids = _job_with_items(db, WRITERS * PER_WRITER)
