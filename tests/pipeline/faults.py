@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from salient_maps.storage.database import Explanation, Image, Item, Job, ResultSettings, Shard
 from salient_maps.storage.objects import open_store
 from salient_maps.storage.orphan_shards import collect
+from salient_maps.storage.overlay_archives import OVERLAYS, archive_key, shard_of_archive
 from salient_maps.storage.shards import Shard as ShardFile
 
 # Cheap on CPU (~4 ms an image for Grad-CAM), 224 px maps; chunks of 4, batches of 4.
@@ -98,21 +99,30 @@ def check_consistent(pipeline, job_id: str, n_images: int, failed: dict[int, str
     return items
 
 
-def check_shards(pipeline, explanations: list, db) -> None:
+def check_shards(pipeline, explanations: list, db, overlays: bool = False) -> None:
     """Every shard the rows name is in the bucket, and each row's slot there holds its image (sha256), method
     and class, with a finite map in [0, 1] and a thumbnail. Every object in the bucket has its shards row (the
-    row goes in before the upload). Any other object is a shard no explanation names: a batch whose worker
-    died between the upload and the commit (or lost the race to a peer), so everything in it must be a result
-    that rows name in another shard; ``salient gc`` (grace 0: the job has ended, nothing is being written)
-    deletes those and their rows, after which the bucket holds exactly the shards the explanations name."""
+    row goes in before the upload), or is the overlay archive of a shard that has one. Any other object is a
+    shard no explanation names: a batch whose worker died between the upload and the commit (or lost the race
+    to a peer), so everything in it must be a result that rows name in another shard; ``salient gc`` (grace 0:
+    the job has ended, nothing is being written) deletes those, their archives and their rows, after which the
+    bucket holds exactly the shards the explanations name, and with ``overlays`` (--overlays store) the archive
+    of each."""
     with db.connect() as conn:
         shard_keys = dict(conn.execute(select(Shard.id, Shard.key)).all())
     keys = pipeline.bucket_keys()
     assert len(keys) == len(set(keys))
     stored = {k.removeprefix(pipeline.prefix) for k in keys}
+    archives = {k for k in stored if k.startswith(OVERLAYS)}
+    stored -= archives
     named = {shard_keys[e.shard_id] for e in explanations}
     assert named <= stored, sorted(named - stored)
     assert stored <= set(shard_keys.values()), sorted(stored - set(shard_keys.values()))  # no unrecorded object
+    assert {shard_of_archive(k) for k in archives} <= stored, sorted(archives)  # an archive goes with its shard
+    if overlays:
+        assert {archive_key(k) for k in named} <= archives, sorted({archive_key(k) for k in named} - archives)
+    else:
+        assert not archives, sorted(archives)
     results = {(e.sha256, e.method, e.class_id) for e in explanations}
 
     def read(key: str) -> ShardFile:
@@ -143,7 +153,8 @@ def check_shards(pipeline, explanations: list, db) -> None:
     assert sorted(collected.rows) == sorted(set(shard_keys.values()) - named) and not collected.unrecorded
     with db.connect() as conn:
         assert set(conn.execute(select(Shard.key)).scalars()) == named
-    assert {k.removeprefix(pipeline.prefix) for k in pipeline.bucket_keys()} == named
+    assert {k.removeprefix(pipeline.prefix) for k in pipeline.bucket_keys()} == \
+        named | ({archive_key(k) for k in named} if overlays else set())
 
 
 def claimed_ids(db, job_id: str) -> set[int]:

@@ -3,6 +3,7 @@ row and object by object; then the same with a worker SIGKILLed in the middle of
 
 from __future__ import annotations
 
+import io
 import os
 import signal
 import time
@@ -18,9 +19,10 @@ from salient_maps.storage.database import Explanation, Item, Job, ResultSettings
 SPEC = dict(model="resnet18", methods="gradcam", topk=1, batch_size=3)
 
 
-def check_exactly_once(pipeline, job_id: str, n_images: int) -> list:
+def check_exactly_once(pipeline, job_id: str, n_images: int, overlays: bool = False) -> list:
     """The job ended with every item done once, one explanation per image, and the bucket holds the shards
-    the rows name, each row's slot holding its image and class (faults.check_shards). Returns the item rows."""
+    the rows name, each row's slot holding its image and class, and with ``overlays`` each shard's overlay
+    archive (faults.check_shards). Returns the item rows."""
     db = pipeline.db()
     with db.connect() as conn:
         job = conn.execute(select(Job).where(Job.id == job_id)).one()
@@ -37,8 +39,32 @@ def check_exactly_once(pipeline, job_id: str, n_images: int) -> list:
         digests = conn.execute(select(ResultSettings.digest).where(
             ResultSettings.id.in_({e.settings_id for e in explanations}))).scalars().all()
     assert digests == [job.settings_digest]
-    check_shards(pipeline, explanations, db)
+    check_shards(pipeline, explanations, db, overlays)
     return items
+
+
+def check_overlay_archives(pipeline, job_id: str) -> None:
+    """--overlays store: each record's overlay is in its shard's archive, the very PNG the reader draws on demand
+    for that record on the original image, and the archives hold nothing else."""
+    import tarfile
+
+    from salient_maps.storage.maps import MapReader, picture_of
+    from salient_maps.storage.overlay_archives import archive_key, member_name
+    from salient_maps.storage.overlays import OverlayStyle
+    from salient_maps.storage.results import iter_results
+
+    settings = pipeline.settings
+    records = list(iter_results(settings, job_id))
+    reader = MapReader.for_settings(settings)
+    members: dict[str, bytes] = {}
+    for shard in {r["shard"] for r in records}:
+        body = pipeline.s3.get_object(Bucket=pipeline.bucket, Key=pipeline.prefix + archive_key(shard))["Body"]
+        with tarfile.open(fileobj=io.BytesIO(body.read())) as tar:
+            members.update({m.name: tar.extractfile(m).read() for m in tar.getmembers()})
+    assert set(members) == {member_name(r) for r in records}
+    for r in records:
+        picture = picture_of(r, settings, settings.overlay_max_side, local_files=True)
+        assert members[member_name(r)] == reader.overlay_png(r, OverlayStyle(), picture), r["uri"]
 
 
 def test_two_workers_explain_every_image_exactly_once(pipeline, tiny_images):
@@ -65,13 +91,14 @@ def test_two_workers_explain_every_image_exactly_once(pipeline, tiny_images):
     assert all("salient.explain" in log and "succeeded" in log for log in logs), pipeline.log_tail()
 
 
-def test_worker_killed_mid_batch_is_redelivered_and_nothing_is_done_twice(pipeline, tiny_images):
+@pytest.mark.parametrize("overlays", ["none", "store"])
+def test_worker_killed_mid_batch_is_redelivered_and_nothing_is_done_twice(pipeline, tiny_images, overlays):
     from salient_maps.producer import submit
     from salient_maps.producer.jobs import wait_for_job
 
     folder = tiny_images(16, size=(96, 96))
     victim = pipeline.start_worker("victim", "--concurrency", "2")
-    job_id = submit([folder], chunk=4, **SPEC)
+    job_id = submit([folder], chunk=4, overlays=overlays, **SPEC)
     db = pipeline.db()
     # Kill once some images are written and others are claimed (delivery counted) but not finished.
     deadline = time.monotonic() + 120
@@ -93,7 +120,9 @@ def test_worker_killed_mid_batch_is_redelivered_and_nothing_is_done_twice(pipeli
         wait_for_job(db, job_id, show_progress=False, timeout=180)
     except TimeoutError:
         pytest.fail(pipeline.log_tail())
-    items = check_exactly_once(pipeline, job_id, 16)
+    items = check_exactly_once(pipeline, job_id, 16, overlays == "store")
+    if overlays == "store":
+        check_overlay_archives(pipeline, job_id)
     deliveries = {i.id: i.deliveries for i in items}
     # The batch the kill interrupted ran again (alone, one image at a time), the rest once.
     assert all(deliveries[i] == 2 for i in in_flight)
