@@ -8,6 +8,7 @@ PostgreSQL lose no update. The schema is versioned with Alembic (``storage/migra
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import math
@@ -15,7 +16,13 @@ import uuid
 from collections import Counter
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import Any, Iterable, Iterator
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: no lock (the race it prevents needs two processes creating one database at once)
+    fcntl = None  # type: ignore[assignment]
 
 from sqlalchemy import (
     JSON,
@@ -248,15 +255,34 @@ def normalize_url(url: str) -> str:
 def connect(url: str) -> Engine:
     """Engine with the schema at ``SCHEMA_REVISION``; SQLite gets WAL so readers never block the writer."""
     url = normalize_url(url)
-    if url.startswith("sqlite:///"):
-        from pathlib import Path
-
-        Path(url.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    database_file = None
+    if url.startswith("sqlite:///") and ":memory:" not in url:
+        database_file = Path(url.removeprefix("sqlite:///").split("?", 1)[0])
+        database_file.parent.mkdir(parents=True, exist_ok=True)
     engine = create_engine(url, pool_pre_ping=True)
     if engine.dialect.name == "sqlite":
         event.listen(engine, "connect", _sqlite_pragmas)
-    ensure_schema(engine)
+    with _sqlite_schema_lock(database_file):
+        ensure_schema(engine)
     return engine
+
+
+@contextlib.contextmanager
+def _sqlite_schema_lock(database_file: Path | None) -> Iterator[None]:
+    """One process at a time checks, creates or migrates a SQLite database's schema (PostgreSQL has its advisory
+    lock): two ``salient run``s starting on a new data folder both found no tables, and the second's CREATE TABLE
+    failed, or it took the first's half-made tables for a database older than migrations. An flock on a file
+    beside the database: SQLite's own locks are POSIX locks on the database file, which closing any other
+    descriptor of that file in the process would drop."""
+    if database_file is None or fcntl is None:
+        yield
+        return
+    with open(database_file.with_name(database_file.name + ".schema-lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
 
 
 def schema_revision(conn) -> str | None:

@@ -257,3 +257,33 @@ def test_local_put_if_absent_neither_renders_nor_writes_an_existing_object(tmp_p
     store.put_if_absent("maps/a.npy", render, "application/octet-stream")
     assert store.get("maps/a.npy") == b"first"
     assert (tmp_path / "objects" / "maps" / "a.npy").stat().st_mtime_ns == written
+
+
+def _connect_when_all_are_ready(url: str, ready, outcomes) -> None:
+    from salient_maps.storage.database import connect, schema_revision
+
+    ready.wait()
+    try:
+        with connect(url).connect() as conn:
+            outcomes.put(schema_revision(conn))
+    except Exception as exc:  # the parent asserts on what each process saw
+        outcomes.put(f"{type(exc).__name__}: {exc}"[:300])
+
+
+def test_processes_starting_at_once_on_a_new_sqlite_database_create_its_schema_once(tmp_path):
+    import multiprocessing
+
+    from salient_maps.storage.database import SCHEMA_REVISION
+
+    context = multiprocessing.get_context("spawn")  # this process may hold threads; a fork would copy their locks
+    for trial in range(3):
+        url = f"sqlite:///{tmp_path / f'new-{trial}' / 'salient.sqlite'}"
+        ready, outcomes = context.Barrier(4, timeout=120), context.Queue()
+        processes = [context.Process(target=_connect_when_all_are_ready, args=(url, ready, outcomes))
+                     for _ in range(4)]
+        for process in processes:
+            process.start()
+        seen = [outcomes.get(timeout=180) for _ in processes]
+        for process in processes:
+            process.join(60)
+        assert seen == [SCHEMA_REVISION] * 4, seen
