@@ -10,6 +10,8 @@ What it measures:
 - queue-to-done latency per image (p50/p95/p99): the time the image's item was done minus the time it was
   recorded, which is when it was published give or take one page (submit publishes every page of 1,000
   URIs right after recording it; record times come from polling max(items.id) every 50 ms);
+- start-up against speed: when the first items were recorded and the first image was done, and the rate between
+  the 10th and 90th percentile of the images' ends;
 - no false alarm from the reconciler: it runs every 10 s with a pending timeout of 60 s, far shorter
   than the time most images wait in the queue, and must publish nothing again (``requeued_items``).
 
