@@ -301,7 +301,8 @@ def main() -> None:
             "done": job.done, "failed": job.failed, "skipped": job.skipped,
             "submit_s": round(submit_seconds, 1), "run_s": round(run_seconds, 1),
             "img_per_s": round(job.done / run_seconds, 1), "model_only_img_s": round(ceiling, 1),
-            "first_recorded_s": round(recorded_s, 2), "first_done_s": round(first_s, 2), "steady_img_per_s": round(steady, 1),
+            "first_recorded_s": round(recorded_s, 2), "first_done_s": round(first_s, 2),
+            "steady_img_per_s": round(steady, 1),
             "producer_rss_mib_peak": round(max(v for _, v in rss), 1), "producer_rss_samples": len(rss),
             **{k: round(v, 1) for k, v in by_progress.items()},
             "latency_s_p50": round(p50, 1), "latency_s_p95": round(p95, 1), "latency_s_p99": round(p99, 1),
@@ -311,7 +312,8 @@ def main() -> None:
         }
         say(f"producer RSS: {', '.join(f'{k} {v:.0f} MiB' for k, v in by_progress.items())}, "
             f"peak {result['producer_rss_mib_peak']:.0f} MiB")
-        say(f"first items recorded {recorded_s:.1f}s, first image done {first_s:.1f}s after submit; {steady:.0f} img/s between 10 % and 90 % done")
+        say(f"first items recorded {recorded_s:.1f}s, first image done {first_s:.1f}s after submit; "
+            f"{steady:.0f} img/s between 10 % and 90 % done")
         say(f"latency queue->done: p50 {p50:.1f}s, p95 {p95:.1f}s, p99 {p99:.1f}s")
         say(f"consistent: {result['consistent']} ({checks} snapshots, {len(mismatches)} mismatches; {final})")
         print(json.dumps(result))
