@@ -57,6 +57,9 @@ class Settings(BaseSettings):
     image_time_limit: float = Field(
         300, gt=0, description="seconds one image may spend being decoded or in the model (a batch: this times "
                                "its size); past it the image fails and the worker process exits to be restarted")
+    host_nice: int = Field(
+        19, ge=0, le=19, description="nice value (Linux) of a worker's threads that read, decode and store images, "
+                                     "so that they run where the model leaves the cores idle; 0: the model's own")
     reconcile_interval: float = Field(
         60, gt=0, description="seconds between a worker's reconciliations (job counters, lost messages)")
     orphan_grace: float = Field(

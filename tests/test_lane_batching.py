@@ -3,8 +3,12 @@ full batch instead of taking the images ready so far; once the model is free it 
 
 from __future__ import annotations
 
+import os
+import sys
 import threading
 from types import SimpleNamespace
+
+import pytest
 
 from salient_maps.storage.database import connect
 from salient_maps.storage.settings import Settings
@@ -96,3 +100,46 @@ def test_every_lanes_model_calls_run_on_one_model_thread(tmp_path):
         t.join(30)
     assert sorted(results) == [2, 4, 6, 8] and errors == ["bad batch"]  # results and errors reach the caller
     assert len(seen) == 5 and len(set(seen)) == 1 and seen[0] not in lanes
+
+
+def own_nice() -> int:
+    return os.getpriority(os.PRIO_PROCESS, 0)  # on Linux the calling thread's own
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value is a thread's own on Linux only")
+def test_the_host_threads_yield_the_cores_to_the_model_thread(tmp_path):
+    """Reading and decoding (the pool), storing (a lane) and the message's task thread run at SALIENT_HOST_NICE;
+    the model thread keeps the priority of the thread that built the loop."""
+    from salient_maps.workers.process import Prepared
+
+    base = own_nice()
+    if base >= 19:
+        pytest.skip("this process already runs at the lowest priority")
+    settings = Settings(host_nice=max(base + 1, 11)).with_data_dir(tmp_path)
+    loop = DeviceLoop(connect(settings.resolved_database_url), settings, 1, linger=0.0, lanes=1)
+    seen: dict[str, int] = {}
+
+    def read(item):
+        seen["read"] = own_nice()
+        return Prepared(item, data=b"bytes")
+
+    def decode(p):
+        seen["decode"] = own_nice()
+        p.x = "pixels"
+
+    def process_batch(batch):
+        seen["lane"] = own_nice()
+        with loop.model_lock:
+            seen["model"] = loop.model_lock.run(own_nice)
+        return ["done"] * len(batch)
+
+    processor = SimpleNamespace(batch_size=2, read=read, decode=decode, skip_explained=lambda batch: None,
+                                process_batch=process_batch, explainer=SimpleNamespace(device=SimpleNamespace(type="cpu")))
+    tickets = [Ticket(processor, PendingItem(i, "job", f"file:///{i}.png")) for i in range(2)]
+    caller = threading.Thread(target=loop.explain, args=(tickets,))
+    caller.start()
+    caller.join(60)
+    assert not caller.is_alive() and all(t.ended.is_set() and t.error is None for t in tickets)
+    assert seen == {"read": settings.host_nice, "decode": settings.host_nice, "lane": settings.host_nice,
+                    "model": base}
+    assert own_nice() == base  # the loop lowers only its own threads

@@ -15,7 +15,10 @@ round trips) overlaps the next batch's model call; a lock lets only one lane use
 (``ModelGuard``), which also keeps the engine's layer hooks from ever seeing another batch's forward, and
 the calls run on one model thread whichever lane makes them: each thread that enters torch's OpenMP
 regions gets a team of its own, and two teams took the model ~35 % more CPU than one (48 against 40 ms
-of the worker's CPU per image, resnet18 Grad-CAM top-3 on 2 cores).
+of the worker's CPU per image, resnet18 Grad-CAM top-3 on 2 cores). Every other thread of the loop (the
+decode pool, the lanes, the message tasks, the reconciler) runs at ``SALIENT_HOST_NICE`` (19), the model
+thread and its OpenMP team at the process's own priority: host work fills the cores the model leaves idle
+instead of slowing its calls (``runtime.yield_to_the_model``).
 
 Poison images: every image's delivery counter goes up before it is decoded. An image that a dead
 worker had started (counter > 0) is a suspect: it is decoded and explained alone while nothing else
@@ -46,6 +49,7 @@ import time
 from collections import defaultdict, deque
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
+from functools import partial
 from typing import TYPE_CHECKING, Callable, Iterator, cast
 
 from sqlalchemy.engine import Engine
@@ -55,6 +59,7 @@ from salient_maps.storage.retry import is_transient, with_backoff
 from salient_maps.storage.settings import Settings
 
 from .process import ItemProcessor, PendingItem, Prepared, host_threads
+from .runtime import yield_to_the_model
 
 if TYPE_CHECKING:
     from .engine import Explainer
@@ -160,6 +165,9 @@ class ModelLock:
     def __init__(self, watchdog: Watchdog, on_release: Callable[[], None] = lambda: None):
         self._lock = threading.Lock()
         self._model_thread = ThreadPoolExecutor(1, thread_name_prefix="salient-model")
+        # Started now, by the thread building the loop: at the process's priority, which the host threads
+        # lower for themselves (``yield_to_the_model``) and a new thread inherits from its creator.
+        self._model_thread.submit(lambda: None).result()
         self._watchdog = watchdog
         self._watch: contextlib.AbstractContextManager | None = None
         self._on_release = on_release
@@ -255,7 +263,9 @@ class DeviceLoop:
         self.gate = Gate()
         self.watchdog = Watchdog(settings.image_time_limit, on_time_limit or self._time_limit_exceeded)
         self.model_lock = ModelLock(self.watchdog, self._model_released)
-        self._decode = ThreadPoolExecutor(decode_threads or host_threads(), thread_name_prefix="salient-decode")
+        self.host_thread = partial(yield_to_the_model, settings.host_nice)
+        self._decode = ThreadPoolExecutor(decode_threads or host_threads(), thread_name_prefix="salient-decode",
+                                          initializer=self.host_thread)
         self._ready: deque[Ticket] = deque()
         self._decoding: defaultdict[int, int] = defaultdict(int)  # id(processor) -> images still decoding
         self._cond = threading.Condition()
@@ -479,6 +489,7 @@ class DeviceLoop:
             return batch
 
     def _serve(self) -> None:
+        self.host_thread()
         while True:
             batch = self._next_batch()
             error: BaseException | None = None

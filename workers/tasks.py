@@ -75,6 +75,7 @@ class Runtime:
         def publish(message: dict) -> None:
             app.send_task(TASK_NAME, kwargs=message, queue=self.settings.queue)
 
+        self.loop.host_thread()
         while True:
             time.sleep(self.settings.reconcile_interval)
             try:
@@ -115,6 +116,7 @@ def _connect_at_start(**_) -> None:
 
 def run_chunk(chunk: Chunk, rt: Runtime) -> dict[str, int]:
     """Bring every item of the chunk to its end; returns counts of what this delivery did."""
+    rt.loop.host_thread()  # this task thread of Celery's pool reads state, counts deliveries and waits
     ids = [item_id for item_id, _ in chunk.items]
 
     def read_state():
