@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import os
-import sys
-
-import pytest
 from sqlalchemy import func, select
 
 from salient_maps.storage.database import Explanation, Item, Job, add_items, close_listing, connect, create_job
@@ -84,34 +80,3 @@ def test_storing_runs_beside_the_model_and_its_failure_fails_the_items_with_the_
     assert tuple(job) == ("finished", 0, 5) and rows == 0  # no row names a shard that is not there
     assert errors == ["storing results failed: OSError: No space left on device"] * 5
     assert processor.cpu_seconds.seconds["encode"] > 0  # the stages the benchmarks read
-
-
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value is a thread's own on Linux only")
-def test_salient_runs_host_threads_yield_the_cores_to_its_model(tmp_path, smooth_rgb, encode_image):
-    """Reading and decoding (the pool) and storing (the writer) run at SALIENT_HOST_NICE; the model runs on the
-    caller's thread, at its priority."""
-    def own_nice() -> int:
-        return os.getpriority(os.PRIO_PROCESS, 0)  # on Linux the calling thread's own
-
-    base = own_nice()
-    if base >= 19:
-        pytest.skip("this process already runs at the lowest priority")
-    folder = tmp_path / "images"
-    folder.mkdir()
-    for i in range(3):
-        (folder / f"{i}.png").write_bytes(encode_image(smooth_rgb(40, 48, seed=i), "PNG"))
-    db, job_id, processor = job_of(folder, tmp_path, None, batch_size=2)
-    seen: dict[str, set[int]] = {"read": set(), "model": set(), "store": set()}
-
-    def noting(name, call):
-        return lambda *args: seen[name].add(own_nice()) or call(*args)
-
-    processor.read = noting("read", processor.read)
-    processor.explainer.explain = noting("model", processor.explainer.explain)
-    processor.writer.write = noting("store", processor.writer.write)
-    statuses: list[str] = []
-    processor.run(pending_items(db, job_id), on_item=statuses.append)
-
-    assert statuses == ["done"] * 3
-    host = processor.settings.host_nice
-    assert host > base and seen == {"read": {host}, "model": {base}, "store": {host}}

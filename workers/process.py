@@ -18,7 +18,6 @@ import time
 from collections import defaultdict, deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from functools import partial
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
@@ -51,7 +50,6 @@ from .localization import localize, mask_png
 from .localization_metrics import GroundTruth
 from .metrics import Faithfulness
 from .reused_truth import measure_copies, measure_skipped
-from .runtime import yield_to_the_model
 from .targets import ClassNames, TargetError
 from .writer import (
     METRIC_COLUMNS,
@@ -345,9 +343,8 @@ class ItemProcessor:
         """Batches of prepared items: up to two groups of ``LOOKUP_BATCHES`` batches are read and decoded ahead
         of the model (one explained-images query per group), their images spread over a pool as large as the
         machine has cores."""
-        nice = partial(yield_to_the_model, self.settings.host_nice)  # the model runs on the caller's thread
-        with ThreadPoolExecutor(host_threads(), thread_name_prefix="salient-decode", initializer=nice) as pool, \
-                ThreadPoolExecutor(2, thread_name_prefix="salient-batch", initializer=nice) as groups:
+        with ThreadPoolExecutor(host_threads(), thread_name_prefix="salient-decode") as pool, \
+                ThreadPoolExecutor(2, thread_name_prefix="salient-batch") as groups:
             ahead: deque = deque()
             for group in _chunks(items, self.batch_size * LOOKUP_BATCHES):
                 ahead.append(groups.submit(self.prepare_batch, group, pool))
@@ -360,7 +357,7 @@ class ItemProcessor:
         """Explain every item; storing batch N (shard, rows, items' ends) overlaps the model on batch N+1.
         ``on_item(status)`` is called once per item as it ends (from the writer's thread for done ones)."""
         report = on_item or (lambda status: None)
-        writer = BackgroundWriter(self.writer.write, partial(yield_to_the_model, self.settings.host_nice))
+        writer = BackgroundWriter(self.writer.write)
 
         def stored(explained: Explained, future: Future) -> None:
             error = future.exception()

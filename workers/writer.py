@@ -143,10 +143,9 @@ class BackgroundWriter:
     ``submit`` blocks while ``depth`` batches are waiting, so memory stays bounded. ``on_done(future)``
     runs in the writer's thread with each batch's outcome (its exception surfaces there)."""
 
-    def __init__(self, write: Callable[[EncodedBatch], set[int]], initializer: Callable[[], None] | None = None,
-                 depth: int = 2):
+    def __init__(self, write: Callable[[EncodedBatch], set[int]], depth: int = 2):
         self._write = write
-        self._pool = ThreadPoolExecutor(1, thread_name_prefix="salient-writer", initializer=initializer)
+        self._pool = ThreadPoolExecutor(1, thread_name_prefix="salient-writer")
         self._slots = threading.Semaphore(depth)
 
     def submit(self, encode: Callable[[], EncodedBatch], on_done: Callable[[Future], None]) -> None:
