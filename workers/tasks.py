@@ -116,7 +116,6 @@ def _connect_at_start(**_) -> None:
 
 def run_chunk(chunk: Chunk, rt: Runtime) -> dict[str, int]:
     """Bring every item of the chunk to its end; returns counts of what this delivery did."""
-    rt.loop.host_thread()  # this task thread of Celery's pool reads state, counts deliveries and waits
     ids = [item_id for item_id, _ in chunk.items]
 
     def read_state():
@@ -176,7 +175,9 @@ def explain(self, **kwargs) -> dict[str, int]:
         return {"invalid": 1}
     started = time.monotonic()
     try:
-        counts = run_chunk(chunk, runtime())
+        rt = runtime()  # built (model thread included) before this thread of Celery's pool lowers its priority
+        rt.loop.host_thread()
+        counts = run_chunk(chunk, rt)
     except Exception as exc:
         if not is_transient(exc) or self.request.retries >= MAX_TASK_RETRIES:
             raise
