@@ -108,8 +108,8 @@ def own_nice() -> int:
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="a nice value is a thread's own on Linux only")
 def test_the_host_threads_yield_the_cores_to_the_model_thread(tmp_path):
-    """Reading and decoding (the pool), storing (a lane) and the message's task thread run at SALIENT_HOST_NICE;
-    the model thread keeps the priority of the thread that built the loop."""
+    """Reading and decoding (the pool) and storing (a lane) run at SALIENT_HOST_NICE; the model thread keeps the
+    priority of the thread that built the loop, and the caller's is left alone."""
     from salient_maps.workers.process import Prepared
 
     base = own_nice()

@@ -185,9 +185,9 @@ def explain(self, **kwargs) -> dict[str, int]:
         raise self.retry(exc=exc, countdown=backoff_delay(self.request.retries, base=2.0, cap=300.0),
                          max_retries=MAX_TASK_RETRIES)
     seconds = time.monotonic() - started
-    if seconds > runtime().settings.visibility_timeout / 2:
+    if seconds > rt.settings.visibility_timeout / 2:
         # Past the visibility timeout Redis hands the message to another worker while this one works.
         log.warning("a chunk of %d images took %.0fs, over half the visibility timeout (%ds): "
                     "use smaller chunks or a longer SALIENT_VISIBILITY_TIMEOUT",
-                    len(chunk.items), seconds, runtime().settings.visibility_timeout)
+                    len(chunk.items), seconds, rt.settings.visibility_timeout)
     return counts
