@@ -12,7 +12,6 @@ from pathlib import Path
 import click
 
 from salient_maps.storage.job_options import data_dir_option
-from salient_maps.storage.results import write_results
 from salient_maps.storage.settings import Settings
 
 # Shown in --help without importing the plugin.
@@ -102,6 +101,8 @@ def main():
 @click.option("--format", "fmt", type=click.Choice(["jsonl", "csv"]), default="jsonl", show_default=True)
 def results(data_dir, job_id, fmt):
     """Print one record per explanation (and per failed image) of a job."""
+    from salient_maps.storage.results import write_results  # NumPy and the shard readers: not for `submit`
+
     settings = Settings().with_data_dir(data_dir)
     try:
         write_results(settings, job_id, fmt, sys.stdout)

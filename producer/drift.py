@@ -13,17 +13,18 @@ a new model (weights, layer, preprocessing) re-explains every image and is what 
 from __future__ import annotations
 
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Row, or_, select, update
 from sqlalchemy.engine import Engine
 
 from salient_maps.storage.database import Schedule
-from salient_maps.storage.maps import MapReader
-from salient_maps.storage.run_comparison import comparison_summary
 from salient_maps.storage.settings import Settings
 
 from .jobs import get_job
+
+if TYPE_CHECKING:  # the map readers load NumPy: imported where drift is checked, not by every `salient` command
+    from salient_maps.storage.maps import MapReader
 
 log = logging.getLogger(__name__)
 # Maps of one model on the same images correlate at 1; a retrained or replaced model's CAMs fall well below 0.8 on
@@ -64,6 +65,9 @@ def _waiting(db: Engine) -> list[Row]:
 
 def check_drift(db: Engine, settings: Settings, reader: MapReader | None = None) -> list[int]:
     """Compare each finished last run with its baseline; returns the ids of the schedules given a new verdict."""
+    from salient_maps.storage.maps import MapReader
+    from salient_maps.storage.run_comparison import comparison_summary
+
     judged = []
     for schedule in _waiting(db):
         if not schedule.drift_thresholds:  # a JSON null written by hand or by an older salient

@@ -1,5 +1,6 @@
 """A lane's batches (workers/batching.py ``DeviceLoop._next_batch``): while the model is busy a lane waits for a
-full batch instead of taking the images ready so far; once the model is free it takes what is ready."""
+full batch instead of taking the images ready so far; once the model is free it takes what is ready (on the
+CPU, once the images still decoding had their time)."""
 
 from __future__ import annotations
 
@@ -16,10 +17,10 @@ from salient_maps.workers.batching import DeviceLoop, Ticket
 from salient_maps.workers.process import PendingItem
 
 
-def loop_with(tmp_path, ready: int, decoding: int):
+def loop_with(tmp_path, ready: int, decoding: int, linger: float | None = 0.0, device: str = "cpu"):
     settings = Settings().with_data_dir(tmp_path)
-    loop = DeviceLoop(connect(settings.resolved_database_url), settings, 1, linger=0.0, lanes=0)
-    processor = SimpleNamespace(batch_size=4)
+    loop = DeviceLoop(connect(settings.resolved_database_url), settings, 1, linger=linger, lanes=0)
+    processor = SimpleNamespace(batch_size=4, explainer=SimpleNamespace(device=SimpleNamespace(type=device)))
     tickets = [Ticket(processor, PendingItem(i, "job", f"file:///{i}.png")) for i in range(ready + decoding)]
     loop._ready.extend(tickets[:ready])
     loop._decoding[id(processor)] = decoding
@@ -66,6 +67,24 @@ def test_the_models_release_ends_the_wait_with_what_is_ready(tmp_path):
     loop.model_lock.__exit__(None, None, None)
     thread.join(30)
     assert out == [tickets[:3]]
+
+
+def test_on_the_cpu_a_free_model_still_waits_for_the_images_decoding(tmp_path):
+    """The decode threads share the CPU's cores with the model: waiting takes nothing from it, and a short batch
+    pays a batch's fixed work for fewer images. A GPU waits only briefly (``LINGER``)."""
+    gpu, gpu_tickets = loop_with(tmp_path / "gpu", ready=2, decoding=2, linger=None, device="cuda")
+    thread, out = next_batch_in_thread(gpu)
+    thread.join(30)
+    assert out == [gpu_tickets[:2]]
+
+    cpu, tickets = loop_with(tmp_path / "cpu", ready=2, decoding=2, linger=None)
+    thread, out = next_batch_in_thread(cpu)
+    thread.join(0.5)  # well past the GPU's linger, within the CPU's
+    assert thread.is_alive() and not out
+    for t in tickets[2:]:
+        hand(cpu, t)
+    thread.join(30)
+    assert out == [tickets]
 
 
 def test_every_lanes_model_calls_run_on_one_model_thread(tmp_path):
