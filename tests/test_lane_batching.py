@@ -162,3 +162,27 @@ def test_the_host_threads_yield_the_cores_to_the_model_thread(tmp_path):
     assert seen == {"read": settings.host_nice, "decode": settings.host_nice, "lane": settings.host_nice,
                     "model": base}
     assert own_nice() == base  # the loop lowers only its own threads
+
+
+@pytest.mark.parametrize("args, expected", [(["--torch-threads", "1"], 1), (["--torch-threads", "3", "--decode-threads",
+                                             "2"], 2), ([], None)])
+def test_a_worker_given_n_torch_threads_reads_and_decodes_on_n(monkeypatch, args, expected):
+    """Several workers sharing the cores each get --torch-threads; a decode pool larger than that share only
+    contends for the GIL and the cores. None: one thread per core (``host_threads``)."""
+    import torch
+    from click.testing import CliRunner
+
+    from salient_maps.workers import runtime, tasks
+    from salient_maps.workers.celery_app import app
+    from salient_maps.workers.worker_cli import worker
+
+    argv: list = []
+    monkeypatch.setattr(app, "worker_main", argv.append)
+    # the command's process-wide settings, which must not reach the rest of the test session
+    monkeypatch.setattr(torch, "set_num_threads", lambda n: None)
+    monkeypatch.setattr(torch, "use_deterministic_algorithms", lambda *a, **k: None)
+    monkeypatch.setattr(runtime, "keep_freed_memory", lambda: None)
+    monkeypatch.setattr(tasks, "options", tasks.WorkerOptions())
+    result = CliRunner().invoke(worker, ["--device", "cpu", *args])
+    assert result.exit_code == 0, result.output
+    assert argv and tasks.options.decode_threads == expected

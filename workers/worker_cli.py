@@ -18,7 +18,8 @@ import click
 @click.option("--torch-threads", type=click.IntRange(1), default=None,
               help="CPU threads torch may use (default: torch's choice).")
 @click.option("--decode-threads", type=click.IntRange(1), default=None,
-              help="Threads reading and decoding images ahead of the model (default: one per core).")
+              help="Threads reading and decoding images ahead of the model (default: as many as --torch-threads, "
+                   "else one per core).")
 @click.option("--events", is_flag=True, help="Send task events (for Flower's task views).")
 @click.option("--loglevel", default="INFO", show_default=True)
 @click.option("--hostname", "-n", default=None, help="Celery node name (default salient-PID@HOST).")
@@ -39,7 +40,10 @@ def worker(device, queues, concurrency, torch_threads, decode_threads, events, l
         torch.set_num_threads(torch_threads)
     torch.use_deterministic_algorithms(True, warn_only=True)
     tasks.options.device = device
-    tasks.options.decode_threads = decode_threads
+    # A worker given N threads for torch is one of several sharing the cores: its host pool gets N too. More
+    # threads than its share only contend for the GIL and the cores (bench/load.py, 2 workers of one torch
+    # thread on 2 cores: 221-233 img/s with one decode thread each, 198-216 with two; 3 interleaved pairs).
+    tasks.options.decode_threads = decode_threads or torch_threads
     argv = ["worker", "--pool=threads", f"--concurrency={concurrency}", f"--loglevel={loglevel}",
             # Neither is needed (no broadcast commands, no revokes): they only slow start-up.
             "--without-gossip", "--without-mingle",
