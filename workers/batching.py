@@ -5,8 +5,9 @@ A worker holds ``concurrency`` messages at once (Celery threads pool, prefetch 1
 message's task reads its images in a shared thread pool (as many threads as cores), asks the
 database once which are explained already (those are not decoded), decodes the rest (a CUDA
 device decodes the JPEGs among them, in one call) and hands them over one by one;
-a lane fills a batch from whatever is ready, across messages, waiting briefly for more only while
-some message is still decoding images for the same model. A task waits until all its images have
+a lane fills a batch from whatever is ready, across messages, waiting for more only while some
+message is still decoding images for the same model (``LINGER``: briefly on a GPU, longer on the
+CPU, whose cores the decoding shares). A task waits until all its images have
 ended and only then returns, so its message is acknowledged (acks_late) only when every one of its
 images is written: a worker killed at any point leaves its messages to be redelivered.
 
