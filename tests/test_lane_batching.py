@@ -164,8 +164,11 @@ def test_the_host_threads_yield_the_cores_to_the_model_thread(tmp_path):
     assert own_nice() == base  # the loop lowers only its own threads
 
 
-@pytest.mark.parametrize("args, expected", [(["--torch-threads", "1"], 1), (["--torch-threads", "3", "--decode-threads",
-                                             "2"], 2), ([], None)])
+@pytest.mark.parametrize("args, expected", [
+    (["--torch-threads", "1"], 1),
+    (["--torch-threads", "3", "--decode-threads", "2"], 2),
+    ([], None),
+])
 def test_a_worker_given_n_torch_threads_reads_and_decodes_on_n(monkeypatch, args, expected):
     """Several workers sharing the cores each get --torch-threads; a decode pool larger than that share only
     contends for the GIL and the cores. None: one thread per core (``host_threads``)."""

@@ -2,7 +2,8 @@
 device lanes take them out in batches of the engine's batch size.
 
 A worker holds ``concurrency`` messages at once (Celery threads pool, prefetch 1 each). Each
-message's task reads its images in a shared thread pool (as many threads as cores), asks the
+message's task reads its images in a shared thread pool (one thread per core, or per torch thread
+when the worker was given --torch-threads), asks the
 database once which are explained already (those are not decoded), decodes the rest (a CUDA
 device decodes the JPEGs among them, in one call) and hands them over one by one;
 a lane fills a batch from whatever is ready, across messages, waiting for more only while some
