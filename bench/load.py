@@ -104,7 +104,7 @@ def model_only_img_s(manifest: Path, workers: int, batches: int = 6) -> float:
                                settings, "cpu").explainer
         m = explainer.model
         paths = manifest.read_text().split()[:32 * (batches + 1)]
-        xs = [to_input(decode_image(Path(p).read_bytes(), 1 << 20), m.input_size, m.mean, m.std) for p in paths]
+        xs = [to_input(decode_image(Path(p).read_bytes(), 1 << 20), m.resizing, m.mean, m.std) for p in paths]
         batch_list = [torch.stack(xs[i:i + 32]) for i in range(0, len(xs), 32)]
         explainer.explain(batch_list[0])  # warm
         start = time.perf_counter()

@@ -89,13 +89,16 @@ def load_explainer(args, scenario: str):
 
 
 def decoded_batches(folder: Path, explainer, batch_size: int) -> list:
-    """The set's images as model inputs (decoded at full size, as ``to_input`` does), in run order."""
+    """The set's images as model inputs, in run order: decoded at full size and made as the model's own
+    preprocessing says (resize, crop, filter), as the pipeline makes them. Score-CAM's cost follows the
+    content: it runs one pass per channel that varies over the image, so a reference on other pixels (the
+    whole image squashed, not the centre crop) is no reference."""
     import torch
 
     from salient_maps.workers.images import decode_image, to_input
 
     m = explainer.model
-    xs = [to_input(decode_image(p.read_bytes(), 1 << 30), m.input_size, m.mean, m.std)
+    xs = [to_input(decode_image(p.read_bytes(), 1 << 30), m.resizing, m.mean, m.std)
           for p in sorted(folder.glob("*.jpg"))]
     return [torch.stack(xs[i:i + batch_size]) for i in range(0, len(xs), batch_size)]
 
