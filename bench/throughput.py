@@ -89,8 +89,8 @@ def load_explainer(args, scenario: str):
 
 
 def decoded_batches(folder: Path, explainer, batch_size: int) -> list:
-    """The set's images as model inputs, in run order: decoded at full size and made as the model's own
-    preprocessing says (resize, crop, filter), as the pipeline makes them. Score-CAM's cost follows the
+    """The set's images as model inputs, in run order: decoded at full size (the pipeline decodes a JPEG
+    reduced by M/8) and made as the model's own preprocessing says (resize, crop, filter). Score-CAM's cost follows the
     content: it runs one pass per channel that varies over the image, so a reference on other pixels (the
     whole image squashed, not the centre crop) is no reference."""
     import torch
